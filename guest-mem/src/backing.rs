@@ -1,0 +1,433 @@
+//! Backing files for guest RAM: a memfd (the default), or a file on tmpfs,
+//! hugetlbfs or a disk file system.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::generation::{FileRange, TruncateGen};
+use crate::{Error, Result};
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// What kind of file system holds a backing file; decides which fault
+/// handling and which discard operations it supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingKind {
+    /// An anonymous memfd (shmem).
+    Memfd,
+    /// A file on tmpfs (shmem).
+    Tmpfs,
+    /// A file on hugetlbfs, or a `MFD_HUGETLB` memfd.
+    Hugetlbfs,
+    /// A file on any other file system (ext4, xfs, ...). The kernel's
+    /// userfaultfd cannot manage shared mappings of such files.
+    Regular,
+}
+
+impl BackingKind {
+    /// Whether userfaultfd can register a shared mapping of this file.
+    pub fn supports_userfault(self) -> bool {
+        !matches!(self, BackingKind::Regular)
+    }
+}
+
+/// A file that backs guest RAM, with its truncate generation.
+///
+/// Every operation that takes contents away (`discard`, `shrink`) runs as one
+/// invalidation of the file's [`TruncateGen`], so that a fault handler that
+/// fetched contents meanwhile retries instead of installing them.
+///
+/// ```
+/// use guest_mem::backing::BackingFile;
+/// use guest_mem::generation::FileRange;
+///
+/// let file = BackingFile::memfd("example", 1 << 20)?;
+/// assert_eq!(file.size(), 1 << 20);
+/// file.discard(FileRange::new(0, 4096), || {})?;
+/// assert_eq!(file.generation().invalidations(), 1);
+/// file.shrink(512 << 10, || {})?;
+/// file.grow(2 << 20)?;
+/// assert_eq!(file.size(), 2 << 20);
+/// # Ok::<(), guest_mem::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct BackingFile {
+    file: Arc<File>,
+    path: Option<PathBuf>,
+    kind: BackingKind,
+    page_size: u64,
+    /// The file's size as this crate last set it. Changed only under the
+    /// resize lock; shrinks also inside an invalidation.
+    size: AtomicU64,
+    gen: TruncateGen,
+    resize: Mutex<()>,
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let sz = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if sz > 0 {
+        sz as u64
+    } else {
+        4096
+    }
+}
+
+/// The base page size of this host.
+pub fn host_page_size() -> u64 {
+    page_size()
+}
+
+fn fs_magic_and_block(fd: RawFd) -> io::Result<(i64, u64)> {
+    // SAFETY: statfs is plain data; zeroed is a valid value for it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is an open descriptor and st points to writable storage of
+    // the right type.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_type, st.f_bsize as u64))
+}
+
+fn check_size(size: u64, page: u64) -> Result<()> {
+    if size == 0 {
+        return Err(Error::ZeroSize);
+    }
+    if size % page != 0 {
+        return Err(Error::Unaligned {
+            what: "backing file size",
+            value: size,
+            align: page,
+        });
+    }
+    if size > i64::MAX as u64 {
+        return Err(Error::TooLarge { size });
+    }
+    Ok(())
+}
+
+impl BackingFile {
+    /// An anonymous memfd of `size` bytes (a multiple of the host page size).
+    pub fn memfd(name: &str, size: u64) -> Result<Self> {
+        Self::create_memfd(name, size, false)
+    }
+
+    /// An anonymous memfd on hugetlbfs (`MFD_HUGETLB`, default huge page
+    /// size). Fails with [`Error::NoHugePages`] when the pool cannot back it.
+    pub fn memfd_hugetlb(name: &str, size: u64) -> Result<Self> {
+        Self::create_memfd(name, size, true)
+    }
+
+    fn create_memfd(name: &str, size: u64, huge: bool) -> Result<Self> {
+        let cname = CString::new(name).map_err(|_| Error::InvalidName(name.to_string()))?;
+        let mut flags = libc::MFD_CLOEXEC;
+        if huge {
+            flags |= libc::MFD_HUGETLB;
+        }
+        // SAFETY: cname is a valid NUL-terminated string; memfd_create only
+        // reads it and returns a new descriptor or -1.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(Error::Memfd(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a freshly created descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let (kind, page) = if huge {
+            let (_, block) = fs_magic_and_block(file.as_raw_fd()).map_err(Error::Memfd)?;
+            (BackingKind::Hugetlbfs, block)
+        } else {
+            (BackingKind::Memfd, page_size())
+        };
+        check_size(size, page)?;
+        if huge {
+            check_huge_pool(page, size, None)?;
+        }
+        file.set_len(size).map_err(Error::Memfd)?;
+        Ok(Self::from_parts(file, None, kind, page, size))
+    }
+
+    /// A file at `path` (created if absent) on tmpfs, hugetlbfs or a disk
+    /// file system, set to `size` bytes. An existing larger file is refused
+    /// rather than truncated, so that no data is lost by accident.
+    pub fn open(path: impl AsRef<Path>, size: u64) -> Result<Self> {
+        let path = path.as_ref();
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.is_dir() {
+                return Err(Error::IsDirectory(path.to_path_buf()));
+            }
+            let ft = meta.file_type();
+            if ft.is_block_device() || ft.is_char_device() || ft.is_fifo() || ft.is_socket() {
+                return Err(Error::NotRegularFile(path.to_path_buf()));
+            }
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let io_err = |source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (magic, block) = fs_magic_and_block(file.as_raw_fd()).map_err(io_err)?;
+        let (kind, page) = match magic {
+            HUGETLBFS_MAGIC => (BackingKind::Hugetlbfs, block),
+            TMPFS_MAGIC => (BackingKind::Tmpfs, page_size()),
+            _ => (BackingKind::Regular, page_size()),
+        };
+        check_size(size, page)?;
+        let existing = file.metadata().map_err(io_err)?.len();
+        if existing > size {
+            return Err(Error::FileLargerThanMemory {
+                path: path.to_path_buf(),
+                file_size: existing,
+                size,
+            });
+        }
+        if kind == BackingKind::Hugetlbfs {
+            check_huge_pool(page, size - existing, Some(path))?;
+        }
+        if existing != size {
+            file.set_len(size).map_err(io_err)?;
+        }
+        Ok(Self::from_parts(
+            file,
+            Some(path.to_path_buf()),
+            kind,
+            page,
+            size,
+        ))
+    }
+
+    fn from_parts(
+        file: File,
+        path: Option<PathBuf>,
+        kind: BackingKind,
+        page_size: u64,
+        size: u64,
+    ) -> Self {
+        BackingFile {
+            file: Arc::new(file),
+            path,
+            kind,
+            page_size,
+            size: AtomicU64::new(size),
+            gen: TruncateGen::new(),
+            resize: Mutex::new(()),
+        }
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// The path, for files opened by path.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The kind of file system behind the file.
+    pub fn kind(&self) -> BackingKind {
+        self.kind
+    }
+
+    /// The page size of the file (the huge page size on hugetlbfs).
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// The current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The file's truncate generation.
+    pub fn generation(&self) -> &TruncateGen {
+        &self.gen
+    }
+
+    fn check_range(&self, range: FileRange) -> Result<()> {
+        let page = self.page_size;
+        if range.is_empty() {
+            return Err(Error::ZeroSize);
+        }
+        if range.start % page != 0 || range.end % page != 0 {
+            return Err(Error::Unaligned {
+                what: "discard range",
+                value: if range.start % page != 0 {
+                    range.start
+                } else {
+                    range.end
+                },
+                align: page,
+            });
+        }
+        Ok(())
+    }
+
+    /// Punches a hole over `range` (clipped to the file's size) as one
+    /// invalidation. `before_punch` runs inside the invalidation, before the
+    /// hole is punched: the place to update metadata that fault handlers read
+    /// and to zap private mappings of the range.
+    pub fn discard(&self, range: FileRange, before_punch: impl FnOnce()) -> Result<()> {
+        self.check_range(range)?;
+        self.gen.invalidate(range, || {
+            before_punch();
+            let end = range.end.min(self.size());
+            if end > range.start {
+                self.punch_hole(FileRange {
+                    start: range.start,
+                    end,
+                })
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    /// Truncates the file to `new_size` as one invalidation of the removed
+    /// tail. `before_truncate` runs inside the invalidation first.
+    pub fn shrink(&self, new_size: u64, before_truncate: impl FnOnce()) -> Result<()> {
+        let _resize = self.resize.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.size();
+        if new_size % self.page_size != 0 {
+            return Err(Error::Unaligned {
+                what: "new size",
+                value: new_size,
+                align: self.page_size,
+            });
+        }
+        if new_size > old {
+            return Err(Error::ShrinkGrows {
+                size: old,
+                new_size,
+            });
+        }
+        if new_size == old {
+            return Ok(());
+        }
+        self.gen.invalidate(
+            FileRange {
+                start: new_size,
+                end: old,
+            },
+            || {
+                before_truncate();
+                self.size.store(new_size, Ordering::Release);
+                self.file.set_len(new_size).map_err(Error::Truncate)
+            },
+        )
+    }
+
+    /// Extends the file to `new_size`; the new tail reads as zero. Growing
+    /// takes nothing away, so it is not an invalidation.
+    pub fn grow(&self, new_size: u64) -> Result<()> {
+        let _resize = self.resize.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.size();
+        check_size(new_size, self.page_size)?;
+        if new_size < old {
+            return Err(Error::GrowShrinks {
+                size: old,
+                new_size,
+            });
+        }
+        if new_size == old {
+            return Ok(());
+        }
+        if self.kind == BackingKind::Hugetlbfs {
+            check_huge_pool(self.page_size, new_size - old, self.path.as_deref())?;
+        }
+        self.file.set_len(new_size).map_err(Error::Truncate)?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Raw `fallocate(PUNCH_HOLE)`: no generation. Callers hold an invalidation.
+    pub(crate) fn punch_hole(&self, range: FileRange) -> Result<()> {
+        // SAFETY: fallocate on an open descriptor; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate64(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                range.start as i64,
+                range.len() as i64,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::PunchHole(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Bytes the file system has allocated to the file (`st_blocks * 512`).
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        // SAFETY: stat is plain data; zeroed is a valid value for it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and a pointer to a stat we own.
+        if unsafe { libc::fstat(self.file.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.st_blocks as u64 * 512)
+    }
+
+    /// Whether any byte of `range` holds data (is not a hole), by `SEEK_DATA`.
+    pub fn has_data(&self, range: FileRange) -> io::Result<bool> {
+        if range.is_empty() || range.start >= self.size() {
+            return Ok(false);
+        }
+        // SAFETY: lseek on an open descriptor has no memory effects.
+        let off =
+            unsafe { libc::lseek64(self.file.as_raw_fd(), range.start as i64, libc::SEEK_DATA) };
+        if off < 0 {
+            let err = io::Error::last_os_error();
+            return if err.raw_os_error() == Some(libc::ENXIO) {
+                Ok(false)
+            } else {
+                Err(err)
+            };
+        }
+        Ok((off as u64) < range.end)
+    }
+}
+
+impl AsRawFd for BackingFile {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+/// Free huge pages of `page_size`, from sysfs.
+pub fn free_huge_pages(page_size: u64) -> Option<u64> {
+    let p = format!(
+        "/sys/kernel/mm/hugepages/hugepages-{}kB/free_hugepages",
+        page_size / 1024
+    );
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+fn check_huge_pool(page_size: u64, bytes: u64, path: Option<&Path>) -> Result<()> {
+    let needed = bytes.div_ceil(page_size);
+    match free_huge_pages(page_size) {
+        Some(free) if free < needed => Err(Error::NoHugePages {
+            path: path.map(Path::to_path_buf),
+            page_size,
+            needed,
+            free,
+        }),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,282 @@
+//! Userspace fault handling: userfaultfd registration, handler threads, and
+//! the fault path of the truncate-generation protocol.
+
+mod ioctl;
+mod readahead;
+mod serve;
+
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use userfaultfd::{Event, FaultKind, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use readahead::Readahead;
+
+use crate::backing::BackingKind;
+use crate::generation::RetryPolicy;
+use crate::region::Region;
+use crate::stats::Stats;
+use crate::{Error, Result};
+
+/// Who serves first touches of guest memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FaultMode {
+    /// userfaultfd where every region's backing supports it, else the kernel.
+    #[default]
+    Auto,
+    /// userfaultfd; building fails if a region's backing cannot be managed.
+    Userfault,
+    /// The kernel's own demand paging; no handler threads.
+    Kernel,
+}
+
+/// Fault handler settings.
+#[derive(Clone, Debug)]
+pub struct FaultConfig {
+    /// Who serves faults.
+    pub mode: FaultMode,
+    /// Also register MINOR mode on shmem/hugetlbfs: pages already in the page
+    /// cache (a file that holds contents) are mapped with `UFFDIO_CONTINUE`.
+    pub minor_faults: bool,
+    /// Handler threads reading the one userfaultfd.
+    pub threads: usize,
+    /// Pages installed with the faulting one.
+    pub readahead: Readahead,
+    /// Which invalidations make a fault drop what it fetched.
+    pub retry_policy: RetryPolicy,
+    /// Retries before a fault takes the slow path (install lock held across
+    /// the fetch), which no invalidation can interrupt.
+    pub fast_retries: u32,
+    /// Test-only: skip the generation re-check (re-opens the race).
+    #[cfg(feature = "test-switches")]
+    pub skip_recheck: bool,
+}
+
+impl Default for FaultConfig {
+    fn default() -> Self {
+        FaultConfig {
+            mode: FaultMode::Auto,
+            minor_faults: false,
+            threads: 1,
+            readahead: Readahead::default(),
+            retry_policy: RetryPolicy::Overlapping,
+            fast_retries: 8,
+            #[cfg(feature = "test-switches")]
+            skip_recheck: false,
+        }
+    }
+}
+
+impl FaultConfig {
+    pub(crate) fn recheck_enabled(&self) -> bool {
+        #[cfg(feature = "test-switches")]
+        {
+            !self.skip_recheck
+        }
+        #[cfg(not(feature = "test-switches"))]
+        {
+            true
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.mode != FaultMode::Kernel && self.threads == 0 {
+            return Err(Error::Config(
+                "fault handler threads must be at least 1".into(),
+            ));
+        }
+        if self.readahead.max > 1 << 30 {
+            return Err(Error::Config(format!(
+                "readahead window {} is larger than 1 GiB",
+                self.readahead.max
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What the handler threads share.
+pub(crate) struct Context {
+    pub uffd: Uffd,
+    /// Sorted by host address.
+    pub regions: Vec<Arc<Region>>,
+    pub stats: Arc<Stats>,
+    pub config: FaultConfig,
+}
+
+impl Context {
+    pub(crate) fn region_at(&self, addr: u64) -> Option<&Arc<Region>> {
+        let i = self.regions.partition_point(|r| r.host_addr() <= addr);
+        let r = self.regions.get(i.checked_sub(1)?)?;
+        r.contains_host(addr).then_some(r)
+    }
+}
+
+/// The running fault handler: a userfaultfd and its threads.
+pub(crate) struct FaultHandler {
+    ctx: Arc<Context>,
+    stop: EventFd,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Whether every region can be managed with userfaultfd.
+pub(crate) fn regions_support_userfault(regions: &[Arc<Region>]) -> bool {
+    regions
+        .iter()
+        .all(|r| r.backing().kind().supports_userfault())
+}
+
+impl FaultHandler {
+    pub(crate) fn start(
+        regions: Vec<Arc<Region>>,
+        stats: Arc<Stats>,
+        config: FaultConfig,
+    ) -> Result<Self> {
+        let mut features = FeatureFlags::empty();
+        let any_huge = regions
+            .iter()
+            .any(|r| r.backing().kind() == BackingKind::Hugetlbfs);
+        let any_shmem = regions
+            .iter()
+            .any(|r| r.backing().kind() != BackingKind::Hugetlbfs);
+        if any_shmem {
+            features |= FeatureFlags::MISSING_SHMEM;
+        }
+        if any_huge {
+            features |= FeatureFlags::MISSING_HUGETLBFS;
+        }
+        if config.minor_faults {
+            if any_shmem {
+                features |=
+                    FeatureFlags::from_bits_retain(userfaultfd_sys::UFFD_FEATURE_MINOR_SHMEM);
+            }
+            if any_huge {
+                features |=
+                    FeatureFlags::from_bits_retain(userfaultfd_sys::UFFD_FEATURE_MINOR_HUGETLBFS);
+            }
+        }
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(features)
+            .create()
+            .map_err(|e| Error::Userfault(format!("creating a userfaultfd: {e}")))?;
+        let mut mode = RegisterMode::MISSING;
+        if config.minor_faults {
+            mode |= RegisterMode::MINOR;
+        }
+        for r in &regions {
+            uffd.register_with_mode(r.host_addr() as *mut _, r.max_size() as usize, mode)
+                .map_err(|e| {
+                    Error::Userfault(format!(
+                        "registering region {} ({:?}, {} bytes) with userfaultfd: {e}",
+                        r.index(),
+                        r.backing().kind(),
+                        r.max_size()
+                    ))
+                })?;
+        }
+        let mut sorted = regions;
+        sorted.sort_by_key(|r| r.host_addr());
+        let ctx = Arc::new(Context {
+            uffd,
+            regions: sorted,
+            stats,
+            config,
+        });
+        let stop = EventFd::new(libc::EFD_CLOEXEC).map_err(Error::Eventfd)?;
+        let mut handler = FaultHandler {
+            ctx: ctx.clone(),
+            stop,
+            threads: Vec::new(),
+        };
+        for i in 0..ctx.config.threads {
+            let ctx = ctx.clone();
+            let stop_fd = handler.stop.as_raw_fd();
+            let t = std::thread::Builder::new()
+                .name(format!("uffd-{i}"))
+                .spawn(move || run(&ctx, stop_fd))
+                .map_err(Error::Thread)?;
+            handler.threads.push(t);
+        }
+        Ok(handler)
+    }
+
+    /// The userfaultfd's descriptor (for embedders that want to poll it).
+    pub(crate) fn uffd_fd(&self) -> RawFd {
+        self.ctx.uffd.as_raw_fd()
+    }
+}
+
+impl Drop for FaultHandler {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // Unregistering wakes any thread still blocked on a fault in the
+        // range; it then faults again under the kernel's own handling.
+        for r in &self.ctx.regions {
+            let _ = self
+                .ctx
+                .uffd
+                .unregister(r.host_addr() as *mut _, r.max_size() as usize);
+        }
+    }
+}
+
+fn run(ctx: &Context, stop_fd: RawFd) {
+    let mut buf = userfaultfd::EventBuffer::new(32);
+    let mut scratch = serve::Scratch::new();
+    let uffd_fd = ctx.uffd.as_raw_fd();
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: uffd_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a valid array of two pollfd structures.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::error!("fault handler: poll failed: {err}");
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            log::error!("fault handler: userfaultfd reported an error condition");
+            return;
+        }
+        let events = match ctx.uffd.read_events(&mut buf) {
+            Ok(events) => events,
+            Err(e) => {
+                log::error!("fault handler: reading events failed: {e}");
+                return;
+            }
+        };
+        for event in events {
+            match event {
+                Ok(Event::Pagefault { kind, addr, .. }) => {
+                    serve::serve_fault(ctx, &mut scratch, addr as u64, kind == FaultKind::Minor)
+                }
+                Ok(other) => log::debug!("fault handler: ignoring event {other:?}"),
+                Err(e) => log::warn!("fault handler: bad event: {e}"),
+            }
+        }
+    }
+}

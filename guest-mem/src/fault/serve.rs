@@ -1,0 +1,252 @@
+//! Serving one fault: resolve, sample, fetch, re-check under the install
+//! lock, install, wake.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use super::ioctl::{self, Outcome};
+use super::readahead::window_pages;
+use super::Context;
+use crate::backing::BackingKind;
+use crate::generation::{InstallGuard, Verdict};
+use crate::region::Region;
+
+/// Per-thread buffers: fetched contents, and zeros for hugetlbfs (which has
+/// no `UFFDIO_ZEROPAGE`).
+pub(crate) struct Scratch {
+    data: Vec<u8>,
+    zeros: Vec<u8>,
+}
+
+impl Scratch {
+    pub(crate) fn new() -> Self {
+        Scratch {
+            data: Vec::new(),
+            zeros: Vec::new(),
+        }
+    }
+
+    fn data(&mut self, len: usize) -> &mut [u8] {
+        if self.data.len() < len {
+            self.data.resize(len, 0);
+        }
+        &mut self.data[..len]
+    }
+
+    fn zeros(&mut self, len: usize) -> &[u8] {
+        if self.zeros.len() < len {
+            self.zeros.resize(len, 0);
+        }
+        &self.zeros[..len]
+    }
+}
+
+/// What a fetch produced for the install range.
+enum Contents {
+    Zero,
+    Data,
+    /// Minor fault: the page cache holds the page; map it.
+    PageCache,
+}
+
+/// How an install attempt ended.
+enum Installed {
+    Done,
+    /// The range changed under us in a way the kernel caught (`EAGAIN`).
+    Retry,
+    /// A minor fault whose page left the page cache before the fault was
+    /// read (a discard between the fault and our sample): serve it as a
+    /// missing page.
+    RetryAsMissing,
+}
+
+pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut minor: bool) {
+    let start = Instant::now();
+    let stats = &ctx.stats;
+    stats.faults.fetch_add(1, Relaxed);
+    if minor {
+        stats.minor_faults.fetch_add(1, Relaxed);
+    }
+    let Some(region) = ctx.region_at(addr) else {
+        stats.unknown_address.fetch_add(1, Relaxed);
+        log::warn!("fault at {addr:#x} outside every region; waking the thread");
+        wake(ctx, addr & !(crate::backing::host_page_size() - 1), 1);
+        return;
+    };
+    let page = region.page_size();
+    let offset = (addr - region.host_addr()) & !(page - 1);
+    let page_index = offset / page;
+    let gen = region.backing().generation();
+    let mut attempt = 0u32;
+    loop {
+        // Past the fast retries, hold the install lock across the fetch so
+        // that no invalidation can make us retry again.
+        let slow = attempt >= ctx.config.fast_retries;
+        let held = if slow {
+            stats.slow_path.fetch_add(1, Relaxed);
+            Some(gen.lock_install())
+        } else {
+            None
+        };
+        let sample = gen.sample();
+        let plugged = region.plugged_size();
+        if offset >= plugged {
+            stats.out_of_range.fetch_add(1, Relaxed);
+            log::warn!(
+                "fault at region {} offset {offset:#x} is past the plugged size {plugged:#x}; \
+                 not installed (the access will fail)",
+                region.index()
+            );
+            wake(ctx, region.host_addr() + offset, page);
+            break;
+        }
+        let discarded = region.discarded.get(page_index);
+        let pages = if minor || discarded {
+            1
+        } else {
+            window_pages(&ctx.config.readahead, region, page_index, plugged / page)
+        };
+        let len = pages * page;
+        let contents = match fetch(region, offset, len, discarded, minor, scratch) {
+            Ok(c) => c,
+            Err(e) => {
+                stats.fetch_errors.fetch_add(1, Relaxed);
+                log::error!(
+                    "fetching region {} offset {offset:#x}+{len:#x} failed: {e}; waking the thread",
+                    region.index()
+                );
+                wake(ctx, region.host_addr() + offset, page);
+                break;
+            }
+        };
+        let guard = held.unwrap_or_else(|| gen.lock_install());
+        let verdict = guard.recheck(sample, region.file_range(offset, len));
+        if ctx.config.recheck_enabled() && verdict.must_retry(ctx.config.retry_policy) {
+            stats.retries.fetch_add(1, Relaxed);
+            if verdict == Verdict::ChangedElsewhere {
+                stats.spurious_retries.fetch_add(1, Relaxed);
+            }
+            attempt += 1;
+            continue;
+        }
+        if verdict == Verdict::ChangedElsewhere {
+            stats.retries_avoided.fetch_add(1, Relaxed);
+        }
+        match install(ctx, region, &guard, offset, len, contents, scratch) {
+            Installed::Done => break,
+            Installed::Retry => attempt += 1,
+            Installed::RetryAsMissing => minor = false,
+        }
+    }
+    stats.fault_latency.record(start.elapsed());
+}
+
+fn fetch(
+    region: &Region,
+    offset: u64,
+    len: u64,
+    discarded: bool,
+    minor: bool,
+    scratch: &mut Scratch,
+) -> std::io::Result<Contents> {
+    if minor {
+        return Ok(Contents::PageCache);
+    }
+    let Some(src) = region.source.as_ref().filter(|_| !discarded) else {
+        return Ok(Contents::Zero);
+    };
+    let src_off = src.offset + offset;
+    if src.source.is_zero(src_off, len) {
+        return Ok(Contents::Zero);
+    }
+    src.source.fetch(src_off, scratch.data(len as usize))?;
+    Ok(Contents::Data)
+}
+
+fn install(
+    ctx: &Context,
+    region: &Region,
+    _guard: &InstallGuard<'_>,
+    offset: u64,
+    len: u64,
+    contents: Contents,
+    scratch: &mut Scratch,
+) -> Installed {
+    let stats = &ctx.stats;
+    let fd = std::os::unix::io::AsRawFd::as_raw_fd(&ctx.uffd);
+    let dst = region.host_addr() + offset;
+    let page = region.page_size();
+    let minor = matches!(contents, Contents::PageCache);
+    let out: Outcome = match contents {
+        Contents::Zero if region.backing().kind() == BackingKind::Hugetlbfs => {
+            stats.installs_zero.fetch_add(1, Relaxed);
+            let zeros = scratch.zeros(len as usize);
+            // SAFETY: zeros is len readable bytes; dst..dst+len lies inside
+            // the region's registered mapping (offset + len <= plugged size).
+            unsafe { ioctl::copy(fd, dst, zeros.as_ptr(), len) }
+        }
+        Contents::Zero => {
+            stats.installs_zero.fetch_add(1, Relaxed);
+            ioctl::zeropage(fd, dst, len)
+        }
+        Contents::Data => {
+            stats.installs_copy.fetch_add(1, Relaxed);
+            let data = scratch.data(len as usize);
+            // SAFETY: as above; data holds len fetched bytes.
+            unsafe { ioctl::copy(fd, dst, data.as_ptr(), len) }
+        }
+        Contents::PageCache => {
+            stats.installs_continue.fetch_add(1, Relaxed);
+            ioctl::r#continue(fd, dst, len)
+        }
+    };
+    let pages_done = out.done / page;
+    if pages_done > 0 {
+        stats.pages_installed.fetch_add(pages_done, Relaxed);
+        stats.readahead_pages.fetch_add(pages_done - 1, Relaxed);
+        // Installed pages hold current contents again.
+        region
+            .discarded
+            .clear_range(offset / page, offset / page + pages_done);
+        return Installed::Done;
+    }
+    match out.errno {
+        None => Installed::Done,
+        Some(libc::EEXIST) => {
+            // Another thread (or an earlier event for the same page) got
+            // there first; make sure our faulting thread runs again.
+            stats.already_present.fetch_add(1, Relaxed);
+            wake(ctx, dst, page);
+            Installed::Done
+        }
+        Some(libc::EAGAIN) => Installed::Retry,
+        Some(libc::EFAULT) if minor => Installed::RetryAsMissing,
+        Some(libc::EFAULT) | Some(libc::ENOENT) => {
+            // Past the file's end (a truncate the kernel caught) or the
+            // mapping is going away: nothing to install.
+            stats.out_of_range.fetch_add(1, Relaxed);
+            wake(ctx, dst, page);
+            Installed::Done
+        }
+        Some(errno) => {
+            stats.install_errors.fetch_add(1, Relaxed);
+            log::error!(
+                "installing region {} offset {offset:#x}+{len:#x} failed: {}",
+                region.index(),
+                std::io::Error::from_raw_os_error(errno)
+            );
+            wake(ctx, dst, page);
+            Installed::Done
+        }
+    }
+}
+
+fn wake(ctx: &Context, addr: u64, len: u64) {
+    let fd = std::os::unix::io::AsRawFd::as_raw_fd(&ctx.uffd);
+    if let Some(errno) = ioctl::wake(fd, addr, len) {
+        log::warn!(
+            "waking {addr:#x}+{len:#x} failed: {}",
+            std::io::Error::from_raw_os_error(errno)
+        );
+    }
+}

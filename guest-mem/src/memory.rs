@@ -1,0 +1,468 @@
+//! `GuestMem`: the regions, their fault handler, discards and resizes.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+
+use crate::backing::BackingFile;
+use crate::fault::{regions_support_userfault, FaultConfig, FaultHandler, FaultMode};
+use crate::region::{GuestMemory, GuestMemoryAtomic, Region, RegionSource};
+use crate::stats::{Stats, StatsSnapshot};
+use crate::{Error, Result};
+
+/// What backs a region.
+#[derive(Clone, Debug, Default)]
+pub enum Backing {
+    /// A new anonymous memfd for this region.
+    #[default]
+    Memfd,
+    /// A new `MFD_HUGETLB` memfd.
+    MemfdHugetlb,
+    /// A file at this path (tmpfs, hugetlbfs or a disk file system).
+    File(PathBuf),
+    /// A window of a backing file that the caller already has (for example
+    /// one file shared by several regions, each at its own offset).
+    Shared {
+        /// The file.
+        file: Arc<BackingFile>,
+        /// Offset of the region's first byte in the file.
+        offset: u64,
+    },
+}
+
+/// One region to build.
+#[derive(Clone, Debug)]
+pub struct RegionConfig {
+    /// Guest-physical address of the first byte.
+    pub guest_addr: u64,
+    /// Bytes plugged at start.
+    pub size: u64,
+    /// Largest size the region may grow to (`None`: `size`, not resizable).
+    pub max_size: Option<u64>,
+    /// What backs it.
+    pub backing: Backing,
+    /// Map `MAP_PRIVATE` (copy-on-write over the file) instead of shared.
+    pub private: bool,
+    /// Where first-touch contents come from (`None`: zero).
+    pub source: Option<RegionSource>,
+}
+
+impl RegionConfig {
+    /// A memfd-backed, zero-filled, fixed-size region.
+    pub fn new(guest_addr: u64, size: u64) -> Self {
+        RegionConfig {
+            guest_addr,
+            size,
+            max_size: None,
+            backing: Backing::Memfd,
+            private: false,
+            source: None,
+        }
+    }
+}
+
+/// Builds a [`GuestMem`].
+#[derive(Debug, Default)]
+pub struct GuestMemBuilder {
+    regions: Vec<RegionConfig>,
+    fault: FaultConfig,
+}
+
+impl GuestMemBuilder {
+    /// Adds a region.
+    pub fn region(mut self, region: RegionConfig) -> Self {
+        self.regions.push(region);
+        self
+    }
+
+    /// Sets the fault handler configuration.
+    pub fn fault_config(mut self, fault: FaultConfig) -> Self {
+        self.fault = fault;
+        self
+    }
+
+    /// Creates the backing files, maps them, and starts the fault handler.
+    pub fn build(self) -> Result<GuestMem> {
+        if self.regions.is_empty() {
+            return Err(Error::Config("no memory regions".into()));
+        }
+        self.fault.validate()?;
+        let mut regions = Vec::with_capacity(self.regions.len());
+        for (index, rc) in self.regions.into_iter().enumerate() {
+            regions.push(Arc::new(build_region(index, rc)?));
+        }
+        check_overlaps(&regions)?;
+        let stats = Arc::new(Stats::default());
+        let use_uffd = match self.fault.mode {
+            FaultMode::Kernel => false,
+            FaultMode::Userfault => {
+                if let Some(r) = regions
+                    .iter()
+                    .find(|r| !r.backing().kind().supports_userfault())
+                {
+                    return Err(Error::Userfault(format!(
+                        "region {} is backed by a file on a file system userfaultfd cannot \
+                         manage ({:?}); use a memfd, tmpfs or hugetlbfs, or kernel fault handling",
+                        r.index(),
+                        r.backing().kind()
+                    )));
+                }
+                true
+            }
+            FaultMode::Auto => {
+                let ok = regions_support_userfault(&regions);
+                if !ok {
+                    log::info!(
+                        "a region's backing file cannot be managed by userfaultfd; \
+                         the kernel serves faults"
+                    );
+                }
+                ok
+            }
+        };
+        let memory = GuestMemoryAtomic::new(snapshot(&regions)?);
+        let handler = if use_uffd {
+            Some(FaultHandler::start(
+                regions.clone(),
+                stats.clone(),
+                self.fault.clone(),
+            )?)
+        } else {
+            None
+        };
+        Ok(GuestMem {
+            regions,
+            memory,
+            stats,
+            config: self.fault,
+            handler,
+            resize: Mutex::new(()),
+        })
+    }
+}
+
+fn build_region(index: usize, rc: RegionConfig) -> Result<Region> {
+    let max = rc.max_size.unwrap_or(rc.size);
+    if rc.size > max {
+        return Err(Error::Config(format!(
+            "region {index}: size {:#x} is larger than its max size {max:#x}",
+            rc.size
+        )));
+    }
+    if let Some(src) = &rc.source {
+        if let Some(len) = src.source.len() {
+            let need = src.offset.saturating_add(rc.size);
+            if len < need {
+                return Err(Error::SourceTooShort {
+                    region: index,
+                    len,
+                    needed: need,
+                });
+            }
+        }
+    }
+    let name = format!("guest-ram-{index}");
+    let (backing, offset) = match rc.backing {
+        Backing::Memfd => (Arc::new(BackingFile::memfd(&name, nonzero(rc.size)?)?), 0),
+        Backing::MemfdHugetlb => (
+            Arc::new(BackingFile::memfd_hugetlb(&name, nonzero(rc.size)?)?),
+            0,
+        ),
+        Backing::File(path) => (Arc::new(BackingFile::open(path, nonzero(rc.size)?)?), 0),
+        Backing::Shared { file, offset } => (file, offset),
+    };
+    Region::map(
+        index,
+        GuestAddress(rc.guest_addr),
+        max,
+        backing,
+        offset,
+        rc.private,
+        rc.source,
+    )
+}
+
+fn nonzero(size: u64) -> Result<u64> {
+    if size == 0 {
+        Err(Error::ZeroSize)
+    } else {
+        Ok(size)
+    }
+}
+
+fn check_overlaps(regions: &[Arc<Region>]) -> Result<()> {
+    let mut spans: Vec<(u64, u64, usize)> = regions
+        .iter()
+        .map(|r| (r.guest_base().0, r.guest_base().0 + r.max_size(), r.index()))
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(Error::Config(format!(
+                "regions {} and {} overlap in guest-physical space",
+                w[0].2, w[1].2
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn snapshot(regions: &[Arc<Region>]) -> Result<GuestMemory> {
+    GuestMemory::from_regions(regions.iter().filter_map(|r| r.guest_region()).collect())
+        .map_err(|e| Error::Config(format!("building the guest memory map: {e}")))
+}
+
+/// File-backed guest memory with userspace fault handling.
+///
+/// ```
+/// use guest_mem::{GuestMem, RegionConfig};
+/// use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+///
+/// // 4 MiB of memfd-backed RAM at guest-physical 0, faults served by the
+/// // handler thread.
+/// let mem = GuestMem::builder()
+///     .region(RegionConfig::new(0, 4 << 20))
+///     .build()?;
+/// let ram = mem.memory();
+/// ram.memory().write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+/// assert_eq!(ram.memory().read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+///
+/// // Give a page back (what a balloon inflate does): the file gets a hole,
+/// // and the next touch reads zero.
+/// mem.discard(GuestAddress(0x1000), 4096)?;
+/// assert_eq!(ram.memory().read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0);
+/// assert!(mem.stats().faults >= 2);
+/// # Ok::<(), guest_mem::Error>(())
+/// ```
+pub struct GuestMem {
+    regions: Vec<Arc<Region>>,
+    memory: GuestMemoryAtomic,
+    stats: Arc<Stats>,
+    config: FaultConfig,
+    handler: Option<FaultHandler>,
+    resize: Mutex<()>,
+}
+
+impl std::fmt::Debug for GuestMem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMem")
+            .field("regions", &self.regions)
+            .field("userfault", &self.handler.is_some())
+            .finish()
+    }
+}
+
+impl GuestMem {
+    /// Starts building guest memory.
+    pub fn builder() -> GuestMemBuilder {
+        GuestMemBuilder::default()
+    }
+
+    /// The guest memory for devices (`vm-memory` `Bytes` reads and writes).
+    /// Swapped when a region is resized.
+    pub fn memory(&self) -> GuestMemoryAtomic {
+        self.memory.clone()
+    }
+
+    /// The regions, in the order they were added.
+    pub fn regions(&self) -> &[Arc<Region>] {
+        &self.regions
+    }
+
+    /// Whether faults are served by this crate's userfaultfd handler.
+    pub fn userfault_enabled(&self) -> bool {
+        self.handler.is_some()
+    }
+
+    /// The userfaultfd, if faults are served in userspace.
+    pub fn userfault_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.handler.as_ref().map(|h| h.uffd_fd())
+    }
+
+    /// The fault handler configuration.
+    pub fn fault_config(&self) -> &FaultConfig {
+        &self.config
+    }
+
+    /// The live counters.
+    pub fn stats_handle(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// A copy of the counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// The region holding a guest-physical address and the offset in it,
+    /// within the plugged size.
+    pub fn find(&self, gpa: GuestAddress) -> Option<(&Arc<Region>, u64)> {
+        self.regions.iter().find_map(|r| {
+            let off = gpa.0.checked_sub(r.guest_base().0)?;
+            (off < r.plugged_size()).then_some((r, off))
+        })
+    }
+
+    /// Gives `[gpa, gpa + len)` back to the host: one invalidation per
+    /// backing file touched, then a hole punched. The range must be aligned
+    /// to the backing page size and lie in plugged RAM (it may span regions).
+    /// The next touch of a discarded page reads zero.
+    pub fn discard(&self, gpa: GuestAddress, len: u64) -> Result<()> {
+        let mut pieces = Vec::new();
+        let mut at = gpa.0;
+        let end = gpa
+            .0
+            .checked_add(len)
+            .ok_or(Error::TooLarge { size: len })?;
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        while at < end {
+            let (region, off) = self.find(GuestAddress(at)).ok_or(Error::NotRam {
+                gpa: at,
+                len: end - at,
+            })?;
+            let page = region.page_size();
+            let n = (end - at).min(region.plugged_size() - off);
+            if off % page != 0 || n % page != 0 {
+                return Err(Error::Unaligned {
+                    what: "discard range",
+                    value: if off % page != 0 { at } else { n },
+                    align: page,
+                });
+            }
+            pieces.push((region.clone(), off, n));
+            at += n;
+        }
+        for (region, off, n) in pieces {
+            self.discard_in(&region, off, n)?;
+        }
+        Ok(())
+    }
+
+    fn discard_in(&self, region: &Region, off: u64, len: u64) -> Result<()> {
+        let page = region.page_size();
+        region.backing().discard(region.file_range(off, len), || {
+            region.discarded.set_range(off / page, (off + len) / page);
+            region.zap_private(off, len);
+        })?;
+        self.stats.discards.fetch_add(1, Relaxed);
+        self.stats.bytes_discarded.fetch_add(len, Relaxed);
+        Ok(())
+    }
+
+    /// Plugs or unplugs the tail of region `index` so that `new_size` bytes
+    /// are plugged. Shrinking truncates the backing file as one invalidation
+    /// (a fault that fetched meanwhile retries and finds the page out of
+    /// range); the devices' memory map is swapped before the truncation so
+    /// that new device accesses cannot reach past the end. Growing extends
+    /// the file; the new tail reads zero.
+    ///
+    /// Only a region that ends its backing file can be resized.
+    pub fn resize(&self, index: usize, new_size: u64) -> Result<()> {
+        let _serial = self.resize.lock().unwrap_or_else(|e| e.into_inner());
+        let region = self
+            .regions
+            .get(index)
+            .ok_or(Error::NoSuchRegion(index))?
+            .clone();
+        let page = region.page_size();
+        if new_size > region.max_size() {
+            return Err(Error::Config(format!(
+                "region {index}: {new_size:#x} is larger than its max size {:#x}",
+                region.max_size()
+            )));
+        }
+        if new_size % page != 0 {
+            return Err(Error::Unaligned {
+                what: "region size",
+                value: new_size,
+                align: page,
+            });
+        }
+        let backing = region.backing();
+        let file_end = region.file_offset() + region.plugged_size();
+        if backing.size() > file_end
+            || self.regions.iter().any(|r| {
+                r.index() != index
+                    && Arc::ptr_eq(r.backing(), backing)
+                    && r.file_offset() > region.file_offset()
+            })
+        {
+            return Err(Error::NotResizable(index));
+        }
+        let old = region.plugged_size();
+        let target = region.file_offset() + new_size;
+        if new_size < old {
+            backing.shrink(target, || {
+                region.discarded.set_range(new_size / page, old / page);
+                region.zap_private(new_size, old - new_size);
+                self.swap_memory(Some((index, new_size)));
+            })?;
+            self.stats.shrinks.fetch_add(1, Relaxed);
+            self.stats
+                .bytes_truncated
+                .fetch_add(old - new_size, Relaxed);
+        } else if new_size > old {
+            backing.grow(target)?;
+            if region.source.is_none() {
+                // No source: nothing stale to hide, and readahead may fill
+                // the new memory.
+                region.discarded.clear_range(old / page, new_size / page);
+            }
+            self.swap_memory(None);
+            self.stats.grows.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the devices' memory map; `pending` gives a region's size
+    /// before the backing file reflects it.
+    fn swap_memory(&self, pending: Option<(usize, u64)>) {
+        let regions = self
+            .regions
+            .iter()
+            .filter_map(|r| {
+                let mut gr = r.guest_region();
+                if let Some((i, size)) = pending {
+                    if i == r.index() {
+                        gr = r.guest_region_of(size);
+                    }
+                }
+                gr
+            })
+            .collect();
+        match GuestMemory::from_regions(regions) {
+            Ok(map) => {
+                let guard = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+                guard.replace(map);
+            }
+            Err(e) => log::error!("rebuilding the guest memory map failed: {e}"),
+        }
+    }
+
+    /// Bytes the backing files have allocated (each file counted once).
+    pub fn allocated_bytes(&self) -> u64 {
+        let mut seen: Vec<*const BackingFile> = Vec::new();
+        let mut total = 0;
+        for r in &self.regions {
+            let p = Arc::as_ptr(r.backing());
+            if !seen.contains(&p) {
+                seen.push(p);
+                total += r.backing().allocated_bytes().unwrap_or(0);
+            }
+        }
+        total
+    }
+
+    /// Total plugged bytes.
+    pub fn plugged_bytes(&self) -> u64 {
+        self.memory
+            .memory()
+            .iter()
+            .map(|r| vm_memory::GuestMemoryRegion::len(r))
+            .sum()
+    }
+}

@@ -1,0 +1,318 @@
+//! A guest memory region: a window of a backing file at a guest-physical
+//! address, mapped once into the VMM at its largest size.
+
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryRegion, GuestMemoryRegionBytes, GuestUsize,
+    MemoryRegionAddress, MmapRegion, VolatileMemory, VolatileSlice,
+};
+
+use crate::backing::{BackingFile, BackingKind};
+use crate::generation::FileRange;
+use crate::pagemap::PageBits;
+use crate::source::PageSource;
+use crate::{Error, Result};
+
+/// Where a region's contents come from on first touch.
+#[derive(Clone, Debug)]
+pub struct RegionSource {
+    /// The source of page contents.
+    pub source: Arc<dyn PageSource>,
+    /// Byte offset in the source of the region's first page.
+    pub offset: u64,
+}
+
+/// Adaptive readahead state of one region (one stream).
+#[derive(Debug, Default)]
+pub(crate) struct ReadaheadState {
+    /// The page just past the last window installed.
+    pub next: AtomicU64,
+    /// The last window size, in pages.
+    pub window: AtomicU64,
+}
+
+/// One region of guest memory.
+pub struct Region {
+    pub(crate) index: usize,
+    pub(crate) guest_base: GuestAddress,
+    pub(crate) max_size: u64,
+    pub(crate) backing: Arc<BackingFile>,
+    pub(crate) file_offset: u64,
+    pub(crate) mapping: Arc<MmapRegion>,
+    pub(crate) private: bool,
+    /// Pages discarded (or never plugged) and not installed since: they read
+    /// as zero whatever the source holds, and readahead skips them.
+    pub(crate) discarded: PageBits,
+    pub(crate) source: Option<RegionSource>,
+    pub(crate) readahead: ReadaheadState,
+}
+
+impl fmt::Debug for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Region")
+            .field("index", &self.index)
+            .field("guest_base", &format_args!("{:#x}", self.guest_base.0))
+            .field("max_size", &self.max_size)
+            .field("plugged", &self.plugged_size())
+            .field("backing", &self.backing.kind())
+            .field("file_offset", &self.file_offset)
+            .field("private", &self.private)
+            .finish()
+    }
+}
+
+impl Region {
+    pub(crate) fn map(
+        index: usize,
+        guest_base: GuestAddress,
+        max_size: u64,
+        backing: Arc<BackingFile>,
+        file_offset: u64,
+        private: bool,
+        source: Option<RegionSource>,
+    ) -> Result<Self> {
+        let page = backing.page_size();
+        if max_size == 0 {
+            return Err(Error::ZeroSize);
+        }
+        for (what, value) in [
+            ("region size", max_size),
+            ("guest address", guest_base.0),
+            ("file offset", file_offset),
+        ] {
+            if value % page != 0 {
+                return Err(Error::Unaligned {
+                    what,
+                    value,
+                    align: page,
+                });
+            }
+        }
+        if guest_base.0.checked_add(max_size).is_none() || max_size > isize::MAX as u64 {
+            return Err(Error::TooLarge { size: max_size });
+        }
+        let flags = libc::MAP_NORESERVE
+            | if private {
+                libc::MAP_PRIVATE
+            } else {
+                libc::MAP_SHARED
+            };
+        let mapping = MmapRegionBuilder::new(max_size as usize)
+            .with_file_offset(FileOffset::from_arc(backing.file().clone(), file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_hugetlbfs(backing.kind() == BackingKind::Hugetlbfs)
+            .build()
+            .map_err(|e| match e {
+                vm_memory::mmap::MmapRegionError::Mmap(io)
+                    if backing.kind() == BackingKind::Hugetlbfs
+                        && io.raw_os_error() == Some(libc::ENOMEM) =>
+                {
+                    Error::NoHugePages {
+                        path: backing.path().map(Into::into),
+                        page_size: page,
+                        needed: max_size / page,
+                        free: crate::backing::free_huge_pages(page).unwrap_or(0),
+                    }
+                }
+                other => Error::Mmap(other.to_string()),
+            })?;
+        let pages = max_size / page;
+        let region = Region {
+            index,
+            guest_base,
+            max_size,
+            backing,
+            file_offset,
+            mapping: Arc::new(mapping),
+            private,
+            discarded: PageBits::new(pages),
+            source,
+            readahead: ReadaheadState::default(),
+        };
+        // Pages past the plugged size have no source contents.
+        region
+            .discarded
+            .set_range(region.plugged_size() / page, pages);
+        Ok(region)
+    }
+
+    /// Index of the region in its [`crate::GuestMem`].
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Guest-physical address of the first byte.
+    pub fn guest_base(&self) -> GuestAddress {
+        self.guest_base
+    }
+
+    /// Largest size the region can be plugged to (the mapping's length).
+    pub fn max_size(&self) -> u64 {
+        self.max_size
+    }
+
+    /// Bytes of the region the backing file currently covers.
+    pub fn plugged_size(&self) -> u64 {
+        self.backing
+            .size()
+            .saturating_sub(self.file_offset)
+            .min(self.max_size)
+    }
+
+    /// Host virtual address of the region's first byte.
+    pub fn host_addr(&self) -> u64 {
+        self.mapping.as_ptr() as u64
+    }
+
+    /// The backing file.
+    pub fn backing(&self) -> &Arc<BackingFile> {
+        &self.backing
+    }
+
+    /// Offset of the region's first byte in the backing file.
+    pub fn file_offset(&self) -> u64 {
+        self.file_offset
+    }
+
+    /// Whether the mapping is `MAP_PRIVATE` (copy-on-write over the file).
+    pub fn is_private(&self) -> bool {
+        self.private
+    }
+
+    /// Page size of the backing file.
+    pub fn page_size(&self) -> u64 {
+        self.backing.page_size()
+    }
+
+    /// The file range of `[offset, offset + len)` of the region.
+    pub fn file_range(&self, offset: u64, len: u64) -> FileRange {
+        FileRange::new(self.file_offset + offset, len)
+    }
+
+    /// Pages currently marked discarded (or unplugged) and not touched since.
+    pub fn discarded_pages(&self) -> u64 {
+        self.discarded.count()
+    }
+
+    /// Whether the region offset's page is marked discarded.
+    pub fn is_discarded(&self, offset: u64) -> bool {
+        self.discarded.get(offset / self.page_size())
+    }
+
+    /// Whether a host address falls inside the region's mapping.
+    pub fn contains_host(&self, addr: u64) -> bool {
+        addr >= self.host_addr() && addr - self.host_addr() < self.max_size
+    }
+
+    /// A view of the plugged part for `vm-memory` users.
+    pub(crate) fn guest_region(&self) -> Option<GuestRegion> {
+        self.guest_region_of(self.plugged_size())
+    }
+
+    /// A view of the first `len` bytes.
+    pub(crate) fn guest_region_of(&self, len: u64) -> Option<GuestRegion> {
+        let len = len.min(self.max_size);
+        (len > 0).then(|| GuestRegion {
+            mapping: self.mapping.clone(),
+            guest_base: self.guest_base,
+            len,
+        })
+    }
+
+    /// Zaps the VMM's private copies of `[offset, offset + len)`. Shared
+    /// mappings need nothing: punching or truncating the file zaps them.
+    pub(crate) fn zap_private(&self, offset: u64, len: u64) {
+        if !self.private || len == 0 {
+            return;
+        }
+        // SAFETY: the range lies inside our own mapping (callers clip it to
+        // max_size); MADV_DONTNEED only drops pages, which later read back
+        // from the file or fault to the handler. No Rust reference into guest
+        // memory is held across this call (guest memory is accessed only
+        // through volatile slices).
+        let rc = unsafe {
+            libc::madvise(
+                (self.host_addr() + offset) as *mut libc::c_void,
+                len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            log::error!(
+                "region {}: madvise(DONTNEED) at {:#x}+{:#x} failed: {}",
+                self.index,
+                offset,
+                len,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// A guest memory region as `vm-memory` sees it: the plugged part of a
+/// [`Region`]'s mapping. Accesses past the plugged size are refused instead
+/// of touching memory past the backing file's end (which would `SIGBUS`).
+#[derive(Debug)]
+pub struct GuestRegion {
+    mapping: Arc<MmapRegion>,
+    guest_base: GuestAddress,
+    len: u64,
+}
+
+impl GuestMemoryRegion for GuestRegion {
+    type B = ();
+
+    fn len(&self) -> GuestUsize {
+        self.len
+    }
+
+    fn start_addr(&self) -> GuestAddress {
+        self.guest_base
+    }
+
+    fn bitmap(&self) -> BS<'_, Self::B> {}
+
+    fn get_host_address(&self, addr: MemoryRegionAddress) -> guest_memory::Result<*mut u8> {
+        self.check_address(addr)
+            .ok_or(guest_memory::Error::InvalidBackendAddress)
+            .map(|addr| self.mapping.as_ptr().wrapping_add(addr.0 as usize))
+    }
+
+    fn file_offset(&self) -> Option<&FileOffset> {
+        self.mapping.file_offset()
+    }
+
+    fn get_slice(
+        &self,
+        offset: MemoryRegionAddress,
+        count: usize,
+    ) -> guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
+        let end = offset
+            .0
+            .checked_add(count as u64)
+            .ok_or(guest_memory::Error::InvalidBackendAddress)?;
+        if end > self.len {
+            return Err(guest_memory::Error::InvalidBackendAddress);
+        }
+        Ok(self.mapping.get_slice(offset.0 as usize, count)?)
+    }
+
+    fn is_hugetlbfs(&self) -> Option<bool> {
+        self.mapping.is_hugetlbfs()
+    }
+}
+
+impl GuestMemoryRegionBytes for GuestRegion {}
+
+/// The guest memory that devices use: the plugged part of every region.
+pub type GuestMemory = vm_memory::GuestRegionCollection<GuestRegion>;
+
+/// Swapped atomically when a region is resized.
+pub type GuestMemoryAtomic = vm_memory::GuestMemoryAtomic<GuestMemory>;

@@ -1,0 +1,119 @@
+//! Where page contents come from when a fault is served.
+
+use std::fmt::Debug;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// A source of page contents for the fault handler.
+///
+/// `fetch` may be slow (disk, decompression, network) and is called with no
+/// lock held; the truncate generation decides afterwards whether what it
+/// returned may still be installed.
+pub trait PageSource: Send + Sync + Debug {
+    /// The source's length in bytes, or `None` when it has no end.
+    fn len(&self) -> Option<u64>;
+
+    /// Whether `[offset, offset + len)` is known to be all zero, so that the
+    /// handler may install zero pages without fetching anything.
+    fn is_zero(&self, offset: u64, len: u64) -> bool;
+
+    /// Fills `buf` with the contents at `offset`; bytes past the source's end
+    /// read as zero.
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// Every page reads as zero: fresh guest memory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ZeroSource;
+
+impl PageSource for ZeroSource {
+    fn len(&self) -> Option<u64> {
+        None
+    }
+    fn is_zero(&self, _offset: u64, _len: u64) -> bool {
+        true
+    }
+    fn fetch(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// Page contents read from a file: a memory image restored lazily.
+#[derive(Debug)]
+pub struct FileSource {
+    file: File,
+    len: u64,
+}
+
+impl FileSource {
+    /// Opens the image at `path` read-only.
+    pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
+        Self::from_file(File::open(path)?)
+    }
+
+    /// Uses an already open file.
+    pub fn from_file(file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        Ok(FileSource { file, len })
+    }
+}
+
+impl PageSource for FileSource {
+    fn len(&self) -> Option<u64> {
+        Some(self.len)
+    }
+
+    fn is_zero(&self, offset: u64, _len: u64) -> bool {
+        offset >= self.len
+    }
+
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            if pos >= self.len {
+                break;
+            }
+            match self.file.read_at(&mut buf[done..], pos) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn file_source_zero_fills_past_its_end() {
+        let mut f = tempfile();
+        f.write_all(&[7u8; 6000]).unwrap();
+        let src = FileSource::from_file(f).unwrap();
+        assert_eq!(src.len(), Some(6000));
+        let mut buf = vec![1u8; 8192];
+        src.fetch(4096, &mut buf).unwrap();
+        assert!(buf[..1904].iter().all(|&b| b == 7));
+        assert!(buf[1904..].iter().all(|&b| b == 0));
+        assert!(src.is_zero(8192, 4096));
+        assert!(!src.is_zero(4096, 4096));
+    }
+
+    fn tempfile() -> File {
+        let name = std::ffi::CString::new("src-test").unwrap();
+        // SAFETY: valid C string; returns a new descriptor or -1.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is new and owned by nothing else.
+        unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) }
+    }
+}

@@ -1,0 +1,259 @@
+//! Counters and a latency histogram for fault service and discards.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Sub-buckets per power of two in the latency histogram (~19% wide each).
+const SUB: u32 = 4;
+const BUCKETS: usize = 64 * SUB as usize;
+
+/// A lock-free log-linear histogram of durations in nanoseconds.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+    max_ns: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
+            max_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+fn bucket_of(ns: u64) -> usize {
+    if ns < 4 {
+        return ns as usize;
+    }
+    let log = 63 - ns.leading_zeros();
+    // The two bits below the leading one pick the sub-bucket.
+    let frac = ((ns >> (log - 2)) & (SUB as u64 - 1)) as u32;
+    ((log * SUB + frac) as usize).min(BUCKETS - 1)
+}
+
+fn bucket_floor(b: usize) -> u64 {
+    if b < 4 {
+        return b as u64;
+    }
+    let log = (b as u32 / SUB).max(2);
+    let frac = if b < 8 { 0 } else { b as u64 % SUB as u64 };
+    (1u64 << log) + (frac << (log - 2))
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn record(&self, d: Duration) {
+        let ns = d.as_nanos().min(u64::MAX as u128) as u64;
+        self.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.max_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    /// A consistent-enough copy for reporting.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let quantile = |q: f64| -> u64 {
+            if total == 0 {
+                return 0;
+            }
+            let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    // Midpoint of the bucket.
+                    let lo = bucket_floor(i);
+                    let hi = if i + 1 < BUCKETS {
+                        bucket_floor(i + 1)
+                    } else {
+                        lo
+                    };
+                    return lo + (hi - lo) / 2;
+                }
+            }
+            0
+        };
+        let count = self.count.load(Ordering::Relaxed);
+        HistogramSnapshot {
+            count,
+            mean_ns: self
+                .sum_ns
+                .load(Ordering::Relaxed)
+                .checked_div(count)
+                .unwrap_or(0),
+            p50_ns: quantile(0.50),
+            p90_ns: quantile(0.90),
+            p99_ns: quantile(0.99),
+            max_ns: self.max_ns.load(Ordering::Relaxed),
+            buckets: counts
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| c > 0)
+                .map(|(i, &c)| (bucket_floor(i), c))
+                .collect(),
+        }
+    }
+}
+
+/// Summary of a [`Histogram`].
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// Number of samples.
+    pub count: u64,
+    /// Mean, in nanoseconds.
+    pub mean_ns: u64,
+    /// Median, in nanoseconds (bucket midpoint).
+    pub p50_ns: u64,
+    /// 90th percentile, in nanoseconds.
+    pub p90_ns: u64,
+    /// 99th percentile, in nanoseconds.
+    pub p99_ns: u64,
+    /// Largest sample, in nanoseconds.
+    pub max_ns: u64,
+    /// Non-empty buckets as (lower bound in ns, count).
+    pub buckets: Vec<(u64, u64)>,
+}
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// Live counters, updated by the fault handler and the discard paths.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $( $(#[$doc])* pub $name: AtomicU64, )*
+            /// Time from reading a fault event to waking the faulting thread.
+            pub fault_latency: Histogram,
+        }
+
+        /// A copy of [`Stats`] at one moment.
+        #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+        pub struct StatsSnapshot {
+            $( $(#[$doc])* pub $name: u64, )*
+            /// Fault service latency.
+            pub fault_latency: HistogramSnapshot,
+        }
+
+        impl Stats {
+            /// Copies every counter.
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot {
+                    $( $name: self.$name.load(Ordering::Relaxed), )*
+                    fault_latency: self.fault_latency.snapshot(),
+                }
+            }
+        }
+
+        impl fmt::Display for StatsSnapshot {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                $( writeln!(f, "{:<22} {:>12}", stringify!($name), self.$name)?; )*
+                let h = &self.fault_latency;
+                write!(
+                    f,
+                    "{:<22} n={} mean={:.1}us p50={:.1}us p90={:.1}us p99={:.1}us max={:.1}us",
+                    "fault_latency", h.count,
+                    h.mean_ns as f64 / 1e3, h.p50_ns as f64 / 1e3, h.p90_ns as f64 / 1e3,
+                    h.p99_ns as f64 / 1e3, h.max_ns as f64 / 1e3,
+                )
+            }
+        }
+    };
+}
+
+counters! {
+    /// Fault events read from userfaultfd.
+    faults,
+    /// Of those, minor faults (page cache already had the page).
+    minor_faults,
+    /// Installs with `UFFDIO_COPY` (contents from a source).
+    installs_copy,
+    /// Installs with `UFFDIO_ZEROPAGE` (or a zero `UFFDIO_COPY` on hugetlbfs).
+    installs_zero,
+    /// Installs with `UFFDIO_CONTINUE` (minor faults).
+    installs_continue,
+    /// Pages installed in all, the faulting ones and readahead.
+    pages_installed,
+    /// Pages installed ahead of the faulting one.
+    readahead_pages,
+    /// Installs that found the faulting page already there (`EEXIST`).
+    already_present,
+    /// Fetched contents dropped because an invalidation overlapped them.
+    retries,
+    /// Retries whose install range no invalidation since the sample touched
+    /// (made only under `RetryPolicy::AnyInvalidation`).
+    spurious_retries,
+    /// Invalidations seen by the re-check that did not overlap the install,
+    /// so no retry was needed.
+    retries_avoided,
+    /// Faults served by the slow path (lock held across the fetch).
+    slow_path,
+    /// Faults beyond the backing file's end: reported, woken, not installed.
+    out_of_range,
+    /// Faults at addresses no region covers.
+    unknown_address,
+    /// Source fetch failures (the faulting thread is woken, not served).
+    fetch_errors,
+    /// Install ioctls that failed for another reason than `EEXIST`.
+    install_errors,
+    /// Discard (hole punch) operations.
+    discards,
+    /// Bytes discarded.
+    bytes_discarded,
+    /// Shrinks (truncations).
+    shrinks,
+    /// Bytes truncated away by shrinks.
+    bytes_truncated,
+    /// Grows.
+    grows,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_cover_values() {
+        let mut last = 0;
+        for ns in [1u64, 2, 3, 5, 8, 100, 1000, 4095, 4096, 1 << 20, 1 << 40] {
+            let b = bucket_of(ns);
+            assert!(b >= last, "bucket of {ns} went backwards");
+            last = b;
+            assert!(bucket_floor(b) <= ns, "floor of bucket of {ns} above it");
+            if b + 1 < BUCKETS {
+                assert!(bucket_floor(b + 1) > ns, "{ns} past its bucket");
+            }
+        }
+    }
+
+    #[test]
+    fn quantiles_land_in_the_right_bucket() {
+        let h = Histogram::default();
+        for _ in 0..98 {
+            h.record(Duration::from_micros(10));
+        }
+        h.record(Duration::from_millis(5));
+        h.record(Duration::from_millis(5));
+        let s = h.snapshot();
+        assert_eq!(s.count, 100);
+        assert!((8_000..=12_000).contains(&s.p50_ns), "p50 {}", s.p50_ns);
+        assert!(
+            (4_000_000..=6_000_000).contains(&s.p99_ns),
+            "p99 {}",
+            s.p99_ns
+        );
+        assert_eq!(s.max_ns, 5_000_000);
+    }
+}

@@ -1,0 +1,1 @@
+//! The VMM: KVM VM and vCPUs, boot, buses, event loop, API.
