@@ -1,0 +1,150 @@
+//! Helpers for the host-only tests: page sources with known contents and a
+//! gate that holds a fetch until the test releases it.
+
+#![allow(dead_code)]
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use guest_mem::source::PageSource;
+use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use guest_mem::{FaultConfig, GuestMem, Readahead, RegionConfig, RegionSource, RetryPolicy};
+
+pub const PAGE: u64 = 4096;
+
+/// The word a pattern page holds everywhere: tagged with the page number so
+/// stale contents are recognisable.
+pub fn pattern_word(page: u64) -> u64 {
+    0xA5A5_0000_0000_0000 | page
+}
+
+/// A memory image whose page `p` holds `pattern_word(p)` in every word.
+#[derive(Debug)]
+pub struct PatternSource {
+    pub len: u64,
+}
+
+impl PageSource for PatternSource {
+    fn len(&self) -> Option<u64> {
+        Some(self.len)
+    }
+    fn is_zero(&self, offset: u64, _len: u64) -> bool {
+        offset >= self.len
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        for (i, chunk) in buf.chunks_mut(8).enumerate() {
+            let at = offset + i as u64 * 8;
+            let w = if at < self.len {
+                pattern_word(at / PAGE)
+            } else {
+                0
+            };
+            chunk.copy_from_slice(&w.to_le_bytes()[..chunk.len()]);
+        }
+        Ok(())
+    }
+}
+
+/// Wraps a source; the first fetch that covers `gate_offset` signals
+/// `fetched` and then waits for `release` before returning (the injected
+/// delay that opens the race window deterministically).
+#[derive(Debug)]
+pub struct GatedSource {
+    inner: Box<dyn PageSource>,
+    gate_offset: u64,
+    armed: AtomicBool,
+    fetched: Mutex<Sender<()>>,
+    release: Mutex<Receiver<()>>,
+    pub fetches: AtomicU64,
+}
+
+pub struct Gate {
+    pub fetched: Receiver<()>,
+    pub release: Sender<()>,
+}
+
+impl GatedSource {
+    pub fn new(inner: Box<dyn PageSource>, gate_offset: u64) -> (Arc<Self>, Gate) {
+        let (ftx, frx) = channel();
+        let (rtx, rrx) = channel();
+        (
+            Arc::new(GatedSource {
+                inner,
+                gate_offset,
+                armed: AtomicBool::new(true),
+                fetched: Mutex::new(ftx),
+                release: Mutex::new(rrx),
+                fetches: AtomicU64::new(0),
+            }),
+            Gate {
+                fetched: frx,
+                release: rtx,
+            },
+        )
+    }
+}
+
+impl PageSource for GatedSource {
+    fn len(&self) -> Option<u64> {
+        self.inner.len()
+    }
+    fn is_zero(&self, offset: u64, len: u64) -> bool {
+        self.inner.is_zero(offset, len)
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        self.inner.fetch(offset, buf)?;
+        let covers = offset <= self.gate_offset && self.gate_offset < offset + buf.len() as u64;
+        if covers && self.armed.swap(false, Ordering::SeqCst) {
+            self.fetched.lock().unwrap().send(()).unwrap();
+            self.release.lock().unwrap().recv().unwrap();
+        }
+        Ok(())
+    }
+}
+
+/// Fault configuration for the race tests.
+pub fn config(readahead: Readahead, skip_recheck: bool) -> FaultConfig {
+    FaultConfig {
+        readahead,
+        retry_policy: RetryPolicy::Overlapping,
+        skip_recheck,
+        ..FaultConfig::default()
+    }
+}
+
+/// One region of `pages` pages (resizable up to that), served from `source`.
+pub fn memory(
+    pages: u64,
+    source: Arc<dyn PageSource>,
+    private: bool,
+    fault: FaultConfig,
+) -> GuestMem {
+    let mut rc = RegionConfig::new(0, pages * PAGE);
+    rc.max_size = Some(pages * PAGE);
+    rc.private = private;
+    rc.source = Some(RegionSource { source, offset: 0 });
+    GuestMem::builder()
+        .region(rc)
+        .fault_config(fault)
+        .build()
+        .expect("building guest memory")
+}
+
+/// Reads the first word of guest page `page` (faulting it in if needed).
+pub fn read_page(mem: &GuestMem, page: u64) -> u64 {
+    mem.memory()
+        .memory()
+        .read_obj::<u64>(GuestAddress(page * PAGE))
+        .expect("reading guest memory")
+}
+
+/// Whether the backing file holds data anywhere in guest page `page`.
+pub fn page_has_data(mem: &GuestMem, page: u64) -> bool {
+    let r = &mem.regions()[0];
+    r.backing()
+        .has_data(r.file_range(page * PAGE, PAGE))
+        .expect("SEEK_DATA")
+}
