@@ -152,7 +152,7 @@ fn build_region(index: usize, rc: RegionConfig) -> Result<Region> {
         )));
     }
     if let Some(src) = &rc.source {
-        if let Some(len) = src.source.len() {
+        if let Some(len) = src.source.size() {
             let need = src.offset.saturating_add(rc.size);
             if len < need {
                 return Err(Error::SourceTooShort {
@@ -462,7 +462,7 @@ impl GuestMem {
         self.memory
             .memory()
             .iter()
-            .map(|r| vm_memory::GuestMemoryRegion::len(r))
+            .map(vm_memory::GuestMemoryRegion::len)
             .sum()
     }
 }

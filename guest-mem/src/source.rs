@@ -13,7 +13,7 @@ use std::path::Path;
 /// returned may still be installed.
 pub trait PageSource: Send + Sync + Debug {
     /// The source's length in bytes, or `None` when it has no end.
-    fn len(&self) -> Option<u64>;
+    fn size(&self) -> Option<u64>;
 
     /// Whether `[offset, offset + len)` is known to be all zero, so that the
     /// handler may install zero pages without fetching anything.
@@ -29,7 +29,7 @@ pub trait PageSource: Send + Sync + Debug {
 pub struct ZeroSource;
 
 impl PageSource for ZeroSource {
-    fn len(&self) -> Option<u64> {
+    fn size(&self) -> Option<u64> {
         None
     }
     fn is_zero(&self, _offset: u64, _len: u64) -> bool {
@@ -62,7 +62,7 @@ impl FileSource {
 }
 
 impl PageSource for FileSource {
-    fn len(&self) -> Option<u64> {
+    fn size(&self) -> Option<u64> {
         Some(self.len)
     }
 
@@ -99,7 +99,7 @@ mod tests {
         let mut f = tempfile();
         f.write_all(&[7u8; 6000]).unwrap();
         let src = FileSource::from_file(f).unwrap();
-        assert_eq!(src.len(), Some(6000));
+        assert_eq!(src.size(), Some(6000));
         let mut buf = vec![1u8; 8192];
         src.fetch(4096, &mut buf).unwrap();
         assert!(buf[..1904].iter().all(|&b| b == 7));

@@ -52,6 +52,10 @@ pub struct FaultConfig {
     /// Test-only: skip the generation re-check (re-opens the race).
     #[cfg(feature = "test-switches")]
     pub skip_recheck: bool,
+    /// Test-only: sleep this long after every fetch (zero-fill included),
+    /// widening the window in which an invalidation can land.
+    #[cfg(feature = "test-switches")]
+    pub fetch_delay: std::time::Duration,
 }
 
 impl Default for FaultConfig {
@@ -65,6 +69,8 @@ impl Default for FaultConfig {
             fast_retries: 8,
             #[cfg(feature = "test-switches")]
             skip_recheck: false,
+            #[cfg(feature = "test-switches")]
+            fetch_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -78,6 +84,13 @@ impl FaultConfig {
         #[cfg(not(feature = "test-switches"))]
         {
             true
+        }
+    }
+
+    pub(crate) fn inject_fetch_delay(&self) {
+        #[cfg(feature = "test-switches")]
+        if !self.fetch_delay.is_zero() {
+            std::thread::sleep(self.fetch_delay);
         }
     }
 

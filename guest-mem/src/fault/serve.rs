@@ -119,6 +119,7 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
                 break;
             }
         };
+        ctx.config.inject_fetch_delay();
         let guard = held.unwrap_or_else(|| gen.lock_install());
         let verdict = guard.recheck(sample, region.file_range(offset, len));
         if ctx.config.recheck_enabled() && verdict.must_retry(ctx.config.retry_policy) {

@@ -27,7 +27,7 @@ pub struct PatternSource {
 }
 
 impl PageSource for PatternSource {
-    fn len(&self) -> Option<u64> {
+    fn size(&self) -> Option<u64> {
         Some(self.len)
     }
     fn is_zero(&self, offset: u64, _len: u64) -> bool {
@@ -87,8 +87,8 @@ impl GatedSource {
 }
 
 impl PageSource for GatedSource {
-    fn len(&self) -> Option<u64> {
-        self.inner.len()
+    fn size(&self) -> Option<u64> {
+        self.inner.size()
     }
     fn is_zero(&self, offset: u64, len: u64) -> bool {
         self.inner.is_zero(offset, len)
