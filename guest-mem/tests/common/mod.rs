@@ -148,3 +148,11 @@ pub fn page_has_data(mem: &GuestMem, page: u64) -> bool {
         .has_data(r.file_range(page * PAGE, PAGE))
         .expect("SEEK_DATA")
 }
+
+/// Writes `value` as the first word of guest page `page`.
+pub fn write_page(mem: &GuestMem, page: u64, value: u64) {
+    mem.memory()
+        .memory()
+        .write_obj(value, GuestAddress(page * PAGE))
+        .expect("writing guest memory")
+}
