@@ -30,6 +30,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod backing;
 mod error;
 pub mod fault;
