@@ -42,7 +42,7 @@ while (($#)); do
         --extra) [[ $# -ge 2 ]] || die "--extra needs SRC[:DEST]"; extras+=("$2"); shift 2 ;;
         --module) [[ $# -ge 2 ]] || die "--module needs a name"; modules+=("$2"); shift 2 ;;
         --force) force=1; shift ;;
-        -h | --help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) usage; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done

@@ -31,7 +31,7 @@ while (($#)); do
     case "$1" in
         --package) [[ $# -ge 2 ]] || die "--package needs a value"; pkg="$2"; shift 2 ;;
         --force) force=1; shift ;;
-        -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) usage; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -47,6 +47,17 @@ outputs_ok() {
 if ((force == 0)) && outputs_ok; then
     log "kernel $(cat "$KERNEL_DIR/VERSION") ($(cat "$KERNEL_DIR/PACKAGE" 2>/dev/null || echo '?')) and busybox already in $GUEST_CACHE"
     exit 0
+fi
+
+# Serialise concurrent fetches into the same cache; re-check after waiting.
+mkdir -p "$GUEST_CACHE"
+exec 9>"$GUEST_CACHE/.fetch-kernel.lock"
+if command -v flock >/dev/null 2>&1; then
+    flock 9
+    if ((force == 0)) && outputs_ok; then
+        log "kernel $(cat "$KERNEL_DIR/VERSION") fetched meanwhile by another process"
+        exit 0
+    fi
 fi
 
 need_cmd apt-get
@@ -157,7 +168,9 @@ extract_vmlinux() {
         tool="${t#*:}"
         command -v "${tool%% *}" >/dev/null 2>&1 || continue
         # First few offsets of the magic only: the real payload comes early.
-        while IFS=: read -r off _; do
+        # Only the offsets reach `read`: bash's read fails on the raw
+        # (invalid UTF-8) magic bytes in a UTF-8 locale.
+        while read -r off; do
             [[ -n "$off" ]] || continue
             # shellcheck disable=SC2086 # $tool is "cmd args"
             tail -c "+$((off + 1))" "$bz" | $tool >"$out" 2>/dev/null || true
@@ -165,7 +178,7 @@ extract_vmlinux() {
                 log "vmlinux: ${tool%% *} payload at offset $off"
                 return 0
             fi
-        done < <(LC_ALL=C grep -obUaP "$magic" "$bz" | head -n 5)
+        done < <(LC_ALL=C grep -obUaP "$magic" "$bz" | cut -d: -f1 | head -n 5)
     done
     rm -f "$out"
     return 1

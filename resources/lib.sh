@@ -12,6 +12,9 @@ GUEST_CACHE="${GUEST_CACHE:-$REPO_ROOT/build}"
 KERNEL_DIR="$GUEST_CACHE/kernel"
 export GUEST_CACHE
 
+# usage: prints the calling script's header comment (its help text).
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+
 log() { printf '[resources] %s\n' "$*" >&2; }
 die() { printf '[resources] ERROR: %s\n' "$*" >&2; exit 1; }
 
@@ -236,7 +239,7 @@ copy_libs() {
         ldd "$file" >&2 || true
         die "$file has unresolved shared libraries"
     fi
-    while IFS= read -r line; do
+    while read -r line; do
         lib=""
         case "$line" in
             *'=> /'*) lib="${line#*=> }"; lib="${lib%% (*}" ;;
@@ -301,6 +304,7 @@ split_spec() {
     fi
     [[ -n "$SPEC_SRC" && -n "$SPEC_DEST" ]] || die "bad SRC:DEST spec: $spec"
     SPEC_SRC="$(abspath "$SPEC_SRC")"
+    [[ -e "$SPEC_SRC" ]] || die "file to add not found: $SPEC_SRC"
 }
 
 # specs_descriptors SPEC...: descriptor lines (for stamp_digest) of --add/--extra specs.

@@ -41,7 +41,7 @@ while (($#)); do
         --kernel) [[ $# -ge 2 ]] || die "--kernel needs a file"; kernel="$(abspath "$2")"; shift 2 ;;
         --append) [[ $# -ge 2 ]] || die "--append needs arguments"; append_extra="$2"; shift 2 ;;
         --) shift; extra_qemu=("$@"); break ;;
-        -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) usage; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -61,6 +61,7 @@ mkdir -p "$(dirname "$log_file")"
 : >"$log_file"
 
 cmdline="console=ttyS0 panic=-1 quiet${append_extra:+ $append_extra}"
+# shellcheck disable=SC2054 # the commas are QEMU option syntax
 qemu=(
     qemu-system-x86_64 -accel tcg -M q35
     -cpu qemu64,+svm,+npt,+xsave,+xsaveopt
