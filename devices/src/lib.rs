@@ -1,3 +1,7 @@
 //! Device models for the VMM. They reach guest memory through `vm-memory`
-//! and the memory backend through `guest_mem::backend::MemoryBackend`, never
-//! through the `vmm` crate.
+//! and the memory backend through [`guest_mem::backend::MemoryBackend`],
+//! never through the `vmm` crate, and know nothing of KVM: interrupts are
+//! eventfds the VMM wires to the guest.
+
+pub mod bus;
+pub mod legacy;
