@@ -1,1 +1,15 @@
-//! The VMM: KVM VM and vCPUs, boot, buses, event loop, API.
+//! A minimal KVM VMM whose guest RAM is file-backed and whose faults are
+//! served by `guest-mem`: it boots a stock Linux kernel (ELF `vmlinux` or
+//! `bzImage`, with an initramfs) or a flat payload entered in long mode,
+//! optionally at CPL3.
+
+pub mod boot;
+pub mod cli;
+pub mod cpuid;
+pub mod exit;
+pub mod layout;
+pub mod vcpu;
+pub mod vm;
+
+pub use exit::ExitReason;
+pub use vm::{MemBackend, RunOutcome, SerialOut, Vm, VmConfig, VmError};

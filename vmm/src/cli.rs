@@ -1,0 +1,183 @@
+//! Command-line parsing: sizes like `256M`, memory backends and the run
+//! options.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use guest_mem::{FaultConfig, FaultMode, Readahead};
+
+use crate::vm::{MemBackend, SerialOut};
+
+/// Boot a Linux kernel (or a flat payload) on file-backed, fault-managed
+/// guest memory.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about)]
+pub struct Args {
+    /// Kernel image: an ELF vmlinux or a bzImage.
+    #[arg(long, required_unless_present = "payload", conflicts_with = "payload")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs to load with the kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1 noxsave")]
+    pub cmdline: String,
+    /// A flat 64-bit payload to run on every vCPU instead of a kernel.
+    #[arg(long)]
+    pub payload: Option<PathBuf>,
+    /// Run the payload at CPL0 instead of CPL3.
+    #[arg(long, requires = "payload")]
+    pub payload_cpl0: bool,
+    /// Guest memory size: bytes, or with a K, M, G or T suffix.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=37))]
+    pub vcpus: u8,
+    /// Where guest RAM lives: `memfd`, `file:PATH`, `hugetlbfs` or
+    /// `hugetlbfs:PATH`.
+    #[arg(long, default_value = "memfd", value_parser = parse_backend)]
+    pub mem_backend: MemBackend,
+    /// Who serves guest memory faults.
+    #[arg(long, value_enum, default_value_t = FaultHandler::Auto)]
+    pub fault_handler: FaultHandler,
+    /// Largest readahead window for first touches, as a size (0 = none).
+    #[arg(long, default_value = "2M", value_parser = parse_size)]
+    pub readahead: u64,
+    /// Fault handler threads.
+    #[arg(long, default_value_t = 1)]
+    pub fault_threads: usize,
+    /// Serial console: `stdout`, `file:PATH` or `none`.
+    #[arg(long, default_value = "stdout")]
+    pub serial: String,
+    /// Print guest-memory statistics when the guest stops.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+/// Who serves faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FaultHandler {
+    /// userfaultfd when the backing supports it, else the kernel.
+    Auto,
+    /// userfaultfd (fails if the backing cannot be managed).
+    Uffd,
+    /// The kernel's own demand paging.
+    Kernel,
+}
+
+impl Args {
+    /// The fault configuration these options describe.
+    pub fn fault_config(&self) -> FaultConfig {
+        FaultConfig {
+            mode: match self.fault_handler {
+                FaultHandler::Auto => FaultMode::Auto,
+                FaultHandler::Uffd => FaultMode::Userfault,
+                FaultHandler::Kernel => FaultMode::Kernel,
+            },
+            threads: self.fault_threads,
+            readahead: Readahead {
+                max: self.readahead,
+                adaptive: true,
+            },
+            ..FaultConfig::default()
+        }
+    }
+
+    /// The serial output these options describe.
+    pub fn serial_out(&self) -> Result<SerialOut, String> {
+        match self.serial.as_str() {
+            "stdout" => Ok(SerialOut::Stdout),
+            "none" => Ok(SerialOut::Sink),
+            s => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(SerialOut::File(p.into())),
+                _ => Err(format!(
+                    "invalid --serial {s:?}: use stdout, none or file:PATH"
+                )),
+            },
+        }
+    }
+}
+
+/// Parses `512`, `64K`, `256M`, `2G`, `1T` (binary units, case-insensitive,
+/// an optional trailing `B` or `iB`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let body = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (digits, shift) = match body.chars().last() {
+        Some('k') => (&body[..body.len() - 1], 10),
+        Some('m') => (&body[..body.len() - 1], 20),
+        Some('g') => (&body[..body.len() - 1], 30),
+        Some('t') => (&body[..body.len() - 1], 40),
+        _ => (body, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid size {t:?}: use e.g. 512M or 2G"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {t:?} is too large"))
+}
+
+/// Parses a memory backend.
+pub fn parse_backend(s: &str) -> Result<MemBackend, String> {
+    match s {
+        "memfd" => Ok(MemBackend::Memfd),
+        "hugetlbfs" => Ok(MemBackend::Hugetlbfs(None)),
+        _ => {
+            if let Some(p) = s.strip_prefix("file:").filter(|p| !p.is_empty()) {
+                Ok(MemBackend::File(p.into()))
+            } else if let Some(p) = s.strip_prefix("hugetlbfs:").filter(|p| !p.is_empty()) {
+                Ok(MemBackend::Hugetlbfs(Some(p.into())))
+            } else {
+                Err(format!(
+                    "invalid memory backend {s:?}: use memfd, file:PATH, hugetlbfs or hugetlbfs:PATH"
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("1TB"), Ok(1 << 40));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn backends() {
+        assert_eq!(parse_backend("memfd"), Ok(MemBackend::Memfd));
+        assert_eq!(
+            parse_backend("file:/dev/shm/x"),
+            Ok(MemBackend::File("/dev/shm/x".into()))
+        );
+        assert_eq!(parse_backend("hugetlbfs"), Ok(MemBackend::Hugetlbfs(None)));
+        assert!(parse_backend("file:").is_err());
+        assert!(parse_backend("tmpfs").is_err());
+    }
+
+    #[test]
+    fn kernel_or_payload_is_required() {
+        assert!(Args::try_parse_from(["vmm"]).is_err());
+        assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--payload", "p"]).is_err());
+        let a = Args::try_parse_from(["vmm", "--kernel", "k", "--memory", "1G"]).unwrap();
+        assert_eq!(a.memory, 1 << 30);
+        assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--vcpus", "0"]).is_err());
+        assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--memory", "lots"]).is_err());
+    }
+}

@@ -1,0 +1,67 @@
+//! The `vmm` program.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::cli::Args;
+use vmm::vcpu::PayloadArgs;
+use vmm::{Vm, VmConfig};
+
+/// Where a flat payload is loaded and entered.
+const PAYLOAD_LOAD: u64 = 0x10_0000;
+
+fn run(args: Args) -> Result<ExitCode, String> {
+    let serial = args.serial_out()?;
+    let mut vm = Vm::new(VmConfig {
+        memory: args.memory,
+        vcpus: args.vcpus,
+        backend: args.mem_backend.clone(),
+        fault: args.fault_config(),
+        serial,
+    })
+    .map_err(|e| e.to_string())?;
+    if let Some(kernel) = &args.kernel {
+        vm.boot_linux(kernel, args.initrd.as_deref(), &args.cmdline)
+            .map_err(|e| e.to_string())?;
+    } else if let Some(payload) = &args.payload {
+        let image = std::fs::read(payload)
+            .map_err(|e| format!("reading payload {}: {e}", payload.display()))?;
+        let memory = args.memory;
+        let vcpus = u64::from(args.vcpus);
+        vm.load_payload(&image, PAYLOAD_LOAD, !args.payload_cpl0, |id| PayloadArgs {
+            entry: PAYLOAD_LOAD,
+            stack: PAYLOAD_LOAD - u64::from(id) * 0x1000,
+            args: [u64::from(id), vcpus, memory, 0, 0, 0],
+        })
+        .map_err(|e| e.to_string())?;
+    }
+    let mem = vm.memory().clone();
+    eprintln!(
+        "vmm: {} vCPU(s), {} MiB of guest RAM ({:?}, faults served by {})",
+        args.vcpus,
+        args.memory >> 20,
+        mem.regions()[0].backing().kind(),
+        if mem.userfault_enabled() { "userfaultfd" } else { "the kernel" },
+    );
+    let outcome = vm.run().map_err(|e| e.to_string())?;
+    eprintln!("vmm: guest stopped: {}", outcome.reason);
+    if args.stats {
+        eprintln!("{}", mem.stats());
+    }
+    Ok(if outcome.reason.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! vCPU set-up (CPUID, MSRs, FPU, LAPIC, registers) and the run loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_MP_STATE_RUNNABLE,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
+
+use crate::boot::gdt::{self, segment};
+use crate::boot::paging::identity_map;
+use crate::cpuid::configure_vcpu_cpuid;
+use crate::exit::ExitReason;
+use crate::layout::*;
+use devices::bus::Bus;
+
+/// The port a payload writes its verdict to (`out dx, eax`): 0 is success;
+/// anything else is a failure code, with details in rbx, rcx and rdx.
+pub const PAYLOAD_EXIT_PORT: u16 = 0xe0;
+/// A payload's console: bytes written here go to the serial output.
+pub const PAYLOAD_CONSOLE_PORT: u16 = 0xe9;
+
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+
+const X86_CR0_PE: u64 = 1;
+const X86_CR0_ET: u64 = 1 << 4;
+const X86_CR0_NE: u64 = 1 << 5;
+const X86_CR0_WP: u64 = 1 << 16;
+const X86_CR0_PG: u64 = 1 << 31;
+const X86_CR4_PAE: u64 = 1 << 5;
+const X86_CR4_OSFXSR: u64 = 1 << 9;
+const X86_CR4_OSXMMEXCPT: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const RFLAGS_RESERVED: u64 = 1 << 1;
+const RFLAGS_IOPL3: u64 = 3 << 12;
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// Errors configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// The cause.
+        source: kvm_ioctls::Error,
+    },
+    /// Writing boot structures to guest memory failed.
+    #[error("writing vCPU boot structures: {0}")]
+    Memory(#[from] GuestMemoryError),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Kvm { what, source }
+}
+
+/// CPUID, MSRs, FPU and LAPIC set-up every vCPU gets.
+pub fn configure_common(
+    vcpu: &VcpuFd,
+    supported: &CpuId,
+    id: u8,
+    count: u8,
+) -> Result<(), VcpuError> {
+    let mut cpuid = supported.clone();
+    configure_vcpu_cpuid(&mut cpuid, id, count);
+    vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+
+    let entries = [
+        (MSR_IA32_SYSENTER_CS, 0),
+        (MSR_IA32_SYSENTER_ESP, 0),
+        (MSR_IA32_SYSENTER_EIP, 0),
+        (MSR_STAR, 0),
+        (MSR_CSTAR, 0),
+        (MSR_KERNEL_GS_BASE, 0),
+        (MSR_SYSCALL_MASK, 0),
+        (MSR_LSTAR, 0),
+        (MSR_IA32_TSC, 0),
+        (MSR_IA32_MISC_ENABLE, 1), // fast strings
+        (MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, write-back by default
+    ]
+    .map(|(index, data)| kvm_bindings::kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    });
+    let msrs = Msrs::from_entries(&entries).expect("a fixed, small MSR list");
+    let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+    if set != entries.len() {
+        log::warn!("vCPU {id}: KVM accepted {set} of {} boot MSRs", entries.len());
+    }
+
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?;
+
+    let mut lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+    for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        let bytes: &mut [u8] =
+            // SAFETY: `regs` is a plain [c_char; 1024]; viewing it as bytes of
+            // the same length is sound and the offsets are < 1024 - 4.
+            unsafe { std::slice::from_raw_parts_mut(lapic.regs.as_mut_ptr().cast(), lapic.regs.len()) };
+        let mut v = u32::from_le_bytes(bytes[reg..reg + 4].try_into().unwrap());
+        v = (v & !0x700) | (mode << 8);
+        bytes[reg..reg + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    vcpu.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+    Ok(())
+}
+
+/// The boot CPU's state for the Linux 64-bit boot protocol: long mode, the
+/// first GiB identity-mapped, `rsi` pointing at `boot_params`.
+pub fn setup_linux_boot<M: Bytes<GuestAddress, E = GuestMemoryError>>(
+    vcpu: &VcpuFd,
+    mem: &M,
+    entry: u64,
+) -> Result<(), VcpuError> {
+    let table = [0, gdt::KERNEL_CODE64, gdt::KERNEL_DATA, gdt::tss(0)];
+    write_gdt(mem, &table)?;
+    identity_map(mem, PML4, 1 << 30, false)?;
+    let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let code = segment(1, table[1], 0);
+    let data = segment(2, table[2], 0);
+    long_mode_sregs(&mut sregs, code, data, segment(3, table[3], 0), table.len());
+    vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    let regs = kvm_regs {
+        rflags: RFLAGS_RESERVED,
+        rip: entry,
+        rsp: BOOT_STACK,
+        rbp: BOOT_STACK,
+        rsi: ZERO_PAGE,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+    Ok(())
+}
+
+/// Where the payload's GDT puts its TSS (unused, but VM entry wants a TR).
+const PAYLOAD_TSS: u64 = 0x600;
+
+/// Arguments a payload vCPU starts with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PayloadArgs {
+    /// `rip`.
+    pub entry: u64,
+    /// `rsp`.
+    pub stack: u64,
+    /// `rdi`, `rsi`, `rdx`, `rcx`, `r8`, `r9`.
+    pub args: [u64; 6],
+}
+
+/// A payload vCPU's state: long mode, all of `[0, ram_end)` identity-mapped
+/// with 2 MiB pages, at CPL3 with IOPL 3 (port I/O exits to the VMM) or at
+/// CPL0. Every vCPU is made runnable at once (no INIT/SIPI).
+pub fn setup_payload<M: Bytes<GuestAddress, E = GuestMemoryError>>(
+    vcpu: &VcpuFd,
+    mem: &M,
+    ram_end: u64,
+    cpl3: bool,
+    start: &PayloadArgs,
+) -> Result<(), VcpuError> {
+    let table = [
+        0,
+        gdt::KERNEL_CODE64,
+        gdt::KERNEL_DATA,
+        gdt::USER_CODE64,
+        gdt::USER_DATA,
+        gdt::tss(PAYLOAD_TSS as u32),
+    ];
+    write_gdt(mem, &table)?;
+    identity_map(mem, PML4, ram_end, cpl3)?;
+    let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let (code, data) = if cpl3 {
+        (segment(3, table[3], 3), segment(4, table[4], 3))
+    } else {
+        (segment(1, table[1], 0), segment(2, table[2], 0))
+    };
+    long_mode_sregs(&mut sregs, code, data, segment(5, table[5], 0), table.len());
+    sregs.cr0 |= X86_CR0_WP;
+    sregs.cr4 |= X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT;
+    vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    let [rdi, rsi, rdx, rcx, r8, r9] = start.args;
+    let regs = kvm_regs {
+        rflags: RFLAGS_RESERVED | if cpl3 { RFLAGS_IOPL3 } else { 0 },
+        rip: start.entry,
+        rsp: start.stack,
+        rbp: start.stack,
+        rdi,
+        rsi,
+        rdx,
+        rcx,
+        r8,
+        r9,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+    vcpu.set_mp_state(kvm_mp_state {
+        mp_state: KVM_MP_STATE_RUNNABLE,
+    })
+    .map_err(kvm("KVM_SET_MP_STATE"))?;
+    Ok(())
+}
+
+fn write_gdt<M: Bytes<GuestAddress, E = GuestMemoryError>>(
+    mem: &M,
+    table: &[u64],
+) -> Result<(), GuestMemoryError> {
+    for (i, e) in table.iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(BOOT_GDT + i as u64 * 8))?;
+    }
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT))
+}
+
+fn long_mode_sregs(
+    sregs: &mut kvm_sregs,
+    code: kvm_bindings::kvm_segment,
+    data: kvm_bindings::kvm_segment,
+    tss: kvm_bindings::kvm_segment,
+    entries: usize,
+) {
+    sregs.gdt.base = BOOT_GDT;
+    sregs.gdt.limit = (entries * 8 - 1) as u16;
+    sregs.idt.base = BOOT_IDT;
+    sregs.idt.limit = 7;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_NE | X86_CR0_PG;
+    sregs.cr3 = PML4;
+    sregs.cr4 = X86_CR4_PAE;
+    sregs.efer = EFER_LME | EFER_LMA;
+}
+
+/// What a vCPU's run loop needs besides its fd.
+pub struct VcpuContext {
+    /// vCPU index.
+    pub id: u8,
+    /// Port I/O devices.
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// Set when the VM is stopping.
+    pub stop: Arc<AtomicBool>,
+    /// Payload console output (port 0xe9), if any.
+    pub console: Option<Arc<Mutex<Box<dyn std::io::Write + Send>>>>,
+}
+
+/// Runs the vCPU until the guest stops it or the VM stops; returns why.
+pub fn run(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> ExitReason {
+    let id = ctx.id;
+    loop {
+        if ctx.stop.load(Ordering::Acquire) {
+            return ExitReason::Stopped;
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if port == PAYLOAD_EXIT_PORT {
+                    let code = read_u32(data);
+                    let regs = vcpu.get_regs().unwrap_or_default();
+                    return ExitReason::PayloadDone {
+                        vcpu: id,
+                        code,
+                        detail: [regs.rbx, regs.rcx, regs.rdx],
+                    };
+                }
+                if port == PAYLOAD_CONSOLE_PORT {
+                    if let Some(c) = &ctx.console {
+                        let mut w = c.lock().unwrap_or_else(|p| p.into_inner());
+                        let _ = w.write_all(data);
+                        let _ = w.flush();
+                    }
+                    continue;
+                }
+                ctx.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                ctx.pio.read(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                ctx.mmio.read(addr, data);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio.write(addr, data);
+            }
+            Ok(VcpuExit::Hlt) => return ExitReason::Halted { vcpu: id },
+            Ok(VcpuExit::Shutdown) => return ExitReason::TripleFault { vcpu: id },
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                    KVM_SYSTEM_EVENT_CRASH => ExitReason::Crash { vcpu: id },
+                    other => ExitReason::Error(format!("vCPU {id}: system event {other}")),
+                }
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return ExitReason::Error(format!(
+                    "vCPU {id}: VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+                ))
+            }
+            Ok(VcpuExit::InternalError) => {
+                let regs = vcpu.get_regs().unwrap_or_default();
+                return ExitReason::Error(format!(
+                    "vCPU {id}: KVM internal error (emulation failure?) at rip {:#x}",
+                    regs.rip
+                ));
+            }
+            Ok(other) => {
+                log::debug!("vCPU {id}: unhandled exit {other:?}");
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if e.errno() == libc::EFAULT => {
+                let regs = vcpu.get_regs().unwrap_or_default();
+                return ExitReason::Error(format!(
+                    "vCPU {id}: guest memory access failed (EFAULT) at rip {:#x}: the guest \
+                     touched memory that is not plugged",
+                    regs.rip
+                ));
+            }
+            Err(e) => return ExitReason::Error(format!("vCPU {id}: KVM_RUN: {e}")),
+        }
+    }
+}
+
+fn read_u32(data: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    let n = data.len().min(4);
+    b[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(b)
+}

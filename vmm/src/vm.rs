@@ -1,0 +1,510 @@
+//! The VM: KVM set-up, guest memory from `guest-mem`, legacy devices, vCPU
+//! threads and the loop that waits for the guest to stop.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use guest_mem::{Backing, BackingFile, FaultConfig, GuestMem, RegionConfig};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::{linux, mptable, BootError};
+use crate::exit::ExitReason;
+use crate::layout::*;
+use crate::vcpu::{self, PayloadArgs, VcpuContext, VcpuError};
+use devices::bus::{Bus, SharedDevice};
+use devices::legacy::{Cmos, SerialConsole, I8042};
+
+/// Where guest RAM lives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum MemBackend {
+    /// An anonymous memfd.
+    #[default]
+    Memfd,
+    /// A file at this path (tmpfs, or a disk file system with kernel faults).
+    File(PathBuf),
+    /// Huge pages: a `MFD_HUGETLB` memfd, or a file on a hugetlbfs mount.
+    Hugetlbfs(Option<PathBuf>),
+}
+
+/// Where the serial console writes.
+pub enum SerialOut {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Any writer (tests).
+    Writer(Box<dyn Write + Send>),
+    /// Nowhere.
+    Sink,
+}
+
+/// A VM's shape.
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Where guest RAM lives.
+    pub backend: MemBackend,
+    /// Fault handling.
+    pub fault: FaultConfig,
+    /// Serial console output.
+    pub serial: SerialOut,
+}
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A bad configuration.
+    #[error("{0}")]
+    Config(String),
+    /// `/dev/kvm` is unusable.
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// The cause.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(#[from] guest_mem::Error),
+    /// vCPU set-up failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Boot failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// An I/O error (eventfds, the serial output file).
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let what = what.into();
+    move |source| VmError::Io { what, source }
+}
+
+/// Checks a memory size: not zero, page aligned, not absurd.
+pub fn check_memory_size(size: u64, page: u64) -> Result<(), VmError> {
+    if size == 0 {
+        return Err(VmError::Config("memory size must not be zero".into()));
+    }
+    if size < (2 << 20) {
+        return Err(VmError::Config(format!(
+            "memory size {size} bytes is too small (at least 2 MiB)"
+        )));
+    }
+    if size % page != 0 {
+        return Err(VmError::Config(format!(
+            "memory size {size:#x} is not a multiple of the page size {page:#x}"
+        )));
+    }
+    if size > MAX_MEMORY {
+        return Err(VmError::Config(format!(
+            "memory size {size:#x} is larger than the {} GiB supported",
+            MAX_MEMORY >> 30
+        )));
+    }
+    Ok(())
+}
+
+/// Builds the boot RAM: one backing file, one region per side of the MMIO gap.
+pub fn build_memory(
+    size: u64,
+    backend: &MemBackend,
+    fault: FaultConfig,
+) -> Result<GuestMem, VmError> {
+    let file = match backend {
+        MemBackend::Memfd => {
+            check_memory_size(size, 4096)?;
+            BackingFile::memfd("guest-ram", size)?
+        }
+        MemBackend::Hugetlbfs(None) => {
+            check_memory_size(size, 2 << 20)?;
+            BackingFile::memfd_hugetlb("guest-ram", size)?
+        }
+        MemBackend::File(path) => {
+            check_memory_size(size, 4096)?;
+            BackingFile::open(path, size)?
+        }
+        MemBackend::Hugetlbfs(Some(path)) => {
+            check_memory_size(size, 2 << 20)?;
+            let f = BackingFile::open(path, size)?;
+            if f.kind() != guest_mem::BackingKind::Hugetlbfs {
+                return Err(VmError::Config(format!(
+                    "{} is not on a hugetlbfs mount",
+                    path.display()
+                )));
+            }
+            f
+        }
+    };
+    let file = Arc::new(file);
+    let mut builder = GuestMem::builder().fault_config(fault);
+    for (gpa, len, offset) in ram_ranges(size) {
+        let mut rc = RegionConfig::new(gpa, len);
+        rc.backing = Backing::Shared {
+            file: file.clone(),
+            offset,
+        };
+        builder = builder.region(rc);
+    }
+    Ok(builder.build()?)
+}
+
+/// A VM ready to boot.
+pub struct Vm {
+    // Field order matters for drop: vCPUs and the VM go before the memory
+    // their memslots point into.
+    vcpus: Vec<VcpuFd>,
+    fd: VmFd,
+    mem: Arc<GuestMem>,
+    supported_cpuid: CpuId,
+    pio: Bus,
+    mmio: Bus,
+    reset_evt: EventFd,
+    console: Arc<Mutex<Box<dyn Write + Send>>>,
+    payload: bool,
+    ram_size: u64,
+    _kvm: Kvm,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Why each vCPU stopped (index = vCPU id), or why the VM did.
+    pub reasons: Vec<ExitReason>,
+    /// The first reason that stopped the VM.
+    pub reason: ExitReason,
+    /// Port and MMIO accesses no device claimed.
+    pub unhandled_io: u64,
+}
+
+struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+impl Vm {
+    /// Opens KVM, creates the VM, its memory, devices and vCPUs.
+    pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+        if config.vcpus == 0 || config.vcpus > 254 {
+            return Err(VmError::Config(format!(
+                "{} vCPUs requested; between 1 and 254 are supported",
+                config.vcpus
+            )));
+        }
+        let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+        for cap in [Cap::Irqchip, Cap::UserMemory, Cap::Irqfd, Cap::Ioeventfd] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::Config(format!("KVM lacks {cap:?}")));
+            }
+        }
+        let max = kvm.get_max_vcpus();
+        if usize::from(config.vcpus) > max {
+            return Err(VmError::Config(format!(
+                "{} vCPUs requested; KVM allows {max}",
+                config.vcpus
+            )));
+        }
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem = Arc::new(build_memory(config.memory, &config.backend, config.fault)?);
+        for (slot, r) in mem.regions().iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.guest_base().0,
+                memory_size: r.plugged_size(),
+                userspace_addr: r.host_addr(),
+            };
+            // SAFETY: the host range is the region's own mapping, which lives
+            // in `mem`; the Vm drops its vCPU and VM fds before `mem`, and no
+            // other memslot covers these guest addresses.
+            unsafe { fd.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let out: Box<dyn Write + Send> = match config.serial {
+            SerialOut::Stdout => Box::new(std::io::stdout()),
+            SerialOut::File(p) => Box::new(
+                std::fs::File::create(&p).map_err(io_err(format!("creating {}", p.display())))?,
+            ),
+            SerialOut::Writer(w) => w,
+            SerialOut::Sink => Box::new(std::io::sink()),
+        };
+        let console = Arc::new(Mutex::new(out));
+
+        let mut pio = Bus::new();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        fd.register_irqfd(&serial_irq, SerialConsole::COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let serial: SharedDevice = Arc::new(Mutex::new(SerialConsole::new(
+            serial_irq,
+            Box::new(SharedWriter(console.clone())),
+        )));
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(
+            reset_evt.try_clone().map_err(io_err("eventfd"))?,
+        )));
+        let cmos: SharedDevice = Arc::new(Mutex::new(Cmos::new()));
+        let insert = |bus: &mut Bus, d: SharedDevice, base, len| {
+            bus.insert(d, base, len)
+                .map_err(|e| VmError::Config(e.to_string()))
+        };
+        insert(&mut pio, serial, SerialConsole::COM1, 8)?;
+        insert(&mut pio, i8042, I8042::BASE, I8042::LEN)?;
+        insert(&mut pio, cmos, Cmos::BASE, Cmos::LEN)?;
+
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for id in 0..config.vcpus {
+            let v = fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu::configure_common(&v, &supported_cpuid, id, config.vcpus)?;
+            vcpus.push(v);
+        }
+        Ok(Vm {
+            vcpus,
+            fd,
+            mem,
+            supported_cpuid,
+            pio,
+            mmio: Bus::new(),
+            reset_evt,
+            console,
+            payload: false,
+            ram_size: config.memory,
+            _kvm: kvm,
+        })
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &Arc<GuestMem> {
+        &self.mem
+    }
+
+    /// The VM fd (for devices that need irqfds or ioeventfds).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The MMIO bus, to add devices before running.
+    pub fn mmio_bus(&mut self) -> &mut Bus {
+        &mut self.mmio
+    }
+
+    /// The CPUID KVM supports on this host.
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    /// Loads a Linux kernel, its initramfs and command line, and points the
+    /// boot vCPU at the 64-bit entry; the MP table announces every vCPU.
+    pub fn boot_linux(
+        &mut self,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        cmdline: &str,
+    ) -> Result<(), VmError> {
+        let guard = self.mem.memory();
+        let mem = guard.memory();
+        let k = linux::load_kernel(&*mem, kernel)?;
+        let low_end = self.ram_size.min(MMIO_GAP_START);
+        let initrd = match initrd {
+            Some(p) => Some(linux::load_initrd(
+                &*mem,
+                p,
+                low_end,
+                k.end,
+                k.setup_header.map(|h| h.initrd_addr_max),
+            )?),
+            None => None,
+        };
+        let len = linux::write_cmdline(&*mem, cmdline)?;
+        let params = linux::boot_params(&k, len, initrd, self.ram_size)?;
+        linux::write_boot_params(&*mem, &params)?;
+        mptable::setup_mptable(&*mem, self.vcpus.len() as u8)
+            .map_err(BootError::Mptable)?;
+        vcpu::setup_linux_boot(&self.vcpus[0], &*mem, k.entry.0)?;
+        Ok(())
+    }
+
+    /// Loads a flat payload at `load_addr` and starts every vCPU in it in
+    /// long mode (CPL3 if asked), with registers from `args(vcpu_id)`.
+    pub fn load_payload(
+        &mut self,
+        image: &[u8],
+        load_addr: u64,
+        cpl3: bool,
+        args: impl Fn(u8) -> PayloadArgs,
+    ) -> Result<(), VmError> {
+        let guard = self.mem.memory();
+        let mem = guard.memory();
+        let ram_end = mem
+            .iter()
+            .map(|r| {
+                vm_memory::GuestMemoryRegion::start_addr(r).0 + vm_memory::GuestMemoryRegion::len(r)
+            })
+            .max()
+            .unwrap_or(0);
+        if load_addr < HIMEM_START.min(0x10_0000) || load_addr + image.len() as u64 > ram_end {
+            return Err(BootError::Payload(format!(
+                "{} bytes at {load_addr:#x} do not fit in guest RAM",
+                image.len()
+            ))
+            .into());
+        }
+        mem.write_slice(image, GuestAddress(load_addr))
+            .map_err(BootError::Memory)?;
+        for (id, v) in self.vcpus.iter().enumerate() {
+            vcpu::setup_payload(v, &*mem, ram_end, cpl3, &args(id as u8))?;
+        }
+        self.payload = true;
+        Ok(())
+    }
+
+    /// Runs the vCPUs until the guest stops (Linux: the first vCPU that
+    /// stops, or an i8042 reset, ends the VM; payloads: every vCPU reports,
+    /// or one fails).
+    pub fn run(self) -> Result<RunOutcome, VmError> {
+        static SIGNAL: Once = Once::new();
+        SIGNAL.call_once(|| {
+            extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+            if let Err(e) = register_signal_handler(SIGRTMIN(), kick) {
+                log::error!("registering the vCPU kick signal failed: {e}");
+            }
+        });
+        let Vm {
+            vcpus,
+            fd,
+            mem,
+            pio,
+            mmio,
+            reset_evt,
+            console,
+            payload,
+            ..
+        } = self;
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<(u8, ExitReason)>();
+        let mut handles = Vec::new();
+        for (id, mut v) in vcpus.into_iter().enumerate() {
+            let ctx = VcpuContext {
+                id: id as u8,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                stop: stop.clone(),
+                console: Some(console.clone()),
+            };
+            let tx = tx.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let reason = vcpu::run(&mut v, &ctx);
+                    let _ = tx.send((ctx.id, reason));
+                })
+                .map_err(io_err("spawning a vCPU thread"))?;
+            handles.push(h);
+        }
+        drop(tx);
+        let n = handles.len();
+        let mut reasons: Vec<Option<ExitReason>> = vec![None; n];
+        let mut first: Option<ExitReason> = None;
+        let mut done = 0;
+        while done < n && first.is_none() {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok((id, reason)) => {
+                    done += 1;
+                    let ends_vm = !payload || !reason.is_clean();
+                    if ends_vm && first.is_none() {
+                        first = Some(reason.clone());
+                    }
+                    reasons[usize::from(id)] = Some(reason);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if reset_evt.read().is_ok() {
+                        first = Some(ExitReason::Reset);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        // Stop whatever still runs: flag, then kick until every thread is out.
+        stop.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while done < n && Instant::now() < deadline {
+            for h in &handles {
+                if !h.is_finished() {
+                    let _ = h.kill(SIGRTMIN());
+                }
+            }
+            if let Ok((id, reason)) = rx.recv_timeout(Duration::from_millis(10)) {
+                reasons[usize::from(id)] = Some(reason);
+                done += 1;
+            }
+        }
+        for h in handles {
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+        let _ = console.lock().map(|mut c| c.flush());
+        let reasons: Vec<ExitReason> = reasons
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| ExitReason::Error("vCPU did not stop".into())))
+            .collect();
+        let reason = first.unwrap_or_else(|| {
+            reasons
+                .iter()
+                .find(|r| !r.is_clean())
+                .cloned()
+                .unwrap_or_else(|| reasons[0].clone())
+        });
+        drop(fd);
+        drop(mem);
+        Ok(RunOutcome {
+            reasons,
+            reason,
+            unhandled_io: pio.unhandled() + mmio.unhandled(),
+        })
+    }
+}
