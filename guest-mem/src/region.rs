@@ -28,13 +28,26 @@ pub struct RegionSource {
     pub offset: u64,
 }
 
-/// Adaptive readahead state of one region (one stream).
+/// Readahead streams tracked per region: one per vCPU walking its own part
+/// of memory is the common case.
+pub(crate) const READAHEAD_STREAMS: usize = 8;
+
+/// One sequential stream: where it will fault next and its last window.
 #[derive(Debug, Default)]
-pub(crate) struct ReadaheadState {
+pub(crate) struct ReadaheadStream {
     /// The page just past the last window installed.
     pub next: AtomicU64,
     /// The last window size, in pages.
     pub window: AtomicU64,
+}
+
+/// Adaptive readahead state of one region. Updates race benignly between
+/// handler threads: the worst case is a window that starts small again.
+#[derive(Debug, Default)]
+pub(crate) struct ReadaheadState {
+    pub streams: [ReadaheadStream; READAHEAD_STREAMS],
+    /// Round-robin victim for a new stream.
+    pub victim: AtomicU64,
 }
 
 /// One region of guest memory.

@@ -1,1 +1,13 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: guest payloads assembled in
+//! Rust, and checks for what this machine can run.
+
+pub mod payload;
+
+/// Whether `/dev/kvm` can be opened here.
+pub fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}

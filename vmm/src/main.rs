@@ -41,7 +41,11 @@ fn run(args: Args) -> Result<ExitCode, String> {
         args.vcpus,
         args.memory >> 20,
         mem.regions()[0].backing().kind(),
-        if mem.userfault_enabled() { "userfaultfd" } else { "the kernel" },
+        if mem.userfault_enabled() {
+            "userfaultfd"
+        } else {
+            "the kernel"
+        },
     );
     let outcome = vm.run().map_err(|e| e.to_string())?;
     eprintln!("vmm: guest stopped: {}", outcome.reason);

@@ -94,7 +94,7 @@ pub fn configure_common(
         (MSR_SYSCALL_MASK, 0),
         (MSR_LSTAR, 0),
         (MSR_IA32_TSC, 0),
-        (MSR_IA32_MISC_ENABLE, 1), // fast strings
+        (MSR_IA32_MISC_ENABLE, 1),          // fast strings
         (MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, write-back by default
     ]
     .map(|(index, data)| kvm_bindings::kvm_msr_entry {
@@ -105,7 +105,10 @@ pub fn configure_common(
     let msrs = Msrs::from_entries(&entries).expect("a fixed, small MSR list");
     let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     if set != entries.len() {
-        log::warn!("vCPU {id}: KVM accepted {set} of {} boot MSRs", entries.len());
+        log::warn!(
+            "vCPU {id}: KVM accepted {set} of {} boot MSRs",
+            entries.len()
+        );
     }
 
     let fpu = kvm_fpu {

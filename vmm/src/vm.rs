@@ -236,7 +236,8 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         fd.create_pit2(kvm_pit_config {
             flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -361,8 +362,7 @@ impl Vm {
         let len = linux::write_cmdline(&*mem, cmdline)?;
         let params = linux::boot_params(&k, len, initrd, self.ram_size)?;
         linux::write_boot_params(&*mem, &params)?;
-        mptable::setup_mptable(&*mem, self.vcpus.len() as u8)
-            .map_err(BootError::Mptable)?;
+        mptable::setup_mptable(&*mem, self.vcpus.len() as u8).map_err(BootError::Mptable)?;
         vcpu::setup_linux_boot(&self.vcpus[0], &*mem, k.entry.0)?;
         Ok(())
     }

@@ -1,14 +1,16 @@
 //! How many pages to install with the faulting one.
 //!
-//! Like the kernel's readahead: a fault right after the previous window is a
-//! sequential stream and doubles the window (up to the maximum); any other
-//! fault starts again from the initial window. Windows run forward from the
+//! Like the kernel's readahead: a fault right after a stream's previous
+//! window continues that stream and doubles its window (up to the maximum);
+//! any other fault starts a new stream at the initial window. Each region
+//! tracks a few streams, so vCPUs walking different parts of memory do not
+//! reset each other. Windows run forward from the
 //! faulting page and stop at the first discarded page, the plugged end and
 //! the region end, so readahead never refills memory the guest gave back.
 
 use std::sync::atomic::Ordering;
 
-use crate::region::Region;
+use crate::region::{Region, READAHEAD_STREAMS};
 
 /// Readahead settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,17 +54,24 @@ const INITIAL_PAGES: u64 = 4;
 pub(crate) fn window_pages(cfg: &Readahead, region: &Region, page: u64, limit: u64) -> u64 {
     let page_size = region.page_size();
     let max = (cfg.max / page_size).max(1);
-    let want = if !cfg.adaptive || max == 1 {
-        max
+    // A fault right where a stream's last window ended continues it.
+    let state = &region.readahead;
+    let stream = if cfg.adaptive && max > 1 {
+        let hit = state
+            .streams
+            .iter()
+            .find(|s| page != 0 && s.next.load(Ordering::Relaxed) == page);
+        Some(hit.map(|s| (s, true)).unwrap_or_else(|| {
+            let v = state.victim.fetch_add(1, Ordering::Relaxed) as usize % READAHEAD_STREAMS;
+            (&state.streams[v], false)
+        }))
     } else {
-        let state = &region.readahead;
-        let sequential = state.next.load(Ordering::Relaxed) == page && page != 0;
-        let last = state.window.load(Ordering::Relaxed);
-        if sequential {
-            (last.max(1) * 2).min(max)
-        } else {
-            INITIAL_PAGES.min(max)
-        }
+        None
+    };
+    let want = match stream {
+        None => max,
+        Some((s, true)) => (s.window.load(Ordering::Relaxed).max(1) * 2).min(max),
+        Some((_, false)) => INITIAL_PAGES.min(max),
     };
     let mut end = page.saturating_add(want).min(limit);
     if end > page + 1 {
@@ -71,9 +80,9 @@ pub(crate) fn window_pages(cfg: &Readahead, region: &Region, page: u64, limit: u
         }
     }
     let n = end.saturating_sub(page).max(1);
-    if cfg.adaptive {
-        region.readahead.window.store(n, Ordering::Relaxed);
-        region.readahead.next.store(page + n, Ordering::Relaxed);
+    if let Some((s, _)) = stream {
+        s.window.store(n, Ordering::Relaxed);
+        s.next.store(page + n, Ordering::Relaxed);
     }
     n
 }

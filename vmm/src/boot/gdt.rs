@@ -32,7 +32,7 @@ pub fn segment(index: u16, entry: u64, rpl: u16) -> kvm_segment {
         } else {
             raw_limit
         },
-        selector: index * 8 | rpl,
+        selector: (index * 8) | rpl,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
         dpl: ((entry >> 45) & 3) as u8,
@@ -66,7 +66,10 @@ mod tests {
     #[test]
     fn kernel_code_segment_is_long_mode_ring0() {
         let s = segment(1, KERNEL_CODE64, 0);
-        assert_eq!((s.selector, s.l, s.db, s.dpl, s.type_, s.present), (8, 1, 0, 0, 0xb, 1));
+        assert_eq!(
+            (s.selector, s.l, s.db, s.dpl, s.type_, s.present),
+            (8, 1, 0, 0, 0xb, 1)
+        );
         assert_eq!(s.limit, 0xffff_ffff);
     }
 

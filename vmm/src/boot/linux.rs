@@ -47,10 +47,12 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<Loaded
         source,
     })?;
     let mut magic = [0u8; 4];
-    let n = file.read(&mut magic).map_err(|source| BootError::ReadKernel {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let n = file
+        .read(&mut magic)
+        .map_err(|source| BootError::ReadKernel {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if n < 4 {
         return Err(bad(path, "file is too short to be a kernel image"));
     }
@@ -75,11 +77,16 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<Loaded
     if hdr.version < 0x0206 {
         return Err(bad(
             path,
-            format!("boot protocol {:#x} is too old (2.06 needed)", { hdr.version }),
+            format!("boot protocol {:#x} is too old (2.06 needed)", {
+                hdr.version
+            }),
         ));
     }
     if hdr.xloadflags & 1 == 0 {
-        return Err(bad(path, "bzImage has no 64-bit entry point (XLF_KERNEL_64)"));
+        return Err(bad(
+            path,
+            "bzImage has no 64-bit entry point (XLF_KERNEL_64)",
+        ));
     }
     Ok(LoadedKernel {
         // startup_64 is 0x200 past the start of the protected-mode kernel.
@@ -219,10 +226,16 @@ mod tests {
     fn e820_skips_the_low_hole_and_the_mmio_gap() {
         let m = e820_map(256 << 20);
         let v: Vec<(u64, u64)> = m.iter().map(|e| (e.addr, e.size)).collect();
-        assert_eq!(v, vec![(0, EBDA_START), (HIMEM_START, (256 << 20) - HIMEM_START)]);
+        assert_eq!(
+            v,
+            vec![(0, EBDA_START), (HIMEM_START, (256 << 20) - HIMEM_START)]
+        );
         let m = e820_map(5 << 30);
         let last = m.last().unwrap();
-        assert_eq!((last.addr, last.size), (MMIO_GAP_END, (5 << 30) - MMIO_GAP_START));
+        assert_eq!(
+            (last.addr, last.size),
+            (MMIO_GAP_END, (5 << 30) - MMIO_GAP_START)
+        );
         assert!(m.iter().all(|e| e.r#type == E820_RAM));
         // Nothing overlaps the MMIO gap.
         assert!(m
@@ -311,7 +324,9 @@ mod tests {
         assert_eq!(addr % 4096, 0);
         assert!(addr + size <= 64 << 20 && addr >= 0x200_0000);
         let big = file_with(&vec![1u8; 3 << 20]);
-        let e = load_initrd(&m, &big, 4 << 20, 0x200_0000, None).unwrap_err().to_string();
+        let e = load_initrd(&m, &big, 4 << 20, 0x200_0000, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("do not fit"), "{e}");
         let empty = file_with(&[]);
         assert!(load_initrd(&m, &empty, 64 << 20, 0, None).is_err());

@@ -51,6 +51,6 @@ mod tests {
         assert_eq!(pdpte1, 0xc000 | 7);
         // Second GiB, third 2 MiB page.
         let pde: u64 = mem.read_obj(GuestAddress(0xc000 + 2 * 8)).unwrap();
-        assert_eq!(pde, (1 << 30) + (2 << 21) | 0x87);
+        assert_eq!(pde, ((1 << 30) + (2 << 21)) | 0x87);
     }
 }

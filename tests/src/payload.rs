@@ -1,0 +1,78 @@
+//! Flat 64-bit payloads for KVM tests, assembled with iced-x86. They run at
+//! CPL3 with all guest RAM identity-mapped, and end with `out 0xe0, eax`
+//! (0 = success; otherwise rbx, rcx, rdx carry the details).
+
+use iced_x86::code_asm::*;
+
+/// The word the pattern payload stores at `addr` on vCPU `id`.
+pub fn pattern(addr: u64, id: u64) -> u64 {
+    addr ^ (id << 48) ^ 0x5a5a_0000_0000_0000
+}
+
+/// Writes `pattern(addr, id)` at the first and last word of every page of
+/// `[rsi, rdx)`, then verifies them all. With `rcx != 0` it only verifies.
+///
+/// Entry registers: rdi = vCPU id, rsi = slice start, rdx = slice end,
+/// rcx = verify-only flag. Failure (code 1): rbx = address, rcx = expected,
+/// rdx = found.
+pub fn pattern_payload(load_addr: u64) -> Vec<u8> {
+    (|| -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        let mut write_loop = a.create_label();
+        let mut verify = a.create_label();
+        let mut verify_loop = a.create_label();
+        let mut ok = a.create_label();
+        let mut fail = a.create_label();
+
+        // r9 = (id << 48) ^ constant: the per-vCPU tag.
+        a.mov(r9, rdi)?;
+        a.shl(r9, 48)?;
+        a.mov(rax, 0x5a5a_0000_0000_0000u64)?;
+        a.xor(r9, rax)?;
+        a.test(rcx, rcx)?;
+        a.jnz(verify)?;
+
+        a.mov(r10, rsi)?;
+        a.set_label(&mut write_loop)?;
+        a.cmp(r10, rdx)?;
+        a.jae(verify)?;
+        a.mov(rax, r10)?;
+        a.xor(rax, r9)?;
+        a.mov(qword_ptr(r10), rax)?;
+        a.mov(qword_ptr(r10 + 0xff8), rax)?;
+        a.add(r10, 0x1000)?;
+        a.jmp(write_loop)?;
+
+        a.set_label(&mut verify)?;
+        a.mov(r10, rsi)?;
+        a.set_label(&mut verify_loop)?;
+        a.cmp(r10, rdx)?;
+        a.jae(ok)?;
+        a.mov(rax, r10)?;
+        a.xor(rax, r9)?;
+        a.mov(r11, qword_ptr(r10))?;
+        a.cmp(r11, rax)?;
+        a.jne(fail)?;
+        a.mov(r11, qword_ptr(r10 + 0xff8))?;
+        a.cmp(r11, rax)?;
+        a.jne(fail)?;
+        a.add(r10, 0x1000)?;
+        a.jmp(verify_loop)?;
+
+        a.set_label(&mut ok)?;
+        a.xor(eax, eax)?;
+        a.out(0xe0, eax)?;
+        a.jmp(ok)?;
+
+        a.set_label(&mut fail)?;
+        a.mov(rbx, r10)?;
+        a.mov(rcx, rax)?;
+        a.mov(rdx, r11)?;
+        a.mov(eax, 1)?;
+        a.out(0xe0, eax)?;
+        a.jmp(fail)?;
+
+        a.assemble(load_addr)
+    })()
+    .expect("the pattern payload assembles")
+}
