@@ -61,10 +61,10 @@ impl Cmos {
             0x08 => bcd(month),
             0x09 => bcd(year.rem_euclid(100) as u64),
             0x32 => bcd((year / 100) as u64),
-            0x0a => 0x26,       // 32.768 kHz base, 1024 Hz rate, no update in progress
-            0x0b => 0x02,       // 24-hour mode, BCD
-            0x0c => 0x00,       // no interrupt flags
-            0x0d => 0x80,       // clock and RAM valid
+            0x0a => 0x26, // 32.768 kHz base, 1024 Hz rate, no update in progress
+            0x0b => 0x02, // 24-hour mode, BCD
+            0x0c => 0x00, // no interrupt flags
+            0x0d => 0x80, // clock and RAM valid
             i => self.nvram[(i & 0x7f) as usize],
         }
     }
