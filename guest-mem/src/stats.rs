@@ -132,6 +132,9 @@ pub struct HistogramSnapshot {
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
         /// Live counters, updated by the fault handler and the discard paths.
+        ///
+        /// A fault's counters are updated just after its thread is woken, so a
+        /// snapshot taken the instant a touch returns may lag by that fault.
         #[derive(Debug, Default)]
         pub struct Stats {
             $( $(#[$doc])* pub $name: AtomicU64, )*
@@ -193,7 +196,9 @@ counters! {
     /// Fetched contents dropped because an invalidation overlapped them.
     retries,
     /// Retries whose install range no invalidation since the sample touched
-    /// (made only under `RetryPolicy::AnyInvalidation`).
+    /// (made only under `RetryPolicy::AnyInvalidation`). A retry after more
+    /// invalidations than the log holds counts as needed, so this is a lower
+    /// bound.
     spurious_retries,
     /// Invalidations seen by the re-check that did not overlap the install,
     /// so no retry was needed.
