@@ -120,13 +120,15 @@ pub fn configure_common(
 
     let mut lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
     for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
-        let bytes: &mut [u8] =
-            // SAFETY: `regs` is a plain [c_char; 1024]; viewing it as bytes of
-            // the same length is sound and the offsets are < 1024 - 4.
-            unsafe { std::slice::from_raw_parts_mut(lapic.regs.as_mut_ptr().cast(), lapic.regs.len()) };
-        let mut v = u32::from_le_bytes(bytes[reg..reg + 4].try_into().unwrap());
-        v = (v & !0x700) | (mode << 8);
-        bytes[reg..reg + 4].copy_from_slice(&v.to_le_bytes());
+        let cell = &mut lapic.regs[reg..reg + 4];
+        let mut b = [0u8; 4];
+        for (dst, src) in b.iter_mut().zip(cell.iter()) {
+            *dst = *src as u8;
+        }
+        let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+        for (dst, src) in cell.iter_mut().zip(v.to_le_bytes()) {
+            *dst = src as libc::c_char;
+        }
     }
     vcpu.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))?;
     Ok(())

@@ -1,0 +1,150 @@
+//! Running the VMM inside the nested QEMU-TCG L1 (see resources/README.md):
+//! builds the guest kernel and images with the resources scripts, packs the
+//! release `vmm` binary into an L1 image with a script, boots it, and
+//! returns the console output. Logs are kept under `target/l1-logs/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// Whether the L1 can be booted here; if not, why. Set `REQUIRE_L1=1` to
+/// turn a missing prerequisite into a test failure (the test command does).
+pub fn l1_unavailable() -> Option<String> {
+    let has_qemu = Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let why = (!has_qemu).then(|| {
+        "qemu-system-x86_64 is not installed (run resources/install-host-deps.sh)".to_string()
+    });
+    if let (Some(w), Some(_)) = (&why, std::env::var_os("REQUIRE_L1")) {
+        panic!("REQUIRE_L1 is set but {w}");
+    }
+    why
+}
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
+        .current_dir(repo_root())
+        .output()
+        .map_err(|e| format!("running {cmd:?}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned()
+        + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{cmd:?} failed ({}):\n{text}", out.status))
+    }
+}
+
+/// Builds the release `vmm` binary and returns its path.
+pub fn vmm_binary() -> Result<PathBuf, String> {
+    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "vmm", "--bin", "vmm"]))?;
+    Ok(target_dir().join("release/vmm"))
+}
+
+/// Fetches the guest kernel and builds the default guest initramfs;
+/// returns (vmlinux, initramfs).
+pub fn guest_images() -> Result<(PathBuf, PathBuf), String> {
+    run(Command::new("bash").arg("resources/fetch-kernel.sh"))?;
+    run(Command::new("bash").arg("resources/build-initramfs.sh"))?;
+    let build = repo_root().join("build");
+    Ok((
+        build.join("kernel/vmlinux"),
+        build.join("guest-initramfs.cpio.gz"),
+    ))
+}
+
+/// What an L1 run printed, and its script's exit code.
+#[derive(Debug)]
+pub struct L1Output {
+    /// Console output of L1 (and of the guests it ran).
+    pub log: String,
+    /// Where the log was saved.
+    pub log_path: PathBuf,
+    /// The L1 script's exit code (124: timeout).
+    pub code: i32,
+}
+
+impl L1Output {
+    /// The first line containing `marker`.
+    pub fn line(&self, marker: &str) -> Option<&str> {
+        self.log.lines().find(|l| l.contains(marker))
+    }
+
+    /// The value of `key=` on the first line containing `marker`.
+    pub fn value(&self, marker: &str, key: &str) -> Option<String> {
+        let line = self.line(marker)?;
+        let at = line.find(&format!("{key}="))? + key.len() + 1;
+        Some(
+            line[at..]
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        )
+    }
+}
+
+/// Boots an L1 carrying the `vmm` binary (as /bin/vmm), the guest kernel
+/// (/guest/vmlinux), `files` (source, destination) and `script` (run as
+/// the L1's test), with a wall-clock limit.
+pub fn run_l1(
+    name: &str,
+    files: &[(PathBuf, &str)],
+    script: &str,
+    timeout_s: u64,
+) -> Result<L1Output, String> {
+    let vmm = vmm_binary()?;
+    let (vmlinux, _) = guest_images()?;
+    let work = target_dir().join("l1-logs");
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let script_path = work.join(format!("{name}.sh"));
+    std::fs::write(&script_path, script).map_err(|e| e.to_string())?;
+    let image = work.join(format!("{name}.cpio.gz"));
+    let mut build = Command::new("bash");
+    build
+        .arg("resources/build-l1.sh")
+        .arg("--out")
+        .arg(&image)
+        .arg("--script")
+        .arg(&script_path)
+        .arg("--add")
+        .arg(format!("{}:/bin/vmm", vmm.display()))
+        .arg("--add")
+        .arg(format!("{}:/guest/vmlinux", vmlinux.display()));
+    for (src, dst) in files {
+        build.arg("--add").arg(format!("{}:{dst}", src.display()));
+    }
+    run(&mut build)?;
+    let log_path = work.join(format!("{name}.log"));
+    let out = Command::new("bash")
+        .current_dir(repo_root())
+        .arg("resources/run-l1.sh")
+        .arg("--initrd")
+        .arg(&image)
+        .arg("--timeout")
+        .arg(timeout_s.to_string())
+        .arg("--log")
+        .arg(&log_path)
+        .output()
+        .map_err(|e| format!("running run-l1.sh: {e}"))?;
+    let log = std::fs::read_to_string(&log_path)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&out.stdout).into_owned());
+    Ok(L1Output {
+        log,
+        log_path,
+        code: out.status.code().unwrap_or(-1),
+    })
+}

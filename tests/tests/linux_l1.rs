@@ -1,0 +1,60 @@
+//! A stock Debian kernel booted under this VMM, for real, inside the nested
+//! L1 (the only place a Linux guest can run on these machines).
+
+use integration_tests::l1::{guest_images, l1_unavailable, run_l1};
+
+#[test]
+fn debian_kernel_boots_to_init_with_two_vcpus_on_uffd_memfd_memory() {
+    if let Some(why) = l1_unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let (_, initramfs) = guest_images().expect("guest images");
+    let script = r#"#!/bin/sh
+taskset -c "${L1_VMM_CPU:-1}" /bin/vmm --kernel /guest/vmlinux \
+    --initrd /guest/guest-initramfs.cpio.gz --memory 256M --vcpus 2 \
+    --mem-backend memfd --fault-handler uffd --stats
+echo "VMM-EXIT-CODE=$?"
+"#;
+    let out = run_l1(
+        "boot",
+        &[(initramfs, "/guest/")],
+        script,
+        300,
+    )
+    .expect("running the L1");
+    let fail = |what: &str| -> ! {
+        panic!(
+            "{what}\n--- log kept at {} ---\n{}",
+            out.log_path.display(),
+            out.log
+        )
+    };
+    if out.code != 0 {
+        fail(&format!("the L1 script failed with {}", out.code));
+    }
+    let init = out
+        .line("GUEST-INIT-OK")
+        .unwrap_or_else(|| fail("the guest never reached its init"));
+    let nproc = out.value("GUEST-INIT-OK", "nproc").unwrap();
+    if nproc != "2" {
+        fail(&format!("the guest saw {nproc} CPUs, not 2: {init}"));
+    }
+    let mem_kb: u64 = out
+        .value("GUEST-INIT-OK", "MemTotal")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // 256 MiB minus what the kernel keeps for itself.
+    if !(200 * 1024..=256 * 1024).contains(&mem_kb) {
+        fail(&format!("the guest saw MemTotal {mem_kb} kB for 256 MiB"));
+    }
+    if out.line("faults served by userfaultfd").is_none() {
+        fail("guest memory was not fault-managed by userfaultfd");
+    }
+    if out.line("vmm: guest stopped: the guest powered off").is_none() {
+        fail("the VMM did not stop on the guest's power-off");
+    }
+    if out.value("VMM-EXIT-CODE", "VMM-EXIT-CODE").as_deref() != Some("0") {
+        fail("the VMM did not exit cleanly");
+    }
+}
