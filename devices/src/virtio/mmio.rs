@@ -1,0 +1,608 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x section 4.2).
+//!
+//! Register accesses come straight from the guest: every value is checked,
+//! out-of-order or out-of-range writes are ignored and counted, and nothing
+//! here panics on them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use guest_mem::GuestMemoryAtomic;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddressSpace;
+
+use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::bus::BusDevice;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x554d_4551; // as QEMU and others do
+
+/// Device status bits.
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    /// The driver gave up on the device.
+    pub const FAILED: u32 = 0x80;
+}
+
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Offset of the notify register, for the VMM's ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
+
+/// A virtio device behind the MMIO register interface.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryAtomic,
+    interrupt: Arc<Interrupt>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<Queue>,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+    rejected: AtomicU64,
+}
+
+impl MmioTransport {
+    /// Puts `device` behind the transport; `interrupt` is its irqfd.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryAtomic,
+        interrupt: Arc<Interrupt>,
+    ) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
+            .collect();
+        MmioTransport {
+            device,
+            mem,
+            interrupt,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+            rejected: AtomicU64::new(0),
+        }
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// The device behind the transport, mutably (configuration changes).
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// Whether the driver has set DRIVER_OK and the device runs.
+    pub fn is_activated(&self) -> bool {
+        self.activated
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Register accesses refused (bad size, wrong state, out of range).
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Tells the driver the configuration changed.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & status::DRIVER_OK != 0 {
+            self.interrupt.raise(Interrupt::CONFIG);
+        }
+    }
+
+    /// The driver notified queue `index` (from the ioeventfd, or a trapped
+    /// write to the notify register).
+    pub fn queue_notified(&mut self, index: u32) {
+        if self.activated && (index as usize) < self.queues.len() {
+            self.device.process_queue(index as usize);
+        } else {
+            self.reject(format_args!("notify of queue {index} in this state"));
+        }
+    }
+
+    fn reject(&self, what: std::fmt::Arguments<'_>) {
+        let n = self.rejected.fetch_add(1, Ordering::Relaxed);
+        if n < 16 {
+            log::warn!("virtio-mmio: ignoring {what}");
+        }
+    }
+
+    fn all_features(&self) -> u64 {
+        self.device.features() | (1 << VIRTIO_F_VERSION_1)
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Queue registers may change only between FEATURES_OK and DRIVER_OK.
+    fn queue_setup_allowed(&self) -> bool {
+        self.status & (status::FEATURES_OK | status::DRIVER_OK | status::FAILED)
+            == status::FEATURES_OK
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+        }
+        self.activated = false;
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.interrupt.ack(u32::MAX);
+    }
+
+    fn set_status(&mut self, v: u32) {
+        const ORDER: [u32; 4] = [
+            status::ACKNOWLEDGE,
+            status::DRIVER,
+            status::FEATURES_OK,
+            status::DRIVER_OK,
+        ];
+        if v == 0 {
+            return self.reset();
+        }
+        if v & status::FAILED != 0 {
+            self.status |= status::FAILED;
+            return;
+        }
+        // Bits are only ever added, each after the one before it; clearing
+        // takes a reset. Anything else is a driver bug and changes nothing.
+        if v & self.status != self.status {
+            return self.reject(format_args!(
+                "status {v:#x} clearing bits of {:#x}",
+                self.status
+            ));
+        }
+        let added = v & !self.status;
+        let mut have = self.status;
+        for (i, &bit) in ORDER.iter().enumerate() {
+            if added & bit == 0 {
+                continue;
+            }
+            if i > 0 && have & ORDER[i - 1] == 0 {
+                return self.reject(format_args!("status bit {bit:#x} out of order"));
+            }
+            if bit == status::FEATURES_OK {
+                let unknown = self.driver_features & !self.all_features();
+                if unknown != 0 || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+                    // FEATURES_OK stays clear: the driver reads it back and
+                    // gives up (virtio 1.x 3.1.1).
+                    return self.reject(format_args!(
+                        "driver features {:#x} (device offers {:#x})",
+                        self.driver_features,
+                        self.all_features()
+                    ));
+                }
+                self.device.ack_features(self.driver_features);
+            }
+            have |= bit;
+        }
+        self.status = have;
+        if added & status::DRIVER_OK != 0 {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let mem = self.mem.memory();
+        let bad = self
+            .queues
+            .iter()
+            .enumerate()
+            .find(|(_, q)| q.ready() && !q.is_valid(&*mem))
+            .map(|(i, _)| i);
+        let copies: Result<Vec<Queue>, _> = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect();
+        let result = match (bad, copies) {
+            (Some(i), _) => Err(super::ActivateError::BadQueues(format!(
+                "queue {i} does not lie in guest memory"
+            ))),
+            (None, Err(e)) => Err(super::ActivateError::BadQueues(e.to_string())),
+            (None, Ok(queues)) => {
+                self.device
+                    .activate(self.mem.clone(), self.interrupt.clone(), queues)
+            }
+        };
+        match result {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                log::error!(
+                    "virtio-mmio: activating device {}: {e}",
+                    self.device.device_type()
+                );
+                self.status |= status::DEVICE_NEEDS_RESET;
+                self.interrupt.raise(Interrupt::CONFIG);
+            }
+        }
+    }
+
+    fn read_reg(&mut self, offset: u64) -> u32 {
+        match offset {
+            reg::MAGIC => MAGIC,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.all_features() as u32,
+                1 => (self.all_features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => self.config_generation,
+            _ => {
+                self.reject(format_args!("read of register {offset:#x}"));
+                0
+            }
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        let setup = self.queue_setup_allowed();
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::DRIVER_FEATURES => {
+                if self.status & (status::FEATURES_OK | status::DRIVER_OK) != 0
+                    || self.status & status::DRIVER == 0
+                {
+                    return self
+                        .reject(format_args!("driver features in status {:#x}", self.status));
+                }
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
+                    s => self.reject(format_args!("driver features select {s}")),
+                }
+            }
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::QUEUE_NOTIFY => self.queue_notified(v),
+            reg::INTERRUPT_ACK => self.interrupt.ack(v),
+            reg::STATUS => self.set_status(v),
+            reg::QUEUE_NUM
+            | reg::QUEUE_READY
+            | reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_DRIVER_LOW
+            | reg::QUEUE_DRIVER_HIGH
+            | reg::QUEUE_DEVICE_LOW
+            | reg::QUEUE_DEVICE_HIGH => {
+                if !setup {
+                    return self.reject(format_args!(
+                        "queue register {offset:#x} in status {:#x}",
+                        self.status
+                    ));
+                }
+                let sel = self.queue_sel;
+                let Some(q) = self.selected_queue() else {
+                    return self.reject(format_args!("queue register of queue {sel}"));
+                };
+                match offset {
+                    reg::QUEUE_NUM => {
+                        // virtio-queue ignores sizes that are not a power of
+                        // two or exceed the maximum; the queue is then not
+                        // valid and activation refuses it.
+                        q.set_size(v.min(u32::from(u16::MAX)) as u16)
+                    }
+                    reg::QUEUE_READY => q.set_ready(v == 1),
+                    reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
+                    reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
+                    reg::QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(v), None),
+                    reg::QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(v)),
+                    reg::QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(v), None),
+                    _ => q.set_used_ring_address(None, Some(v)),
+                }
+            }
+            _ => self.reject(format_args!("write of register {offset:#x}")),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= reg::CONFIG {
+            return self.device.read_config(offset - reg::CONFIG, data);
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            data.fill(0);
+            return self.reject(format_args!("{}-byte read at {offset:#x}", data.len()));
+        }
+        data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= reg::CONFIG {
+            if self.status & status::FAILED == 0 {
+                self.device.write_config(offset - reg::CONFIG, data);
+            }
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            return self.reject(format_args!("{}-byte write at {offset:#x}", data.len()));
+        }
+        let v = u32::from_le_bytes(data.try_into().expect("checked length"));
+        self.write_reg(offset, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[derive(Default)]
+    struct Seen {
+        acked: u64,
+        activated: usize,
+        processed: Vec<usize>,
+        resets: usize,
+        config: Vec<u8>,
+    }
+
+    struct Dummy(Arc<Mutex<Seen>>);
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            5
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[256, 256]
+        }
+        fn features(&self) -> u64 {
+            0b101
+        }
+        fn ack_features(&mut self, f: u64) {
+            self.0.lock().unwrap().acked = f;
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            let s = self.0.lock().unwrap();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = s.config.get(offset as usize + i).copied().unwrap_or(0);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            let mut s = self.0.lock().unwrap();
+            let end = offset as usize + data.len();
+            if s.config.len() < end {
+                s.config.resize(end, 0);
+            }
+            s.config[offset as usize..end].copy_from_slice(data);
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryAtomic,
+            _i: Arc<Interrupt>,
+            queues: Vec<Queue>,
+        ) -> Result<(), super::super::ActivateError> {
+            assert_eq!(queues.len(), 2);
+            self.0.lock().unwrap().activated += 1;
+            Ok(())
+        }
+        fn process_queue(&mut self, index: usize) {
+            self.0.lock().unwrap().processed.push(index);
+        }
+        fn reset(&mut self) {
+            self.0.lock().unwrap().resets += 1;
+        }
+    }
+
+    fn transport() -> (MmioTransport, Arc<Mutex<Seen>>, Arc<Interrupt>) {
+        let mem = guest_mem::GuestMem::builder()
+            .region(guest_mem::RegionConfig::new(0, 1 << 20))
+            .build()
+            .unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        // The atomic map keeps the mappings alive after `mem` goes.
+        let t = MmioTransport::new(Box::new(Dummy(seen.clone())), mem.memory(), irq.clone());
+        (t, seen, irq)
+    }
+
+    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn setup_queue(t: &mut MmioTransport, q: u32, base: u64) {
+        w(t, reg::QUEUE_SEL, q);
+        w(t, reg::QUEUE_NUM, 16);
+        w(t, reg::QUEUE_DESC_LOW, base as u32);
+        w(t, reg::QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
+        w(t, reg::QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
+        w(t, reg::QUEUE_READY, 1);
+    }
+
+    fn negotiate(t: &mut MmioTransport, features_hi: u32, features_lo: u32) {
+        w(t, reg::STATUS, status::ACKNOWLEDGE);
+        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(t, reg::DRIVER_FEATURES_SEL, 1);
+        w(t, reg::DRIVER_FEATURES, features_hi);
+        w(t, reg::DRIVER_FEATURES_SEL, 0);
+        w(t, reg::DRIVER_FEATURES, features_lo);
+        w(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+    }
+
+    #[test]
+    fn identification_registers() {
+        let (mut t, _, _) = transport();
+        assert_eq!(r(&mut t, reg::MAGIC), MAGIC);
+        assert_eq!(r(&mut t, reg::VERSION), 2);
+        assert_eq!(r(&mut t, reg::DEVICE_ID), 5);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 0b101);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+        w(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 256);
+        w(&mut t, reg::QUEUE_SEL, 2);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 0, "no such queue");
+    }
+
+    #[test]
+    fn full_handshake_activates_and_routes_notifications() {
+        let (mut t, seen, _) = transport();
+        negotiate(&mut t, 1, 0b100);
+        assert_ne!(r(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+        assert_eq!(seen.lock().unwrap().acked, (1 << 32) | 0b100);
+        setup_queue(&mut t, 0, 0x10000);
+        setup_queue(&mut t, 1, 0x20000);
+        w(&mut t, reg::STATUS, 0xf);
+        assert!(t.is_activated());
+        assert_eq!(seen.lock().unwrap().activated, 1);
+        w(&mut t, reg::QUEUE_NOTIFY, 1);
+        t.queue_notified(0);
+        t.queue_notified(7); // no such queue: ignored
+        assert_eq!(seen.lock().unwrap().processed, vec![1, 0]);
+        // Reset.
+        w(&mut t, reg::STATUS, 0);
+        assert!(!t.is_activated());
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        assert_eq!(seen.lock().unwrap().resets, 1);
+    }
+
+    #[test]
+    fn features_without_version_1_or_unknown_bits_are_refused() {
+        let (mut t, seen, _) = transport();
+        negotiate(&mut t, 0, 0b100);
+        assert_eq!(r(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+        w(&mut t, reg::STATUS, 0);
+        negotiate(&mut t, 1, 0b110); // bit 1 is not offered
+        assert_eq!(r(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+        assert_eq!(seen.lock().unwrap().acked, 0);
+        assert!(t.rejected() >= 2);
+    }
+
+    #[test]
+    fn out_of_order_and_late_writes_are_ignored() {
+        let (mut t, seen, _) = transport();
+        // DRIVER_OK before anything else.
+        w(&mut t, reg::STATUS, status::DRIVER_OK);
+        assert!(!t.is_activated());
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        // Queue set-up before FEATURES_OK.
+        w(&mut t, reg::QUEUE_NUM, 16);
+        negotiate(&mut t, 1, 0);
+        setup_queue(&mut t, 0, 0x10000);
+        w(&mut t, reg::STATUS, 0xf);
+        assert!(t.is_activated());
+        // Queue registers after DRIVER_OK, feature writes after FEATURES_OK.
+        let before = t.rejected();
+        w(&mut t, reg::QUEUE_DESC_LOW, 0xdead_0000);
+        w(&mut t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        assert_eq!(t.rejected(), before + 2);
+        // Clearing bits without a reset.
+        w(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+        assert_eq!(r(&mut t, reg::STATUS), 0xf);
+        // Odd sizes and unknown registers.
+        t.write(reg::STATUS, &[0, 0]);
+        let mut b = [0u8; 2];
+        t.read(reg::MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+        w(&mut t, 0x0f0, 1);
+        assert_eq!(r(&mut t, 0x0f0), 0);
+        assert_eq!(seen.lock().unwrap().activated, 1);
+    }
+
+    #[test]
+    fn a_queue_outside_memory_does_not_activate() {
+        let (mut t, seen, irq) = transport();
+        negotiate(&mut t, 1, 0);
+        setup_queue(&mut t, 0, 0xfff0_0000); // past the 1 MiB of RAM
+        w(&mut t, reg::STATUS, 0xf);
+        assert!(!t.is_activated());
+        assert_eq!(seen.lock().unwrap().activated, 0);
+        assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert_ne!(irq.status() & Interrupt::CONFIG, 0);
+    }
+
+    #[test]
+    fn config_space_passes_through_and_changes_bump_the_generation() {
+        let (mut t, seen, irq) = transport();
+        t.write(reg::CONFIG + 4, &[1, 2, 3, 4]);
+        let mut b = [0u8; 2];
+        t.read(reg::CONFIG + 5, &mut b);
+        assert_eq!(b, [2, 3]);
+        assert_eq!(seen.lock().unwrap().config[4..8], [1, 2, 3, 4]);
+        let g = r(&mut t, reg::CONFIG_GENERATION);
+        t.config_changed();
+        assert_eq!(r(&mut t, reg::CONFIG_GENERATION), g + 1);
+        assert_eq!(irq.status(), 0, "no interrupt before DRIVER_OK");
+        w(&mut t, reg::INTERRUPT_ACK, 0);
+    }
+}

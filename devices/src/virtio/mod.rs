@@ -1,0 +1,91 @@
+//! Virtio devices over the MMIO transport (virtio 1.x, "modern" only).
+
+pub mod balloon;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use guest_mem::GuestMemoryAtomic;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+/// `VIRTIO_F_VERSION_1`: the only mode this transport offers.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Why a device could not be activated.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up the queues inconsistently.
+    #[error("invalid queue configuration: {0}")]
+    BadQueues(String),
+}
+
+/// Raises the device's interrupt: sets a bit in the transport's interrupt
+/// status and signals the irqfd.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    /// Used-buffer notification.
+    pub const VRING: u32 = 1;
+    /// Configuration change notification.
+    pub const CONFIG: u32 = 2;
+
+    /// An interrupt signalled through `irq` (an irqfd).
+    pub fn new(irq: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Sets `bits` in the interrupt status and signals the guest.
+    pub fn raise(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::AcqRel);
+        if let Err(e) = self.irq.write(1) {
+            log::error!("virtio: signalling the interrupt failed: {e}");
+        }
+    }
+
+    /// The interrupt status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// Clears acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+}
+
+/// A virtio device behind the MMIO transport. Everything the driver sends is
+/// untrusted: devices validate it and never panic on it.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID.
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue the device may use.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered (the transport adds `VIRTIO_F_VERSION_1`).
+    fn features(&self) -> u64;
+    /// The features the driver accepted (a subset of `features`).
+    fn ack_features(&mut self, features: u64);
+    /// Reads device configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start using `queues`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError>;
+    /// Processes queue `index` after the driver notified it.
+    fn process_queue(&mut self, index: usize);
+    /// The driver reset the device: drop the queues.
+    fn reset(&mut self);
+}
