@@ -1,1 +1,759 @@
-//! virtio-balloon (work in progress; see the transport in `mmio`).
+//! virtio-balloon: inflate and deflate queues, guest statistics, free page
+//! reporting and deflate-on-OOM.
+//!
+//! Inflated PFNs are validated (inside plugged RAM, not in the MMIO gap),
+//! de-duplicated, coalesced into ranges and given back through
+//! [`MemoryBackend::discard`] — for `guest-mem`, one truncate-generation
+//! invalidation and a punched hole per range. Deflated pages need nothing:
+//! the next touch faults and reads zero. Everything the driver hands over is
+//! hostile: bad PFNs, chains that loop, run past the queue or point outside
+//! memory are rejected and counted, never a panic.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use guest_mem::backend::MemoryBackend;
+use guest_mem::GuestMemoryAtomic;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+
+use super::{ActivateError, Interrupt, VirtioDevice};
+
+/// The virtio device ID of the balloon.
+pub const VIRTIO_ID_BALLOON: u32 = 5;
+/// The guest reports memory statistics on a third queue.
+pub const VIRTIO_BALLOON_F_STATS_VQ: u32 = 1;
+/// The guest deflates when it runs out of memory.
+pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u32 = 2;
+/// The guest reports free pages it does not use.
+pub const VIRTIO_BALLOON_F_REPORTING: u32 = 5;
+/// Balloon pages are 4 KiB whatever the guest's page size.
+pub const BALLOON_PAGE: u64 = 4096;
+const QUEUE_SIZE: u16 = 256;
+/// Most PFNs taken from one descriptor chain (the Linux driver sends 256).
+const MAX_PFNS_PER_CHAIN: usize = 4096;
+const STAT_SIZE: usize = 10;
+
+/// Guest statistics tags (virtio 1.x 5.5.6.3), by name.
+pub const STAT_NAMES: [&str; 11] = [
+    "swap_in",
+    "swap_out",
+    "major_faults",
+    "minor_faults",
+    "free_memory",
+    "total_memory",
+    "available_memory",
+    "disk_caches",
+    "hugetlb_allocations",
+    "hugetlb_failures",
+    "oom_kills",
+];
+
+/// Counters of what the balloon did and refused.
+#[derive(Debug, Default)]
+pub struct BalloonCounters {
+    /// PFNs given back by inflates (after de-duplication).
+    pub inflated_pages: AtomicU64,
+    /// PFNs taken back by deflates.
+    pub deflated_pages: AtomicU64,
+    /// Bytes given back by free page reporting.
+    pub reported_bytes: AtomicU64,
+    /// Discard calls (coalesced ranges).
+    pub discards: AtomicU64,
+    /// PFNs refused (outside RAM, in the MMIO gap).
+    pub rejected_pfns: AtomicU64,
+    /// Descriptor chains refused (bad direction, size, address).
+    pub rejected_chains: AtomicU64,
+    /// Discards the memory backend failed.
+    pub discard_errors: AtomicU64,
+}
+
+/// State the VMM shares with the device: the target, what the guest says
+/// it holds, its statistics and the counters.
+#[derive(Debug, Default)]
+pub struct BalloonState {
+    /// Pages the host asks the guest to hold (config `num_pages`).
+    pub target_pages: AtomicU32,
+    /// Pages the guest says it holds (config `actual`).
+    pub actual_pages: AtomicU32,
+    /// The guest's last statistics, by tag.
+    pub guest_stats: Mutex<BTreeMap<u16, u64>>,
+    /// Counters.
+    pub counters: BalloonCounters,
+}
+
+/// The balloon device.
+pub struct Balloon {
+    backend: Arc<dyn MemoryBackend>,
+    state: Arc<BalloonState>,
+    offered: u64,
+    acked: u64,
+    mem: Option<GuestMemoryAtomic>,
+    interrupt: Option<Arc<Interrupt>>,
+    queues: Vec<Queue>,
+    /// Queue index of each role, after feature negotiation.
+    stats_queue: Option<usize>,
+    reporting_queue: Option<usize>,
+    /// The stats buffer the guest filled, held until we want fresh numbers.
+    stats_head: Option<u16>,
+}
+
+impl Balloon {
+    /// A balloon giving memory back through `backend`; `deflate_on_oom`
+    /// lets the guest take pages back when it runs out of memory.
+    pub fn new(backend: Arc<dyn MemoryBackend>, deflate_on_oom: bool) -> Self {
+        let mut offered = (1 << VIRTIO_BALLOON_F_STATS_VQ) | (1 << VIRTIO_BALLOON_F_REPORTING);
+        if deflate_on_oom {
+            offered |= 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
+        }
+        Balloon {
+            backend,
+            state: Arc::new(BalloonState::default()),
+            offered,
+            acked: 0,
+            mem: None,
+            interrupt: None,
+            queues: Vec::new(),
+            stats_queue: None,
+            reporting_queue: None,
+            stats_head: None,
+        }
+    }
+
+    /// The state shared with the VMM.
+    pub fn state(&self) -> Arc<BalloonState> {
+        self.state.clone()
+    }
+
+    /// Hands the held statistics buffer back so the guest refills it.
+    pub fn request_stats(&mut self) {
+        let (Some(q), Some(head)) = (self.stats_queue, self.stats_head.take()) else {
+            return;
+        };
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
+            return;
+        };
+        if let Err(e) = self.queues[q].add_used(&*mem, head, 0) {
+            log::warn!("balloon: returning the stats buffer: {e}");
+        }
+        self.signal(q);
+    }
+
+    fn has(&self, bit: u32) -> bool {
+        self.acked & (1 << bit) != 0
+    }
+
+    fn signal(&mut self, q: usize) {
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
+            return;
+        };
+        let notify = self.queues[q].needs_notification(&*mem).unwrap_or(true);
+        if let (true, Some(i)) = (notify, &self.interrupt) {
+            i.raise(Interrupt::VRING);
+        }
+    }
+
+    fn reject_chain(&self, why: std::fmt::Arguments<'_>) {
+        let n = self
+            .state
+            .counters
+            .rejected_chains
+            .fetch_add(1, Ordering::Relaxed);
+        if n < 16 {
+            log::warn!("balloon: refusing a descriptor chain: {why}");
+        }
+    }
+
+    /// Reads the PFN arrays of every available chain on queue `q`.
+    fn collect_pfns(&mut self, q: usize) -> Vec<u32> {
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
+            return Vec::new();
+        };
+        let mut pfns = Vec::new();
+        let mut used = Vec::new();
+        let queue = &mut self.queues[q];
+        let chains = match queue.iter(&*mem) {
+            Ok(iter) => iter.collect::<Vec<_>>(),
+            Err(e) => {
+                self.reject_chain(format_args!("queue {q}: {e}"));
+                return pfns;
+            }
+        };
+        for chain in chains {
+            used.push(chain.head_index());
+            let mut taken = 0usize;
+            for desc in chain {
+                if desc.is_write_only() || desc.len() % 4 != 0 {
+                    self.reject_chain(format_args!(
+                        "PFN buffer of {} bytes, write-only {}",
+                        desc.len(),
+                        desc.is_write_only()
+                    ));
+                    break;
+                }
+                let n = (desc.len() / 4) as usize;
+                if taken + n > MAX_PFNS_PER_CHAIN {
+                    self.reject_chain(format_args!("more than {MAX_PFNS_PER_CHAIN} PFNs"));
+                    break;
+                }
+                let mut buf = vec![0u8; n * 4];
+                if let Err(e) = mem.read_slice(&mut buf, desc.addr()) {
+                    self.reject_chain(format_args!("PFNs at {:#x}: {e}", desc.addr().0));
+                    break;
+                }
+                pfns.extend(
+                    buf.chunks_exact(4)
+                        .map(|c| u32::from_le_bytes(c.try_into().expect("4-byte chunk"))),
+                );
+                taken += n;
+            }
+        }
+        for head in used {
+            if let Err(e) = self.queues[q].add_used(&*mem, head, 0) {
+                log::warn!("balloon: add_used on queue {q}: {e}");
+            }
+        }
+        pfns
+    }
+
+    /// Validates PFNs: in plugged RAM (so never in the MMIO gap), and
+    /// de-duplicated. Returns them sorted.
+    fn valid_pfns(&self, mut pfns: Vec<u32>) -> Vec<u64> {
+        pfns.sort_unstable();
+        pfns.dedup();
+        let mut ok = Vec::with_capacity(pfns.len());
+        let mut rejected = 0;
+        for pfn in pfns {
+            let gpa = u64::from(pfn) * BALLOON_PAGE;
+            if self.backend.is_ram(GuestAddress(gpa), BALLOON_PAGE) {
+                ok.push(u64::from(pfn));
+            } else {
+                rejected += 1;
+            }
+        }
+        if rejected > 0 {
+            let before = self
+                .state
+                .counters
+                .rejected_pfns
+                .fetch_add(rejected, Ordering::Relaxed);
+            if before < 16 {
+                log::warn!("balloon: refused {rejected} PFNs outside guest RAM");
+            }
+        }
+        ok
+    }
+
+    /// Discards `[gpa, gpa + len)`, keeping only whole units of the
+    /// backend's granularity (huge pages are given back only when the guest
+    /// gave back all of them).
+    fn discard(&self, gpa: u64, len: u64) {
+        let Some(grain) = self.backend.discard_granularity(GuestAddress(gpa)) else {
+            return;
+        };
+        let start = gpa.div_ceil(grain) * grain;
+        let end = (gpa + len) / grain * grain;
+        if end <= start {
+            return;
+        }
+        match self.backend.discard(GuestAddress(start), end - start) {
+            Ok(()) => {
+                self.state.counters.discards.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.state
+                    .counters
+                    .discard_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                log::error!("balloon: discarding {start:#x}+{:#x}: {e}", end - start);
+            }
+        }
+    }
+
+    fn inflate(&mut self) {
+        let pfns = self.collect_pfns(0);
+        let pfns = self.valid_pfns(pfns);
+        self.state
+            .counters
+            .inflated_pages
+            .fetch_add(pfns.len() as u64, Ordering::Relaxed);
+        for (first, count) in coalesce(&pfns) {
+            self.discard(first * BALLOON_PAGE, count * BALLOON_PAGE);
+        }
+        self.signal(0);
+    }
+
+    fn deflate(&mut self) {
+        let pfns = self.collect_pfns(1);
+        let pfns = self.valid_pfns(pfns);
+        self.state
+            .counters
+            .deflated_pages
+            .fetch_add(pfns.len() as u64, Ordering::Relaxed);
+        self.signal(1);
+    }
+
+    fn stats(&mut self, q: usize) {
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
+            return;
+        };
+        while let Some(chain) = self.queues[q].pop_descriptor_chain(&*mem) {
+            let head = chain.head_index();
+            let mut values = BTreeMap::new();
+            for desc in chain {
+                if desc.is_write_only() {
+                    self.reject_chain(format_args!("write-only stats buffer"));
+                    break;
+                }
+                let len = (desc.len() as usize).min(STAT_SIZE * 64);
+                let mut buf = vec![0u8; len - len % STAT_SIZE];
+                if mem.read_slice(&mut buf, desc.addr()).is_err() {
+                    self.reject_chain(format_args!("stats at {:#x}", desc.addr().0));
+                    break;
+                }
+                for s in buf.chunks_exact(STAT_SIZE) {
+                    let tag = u16::from_le_bytes([s[0], s[1]]);
+                    let val = u64::from_le_bytes(s[2..10].try_into().expect("8 bytes"));
+                    values.insert(tag, val);
+                }
+            }
+            if !values.is_empty() {
+                *self
+                    .state
+                    .guest_stats
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = values;
+            }
+            // Hold the buffer: returning it asks for new numbers.
+            if let Some(old) = self.stats_head.replace(head) {
+                let _ = self.queues[q].add_used(&*mem, old, 0);
+            }
+        }
+    }
+
+    fn report(&mut self, q: usize) {
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
+            return;
+        };
+        let mut used = Vec::new();
+        let mut ranges = Vec::new();
+        while let Some(chain) = self.queues[q].pop_descriptor_chain(&*mem) {
+            used.push(chain.head_index());
+            for desc in chain {
+                let (gpa, len) = (desc.addr().0, u64::from(desc.len()));
+                if len == 0 || !self.backend.is_ram(GuestAddress(gpa), len) {
+                    self.state
+                        .counters
+                        .rejected_pfns
+                        .fetch_add(len.div_ceil(BALLOON_PAGE).max(1), Ordering::Relaxed);
+                    continue;
+                }
+                ranges.push((gpa, len));
+            }
+        }
+        for (gpa, len) in ranges {
+            self.discard(gpa, len);
+            self.state
+                .counters
+                .reported_bytes
+                .fetch_add(len, Ordering::Relaxed);
+        }
+        for head in used {
+            let _ = self.queues[q].add_used(&*mem, head, 0);
+        }
+        self.signal(q);
+    }
+}
+
+/// Sorted, distinct PFNs as (first, count) runs.
+pub fn coalesce(pfns: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &p in pfns {
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == p => *count += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BALLOON
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 4]
+    }
+
+    fn features(&self) -> u64 {
+        self.offered
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.offered;
+        let mut next = 2;
+        self.stats_queue = self.has(VIRTIO_BALLOON_F_STATS_VQ).then(|| {
+            next += 1;
+            next - 1
+        });
+        self.reporting_queue = self.has(VIRTIO_BALLOON_F_REPORTING).then_some(next);
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; 16];
+        config[0..4].copy_from_slice(
+            &self
+                .state
+                .target_pages
+                .load(Ordering::Relaxed)
+                .to_le_bytes(),
+        );
+        config[4..8].copy_from_slice(
+            &self
+                .state
+                .actual_pages
+                .load(Ordering::Relaxed)
+                .to_le_bytes(),
+        );
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| config.get(o.checked_add(i)?))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `actual` (bytes 4..8) is the driver's to write.
+        if offset == 4 && data.len() == 4 {
+            let v = u32::from_le_bytes(data.try_into().expect("4 bytes"));
+            self.state.actual_pages.store(v, Ordering::Relaxed);
+        } else {
+            log::debug!(
+                "balloon: ignoring config write at {offset} of {} bytes",
+                data.len()
+            );
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        let needed = 2
+            + usize::from(self.stats_queue.is_some())
+            + usize::from(self.reporting_queue.is_some());
+        if let Some(i) = (0..needed).find(|&i| !queues.get(i).is_some_and(|q| q.ready())) {
+            return Err(ActivateError::BadQueues(format!("queue {i} is not ready")));
+        }
+        self.mem = Some(mem);
+        self.interrupt = Some(interrupt);
+        self.queues = queues;
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        if self.mem.is_none() {
+            return;
+        }
+        match index {
+            0 => self.inflate(),
+            1 => self.deflate(),
+            i if Some(i) == self.stats_queue => self.stats(i),
+            i if Some(i) == self.reporting_queue => self.report(i),
+            i => log::warn!("balloon: notification on unused queue {i}"),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.mem = None;
+        self.interrupt = None;
+        self.queues.clear();
+        self.stats_head = None;
+        self.acked = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_mem::{GuestMem, RegionConfig};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const MIB: u64 = 1 << 20;
+    const VRING_DESC_F_NEXT: u16 = 1;
+    const VRING_DESC_F_WRITE: u16 = 2;
+
+    /// Guest RAM at [0, 16 MiB) and [32 MiB, 48 MiB): a hole between.
+    fn memory() -> Arc<GuestMem> {
+        Arc::new(
+            GuestMem::builder()
+                .region(RegionConfig::new(0, 16 * MIB))
+                .region(RegionConfig::new(32 * MIB, 16 * MIB))
+                .build()
+                .unwrap(),
+        )
+    }
+
+    struct Rig<'a> {
+        balloon: Balloon,
+        mem: Arc<GuestMem>,
+        queues: Vec<MockSplitQueue<'a, guest_mem::GuestMemory>>,
+    }
+
+    /// Builds a balloon with mock queues at 1, 2, 3 and 4 MiB.
+    fn rig(ram: &guest_mem::GuestMemory, mem: Arc<GuestMem>, features: u64) -> Rig<'_> {
+        let mut balloon = Balloon::new(mem.clone(), true);
+        balloon.ack_features(features);
+        let queues: Vec<_> = (0..4)
+            .map(|i| MockSplitQueue::create(ram, GuestAddress((i + 1) * MIB), 16))
+            .collect();
+        let qs = queues
+            .iter()
+            .map(|m| {
+                let mut q: Queue = m.create_queue().unwrap();
+                q.set_ready(true);
+                q
+            })
+            .collect();
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        balloon.activate(mem.memory(), irq, qs).unwrap();
+        Rig {
+            balloon,
+            mem,
+            queues,
+        }
+    }
+
+    fn pfn_buffer(ram: &guest_mem::GuestMemory, at: u64, pfns: &[u32]) -> u32 {
+        let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+        ram.write_slice(&bytes, GuestAddress(at)).unwrap();
+        bytes.len() as u32
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    fn all_features() -> u64 {
+        (1 << VIRTIO_BALLOON_F_STATS_VQ) | (1 << VIRTIO_BALLOON_F_REPORTING)
+    }
+
+    fn populate(mem: &GuestMem, from: u64, to: u64) {
+        let ram = mem.memory().memory();
+        for p in (from..to).step_by(BALLOON_PAGE as usize) {
+            ram.write_obj(1u8, GuestAddress(p)).unwrap();
+        }
+    }
+
+    fn has_data(mem: &GuestMem, gpa: u64) -> bool {
+        let (r, off) = mem.find(GuestAddress(gpa)).unwrap();
+        r.backing()
+            .has_data(r.file_range(off, BALLOON_PAGE))
+            .unwrap()
+    }
+
+    #[test]
+    fn inflate_coalesces_and_punches_holes() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut r = rig(ram, mem.clone(), all_features());
+        populate(&r.mem, 8 * MIB, 9 * MIB);
+        let base = (8 * MIB / BALLOON_PAGE) as u32;
+        // Out of order, with duplicates: 8 pages in two runs.
+        let pfns = [
+            base + 3,
+            base,
+            base + 1,
+            base + 2,
+            base + 1,
+            base + 10,
+            base + 11,
+            base + 12,
+            base + 13,
+        ];
+        let len = pfn_buffer(ram, 5 * MIB, &pfns);
+        r.queues[0]
+            .add_desc_chains(&[desc(5 * MIB, len, 0, 0)], 0)
+            .unwrap();
+        r.balloon.process_queue(0);
+        let c = &r.balloon.state().counters;
+        assert_eq!(c.inflated_pages.load(Ordering::Relaxed), 8);
+        assert_eq!(
+            c.discards.load(Ordering::Relaxed),
+            2,
+            "two coalesced ranges"
+        );
+        for p in [0, 1, 2, 3, 10, 13] {
+            assert!(
+                !has_data(&r.mem, 8 * MIB + p * BALLOON_PAGE),
+                "page {p} punched"
+            );
+        }
+        assert!(has_data(&r.mem, 8 * MIB + 4 * BALLOON_PAGE), "page 4 kept");
+        assert_eq!(r.queues[0].used().idx().load(), 1, "chain returned");
+        assert_eq!(r.mem.stats().discards, 2);
+    }
+
+    #[test]
+    fn pfns_outside_ram_and_in_the_gap_are_refused() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut r = rig(ram, mem.clone(), 0);
+        let gap = (20 * MIB / BALLOON_PAGE) as u32;
+        let beyond = (100 * MIB / BALLOON_PAGE) as u32;
+        let len = pfn_buffer(ram, 5 * MIB, &[gap, beyond, u32::MAX, 100]);
+        r.queues[0]
+            .add_desc_chains(&[desc(5 * MIB, len, 0, 0)], 0)
+            .unwrap();
+        r.balloon.process_queue(0);
+        let c = &r.balloon.state().counters;
+        assert_eq!(c.rejected_pfns.load(Ordering::Relaxed), 3);
+        assert_eq!(c.inflated_pages.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn malformed_chains_are_refused_not_fatal() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut r = rig(ram, mem.clone(), 0);
+        // 1: a write-only PFN buffer; 2: a length not a multiple of 4;
+        // 3: a buffer outside guest memory; 4: a chain that loops on itself.
+        r.queues[0]
+            .add_desc_chains(
+                &[
+                    desc(5 * MIB, 8, VRING_DESC_F_WRITE, 0),
+                    desc(5 * MIB, 7, 0, 0),
+                    desc(0xffff_0000_0000, 8, 0, 0),
+                    desc(5 * MIB, 4, VRING_DESC_F_NEXT, 3),
+                ],
+                0,
+            )
+            .unwrap();
+        r.balloon.process_queue(0);
+        let c = &r.balloon.state().counters;
+        assert!(c.rejected_chains.load(Ordering::Relaxed) >= 3);
+        assert_eq!(c.discard_errors.load(Ordering::Relaxed), 0);
+        // An avail index far past the ring: refused, no panic.
+        r.queues[1].avail().idx().store(u16::MAX);
+        r.balloon.process_queue(1);
+        r.balloon.process_queue(9);
+    }
+
+    #[test]
+    fn deflate_counts_and_pages_read_zero_again() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut r = rig(ram, mem.clone(), 0);
+        ram.write_obj(0xabu8, GuestAddress(9 * MIB)).unwrap();
+        let pfn = (9 * MIB / BALLOON_PAGE) as u32;
+        let len = pfn_buffer(ram, 5 * MIB, &[pfn]);
+        r.queues[0]
+            .add_desc_chains(&[desc(5 * MIB, len, 0, 0)], 0)
+            .unwrap();
+        r.balloon.process_queue(0);
+        let len = pfn_buffer(ram, 6 * MIB, &[pfn]);
+        r.queues[1]
+            .add_desc_chains(&[desc(6 * MIB, len, 0, 0)], 0)
+            .unwrap();
+        r.balloon.process_queue(1);
+        assert_eq!(
+            r.balloon
+                .state()
+                .counters
+                .deflated_pages
+                .load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(ram.read_obj::<u8>(GuestAddress(9 * MIB)).unwrap(), 0);
+    }
+
+    #[test]
+    fn stats_are_parsed_and_the_buffer_held() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut r = rig(ram, mem.clone(), all_features());
+        let mut buf = Vec::new();
+        for (tag, val) in [(4u16, 123u64), (5, 456)] {
+            buf.extend_from_slice(&tag.to_le_bytes());
+            buf.extend_from_slice(&val.to_le_bytes());
+        }
+        ram.write_slice(&buf, GuestAddress(7 * MIB)).unwrap();
+        r.queues[2]
+            .add_desc_chains(&[desc(7 * MIB, buf.len() as u32, 0, 0)], 0)
+            .unwrap();
+        r.balloon.process_queue(2);
+        let stats = r.balloon.state().guest_stats.lock().unwrap().clone();
+        assert_eq!(stats.get(&4), Some(&123));
+        assert_eq!(stats.get(&5), Some(&456));
+        assert_eq!(r.queues[2].used().idx().load(), 0, "held");
+        r.balloon.request_stats();
+        assert_eq!(r.queues[2].used().idx().load(), 1, "returned for a refill");
+    }
+
+    #[test]
+    fn free_page_reports_are_discarded_when_in_ram() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut r = rig(ram, mem.clone(), all_features());
+        populate(&r.mem, 33 * MIB, 34 * MIB);
+        r.queues[3]
+            .add_desc_chains(
+                &[
+                    desc(
+                        33 * MIB,
+                        MIB as u32,
+                        VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
+                        1,
+                    ),
+                    desc(20 * MIB, 4096, VRING_DESC_F_WRITE, 0),
+                ],
+                0,
+            )
+            .unwrap();
+        r.balloon.process_queue(3);
+        let c = &r.balloon.state().counters;
+        assert_eq!(c.reported_bytes.load(Ordering::Relaxed), MIB);
+        assert_eq!(c.rejected_pfns.load(Ordering::Relaxed), 1);
+        assert!(!has_data(&r.mem, 33 * MIB));
+        assert_eq!(r.queues[3].used().idx().load(), 1);
+    }
+
+    #[test]
+    fn config_space_and_queue_roles_follow_features() {
+        let mem = memory();
+        let mut b = Balloon::new(mem, false);
+        assert_eq!(b.features() & (1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM), 0);
+        b.ack_features(1 << VIRTIO_BALLOON_F_REPORTING);
+        assert_eq!((b.stats_queue, b.reporting_queue), (None, Some(2)));
+        b.ack_features(all_features());
+        assert_eq!((b.stats_queue, b.reporting_queue), (Some(2), Some(3)));
+        b.state().target_pages.store(0x1234, Ordering::Relaxed);
+        let mut d = [0u8; 4];
+        b.read_config(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1234);
+        b.write_config(4, &7u32.to_le_bytes());
+        assert_eq!(b.state().actual_pages.load(Ordering::Relaxed), 7);
+        b.write_config(0, &9u32.to_le_bytes()); // num_pages is the host's
+        assert_eq!(b.state().target_pages.load(Ordering::Relaxed), 0x1234);
+        let mut far = [1u8; 8];
+        b.read_config(u64::MAX - 2, &mut far);
+        assert_eq!(far, [0; 8]);
+        assert_eq!(coalesce(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 1), (9, 2)]);
+        let _ = GuestAddress(0).unchecked_add(1);
+    }
+}
