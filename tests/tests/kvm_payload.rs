@@ -21,6 +21,8 @@ fn vm(memory: u64, vcpus: u8, readahead: Readahead) -> Vm {
             ..FaultConfig::default()
         },
         serial: SerialOut::Sink,
+        balloon: None,
+        api_socket: None,
     })
     .expect("creating the VM")
 }

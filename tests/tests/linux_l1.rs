@@ -16,13 +16,7 @@ taskset -c "${L1_VMM_CPU:-1}" /bin/vmm --kernel /guest/vmlinux \
     --mem-backend memfd --fault-handler uffd --stats
 echo "VMM-EXIT-CODE=$?"
 "#;
-    let out = run_l1(
-        "boot",
-        &[(initramfs, "/guest/")],
-        script,
-        300,
-    )
-    .expect("running the L1");
+    let out = run_l1("boot", &[(initramfs, "/guest/")], script, 300).expect("running the L1");
     let fail = |what: &str| -> ! {
         panic!(
             "{what}\n--- log kept at {} ---\n{}",
@@ -51,7 +45,10 @@ echo "VMM-EXIT-CODE=$?"
     if out.line("faults served by userfaultfd").is_none() {
         fail("guest memory was not fault-managed by userfaultfd");
     }
-    if out.line("vmm: guest stopped: the guest powered off").is_none() {
+    if out
+        .line("vmm: guest stopped: the guest powered off")
+        .is_none()
+    {
         fail("the VMM did not stop on the guest's power-off");
     }
     if out.value("VMM-EXIT-CODE", "VMM-EXIT-CODE").as_deref() != Some("0") {

@@ -53,6 +53,15 @@ pub struct Args {
     /// Print guest-memory statistics when the guest stops.
     #[arg(long)]
     pub stats: bool,
+    /// Give the guest a virtio-balloon (announced on the command line).
+    #[arg(long)]
+    pub balloon: bool,
+    /// Let the guest deflate the balloon when it runs out of memory.
+    #[arg(long, requires = "balloon")]
+    pub balloon_deflate_on_oom: bool,
+    /// Serve the control API on this Unix socket (created owner-only).
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
 }
 
 /// Who serves faults.

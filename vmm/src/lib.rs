@@ -3,13 +3,15 @@
 //! `bzImage`, with an initramfs) or a flat payload entered in long mode,
 //! optionally at CPL3.
 
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod cpuid;
 pub mod exit;
 pub mod layout;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 pub use exit::ExitReason;
-pub use vm::{MemBackend, RunOutcome, SerialOut, Vm, VmConfig, VmError};
+pub use vm::{BalloonOptions, MemBackend, RunOutcome, SerialOut, Vm, VmConfig, VmError};

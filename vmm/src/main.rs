@@ -18,6 +18,10 @@ fn run(args: Args) -> Result<ExitCode, String> {
         backend: args.mem_backend.clone(),
         fault: args.fault_config(),
         serial,
+        balloon: args.balloon.then_some(vmm::BalloonOptions {
+            deflate_on_oom: args.balloon_deflate_on_oom,
+        }),
+        api_socket: args.api_sock.clone(),
     })
     .map_err(|e| e.to_string())?;
     if let Some(kernel) = &args.kernel {

@@ -15,12 +15,17 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::api::{ApiContext, ApiServer, BalloonHandle};
 use crate::boot::{linux, mptable, BootError};
 use crate::exit::ExitReason;
 use crate::layout::*;
 use crate::vcpu::{self, PayloadArgs, VcpuContext, VcpuError};
+use crate::virtio::VirtioSlot;
 use devices::bus::{Bus, SharedDevice};
 use devices::legacy::{Cmos, SerialConsole, I8042};
+use devices::virtio::balloon::Balloon;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
 
 /// Where guest RAM lives.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -58,6 +63,17 @@ pub struct VmConfig {
     pub fault: FaultConfig,
     /// Serial console output.
     pub serial: SerialOut,
+    /// A virtio-balloon, if wanted.
+    pub balloon: Option<BalloonOptions>,
+    /// Where to serve the control API, if anywhere.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// Balloon options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BalloonOptions {
+    /// Let the guest deflate when it runs out of memory.
+    pub deflate_on_oom: bool,
 }
 
 /// Errors building or running a VM.
@@ -184,7 +200,38 @@ pub struct Vm {
     console: Arc<Mutex<Box<dyn Write + Send>>>,
     payload: bool,
     ram_size: u64,
+    vcpu_count: u8,
+    backend_desc: String,
+    virtio: Vec<VirtioSlot>,
+    balloon: Option<BalloonHandle>,
+    api_socket: Option<PathBuf>,
     _kvm: Kvm,
+}
+
+/// Wakes the event loop when the guest resets or a vCPU stops.
+struct ExitWatcher {
+    reset: EventFd,
+    exited: EventFd,
+    fired: bool,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (evt, data) in [(&self.reset, 0), (&self.exited, 1)] {
+            if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
+                log::error!("watching VM exit events: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.data() == 0 {
+            let _ = self.reset.read();
+            self.fired = true;
+        } else {
+            let _ = self.exited.read();
+        }
+    }
 }
 
 /// How a run ended.
@@ -291,6 +338,27 @@ impl Vm {
         insert(&mut pio, i8042, I8042::BASE, I8042::LEN)?;
         insert(&mut pio, cmos, Cmos::BASE, Cmos::LEN)?;
 
+        let mut mmio = Bus::new();
+        let mut virtio = Vec::new();
+        let mut balloon = None;
+        if let Some(opts) = config.balloon {
+            let backend: Arc<dyn guest_mem::backend::MemoryBackend> = mem.clone();
+            let device = Balloon::new(backend, opts.deflate_on_oom);
+            let state = device.state();
+            let slot = VirtioSlot::attach(
+                virtio.len() as u32,
+                Box::new(device),
+                mem.memory(),
+                &fd,
+                &mut mmio,
+            )?;
+            balloon = Some(BalloonHandle {
+                state,
+                transport: slot.transport.clone(),
+            });
+            virtio.push(slot);
+        }
+
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -308,11 +376,16 @@ impl Vm {
             mem,
             supported_cpuid,
             pio,
-            mmio: Bus::new(),
+            mmio,
             reset_evt,
             console,
             payload: false,
             ram_size: config.memory,
+            vcpu_count: config.vcpus,
+            backend_desc: format!("{:?}", config.backend),
+            virtio,
+            balloon,
+            api_socket: config.api_socket,
             _kvm: kvm,
         })
     }
@@ -325,6 +398,11 @@ impl Vm {
     /// The VM fd (for devices that need irqfds or ioeventfds).
     pub fn vm_fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The balloon, if the VM has one.
+    pub fn balloon(&self) -> Option<&BalloonHandle> {
+        self.balloon.as_ref()
     }
 
     /// The MMIO bus, to add devices before running.
@@ -359,7 +437,12 @@ impl Vm {
             )?),
             None => None,
         };
-        let len = linux::write_cmdline(&*mem, cmdline)?;
+        let mut cmdline = cmdline.to_string();
+        for slot in &self.virtio {
+            cmdline.push(' ');
+            cmdline.push_str(&slot.cmdline());
+        }
+        let len = linux::write_cmdline(&*mem, &cmdline)?;
         let params = linux::boot_params(&k, len, initrd, self.ram_size)?;
         linux::write_boot_params(&*mem, &params)?;
         mptable::setup_mptable(&*mem, self.vcpus.len() as u8).map_err(BootError::Mptable)?;
@@ -403,7 +486,8 @@ impl Vm {
 
     /// Runs the vCPUs until the guest stops (Linux: the first vCPU that
     /// stops, or an i8042 reset, ends the VM; payloads: every vCPU reports,
-    /// or one fails).
+    /// or one fails). The calling thread runs the event loop: virtio queue
+    /// notifications and the control API.
     pub fn run(self) -> Result<RunOutcome, VmError> {
         static SIGNAL: Once = Once::new();
         SIGNAL.call_once(|| {
@@ -421,8 +505,43 @@ impl Vm {
             reset_evt,
             console,
             payload,
+            vcpu_count,
+            ram_size,
+            backend_desc,
+            virtio,
+            balloon,
+            api_socket,
             ..
         } = self;
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| VmError::Io { what, source }
+        };
+        let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+            .map_err(|e| VmError::Config(format!("creating the event loop: {e:?}")))?;
+        for slot in virtio {
+            events.add_subscriber(Arc::new(Mutex::new(slot)));
+        }
+        if let Some(path) = &api_socket {
+            let ctx = Arc::new(ApiContext {
+                mem: mem.clone(),
+                vcpus: vcpu_count,
+                memory: ram_size,
+                backend: backend_desc,
+                balloon,
+            });
+            let server = ApiServer::new(path, ctx)
+                .map_err(io(&format!("creating the API socket {}", path.display())))?;
+            events.add_subscriber(Arc::new(Mutex::new(server)));
+        }
+        let exited = EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?;
+        let watcher = Arc::new(Mutex::new(ExitWatcher {
+            reset: reset_evt,
+            exited: exited.try_clone().map_err(io("eventfd"))?,
+            fired: false,
+        }));
+        events.add_subscriber(watcher.clone());
+
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel::<(u8, ExitReason)>();
@@ -436,13 +555,15 @@ impl Vm {
                 console: Some(console.clone()),
             };
             let tx = tx.clone();
+            let exited = exited.try_clone().map_err(io("eventfd"))?;
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     let reason = vcpu::run(&mut v, &ctx);
                     let _ = tx.send((ctx.id, reason));
+                    let _ = exited.write(1);
                 })
-                .map_err(io_err("spawning a vCPU thread"))?;
+                .map_err(io("spawning a vCPU thread"))?;
             handles.push(h);
         }
         drop(tx);
@@ -451,21 +572,21 @@ impl Vm {
         let mut first: Option<ExitReason> = None;
         let mut done = 0;
         while done < n && first.is_none() {
-            match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok((id, reason)) => {
-                    done += 1;
-                    let ends_vm = !payload || !reason.is_clean();
-                    if ends_vm && first.is_none() {
-                        first = Some(reason.clone());
-                    }
-                    reasons[usize::from(id)] = Some(reason);
+            if let Err(e) = events.run_with_timeout(100) {
+                log::error!("event loop: {e:?}");
+            }
+            let reset =
+                std::mem::take(&mut watcher.lock().unwrap_or_else(|p| p.into_inner()).fired);
+            while let Ok((id, reason)) = rx.try_recv() {
+                done += 1;
+                let ends_vm = !payload || !reason.is_clean();
+                if ends_vm && first.is_none() {
+                    first = Some(reason.clone());
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if reset_evt.read().is_ok() {
-                        first = Some(ExitReason::Reset);
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                reasons[usize::from(id)] = Some(reason);
+            }
+            if reset && first.is_none() {
+                first = Some(ExitReason::Reset);
             }
         }
         // Stop whatever still runs: flag, then kick until every thread is out.
@@ -499,6 +620,7 @@ impl Vm {
                 .cloned()
                 .unwrap_or_else(|| reasons[0].clone())
         });
+        drop(events);
         drop(fd);
         drop(mem);
         Ok(RunOutcome {

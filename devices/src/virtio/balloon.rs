@@ -470,6 +470,10 @@ impl VirtioDevice for Balloon {
         }
     }
 
+    fn refresh(&mut self) {
+        self.request_stats();
+    }
+
     fn reset(&mut self) {
         self.mem = None;
         self.interrupt = None;

@@ -141,6 +141,13 @@ impl MmioTransport {
         }
     }
 
+    /// Asks the device for fresh device-reported data, if it runs.
+    pub fn refresh(&mut self) {
+        if self.activated {
+            self.device.refresh();
+        }
+    }
+
     /// The driver notified queue `index` (from the ioeventfd, or a trapped
     /// write to the notify register).
     pub fn queue_notified(&mut self, index: u32) {

@@ -88,4 +88,6 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize);
     /// The driver reset the device: drop the queues.
     fn reset(&mut self);
+    /// The host wants fresh device-reported data (balloon statistics).
+    fn refresh(&mut self) {}
 }

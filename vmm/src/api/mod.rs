@@ -1,0 +1,389 @@
+//! The control API: HTTP on a Unix socket (`curl --unix-socket`), created
+//! owner-only. `GET /vm`, `GET|PUT /balloon`, `GET /metrics`.
+
+pub mod http;
+
+use std::io::ErrorKind;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::virtio::balloon::{BalloonState, BALLOON_PAGE, STAT_NAMES};
+use devices::virtio::mmio::MmioTransport;
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use guest_mem::GuestMem;
+use serde_json::{json, Value};
+use vmm_sys_util::epoll::EventSet;
+
+use http::{Request, Response};
+
+/// The VMM side of the balloon: its shared state and its transport.
+#[derive(Clone)]
+pub struct BalloonHandle {
+    /// Target, actual, guest statistics and counters.
+    pub state: Arc<BalloonState>,
+    /// The transport, to signal configuration changes.
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+impl BalloonHandle {
+    /// Asks the guest to hold `pages` balloon pages.
+    pub fn set_target_pages(&self, pages: u32) {
+        self.state.target_pages.store(pages, Ordering::Relaxed);
+        self.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config_changed();
+    }
+
+    /// The balloon as JSON; asks the guest for fresh statistics.
+    pub fn describe(&self) -> Value {
+        let mut t = self.transport.lock().unwrap_or_else(|p| p.into_inner());
+        t.refresh();
+        let active = t.is_activated();
+        drop(t);
+        let s = &self.state;
+        let mib = |pages: u32| (u64::from(pages) * BALLOON_PAGE) >> 20;
+        let target = s.target_pages.load(Ordering::Relaxed);
+        let actual = s.actual_pages.load(Ordering::Relaxed);
+        let stats: serde_json::Map<String, Value> = s
+            .guest_stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(tag, v)| {
+                let name = STAT_NAMES
+                    .get(usize::from(*tag))
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| format!("tag_{tag}"));
+                (name, json!(v))
+            })
+            .collect();
+        let c = &s.counters;
+        json!({
+            "driver_active": active,
+            "target_mib": mib(target),
+            "actual_mib": mib(actual),
+            "target_pages": target,
+            "actual_pages": actual,
+            "guest_stats": stats,
+            "counters": {
+                "inflated_pages": c.inflated_pages.load(Ordering::Relaxed),
+                "deflated_pages": c.deflated_pages.load(Ordering::Relaxed),
+                "reported_bytes": c.reported_bytes.load(Ordering::Relaxed),
+                "discards": c.discards.load(Ordering::Relaxed),
+                "rejected_pfns": c.rejected_pfns.load(Ordering::Relaxed),
+                "rejected_chains": c.rejected_chains.load(Ordering::Relaxed),
+                "discard_errors": c.discard_errors.load(Ordering::Relaxed),
+            }
+        })
+    }
+}
+
+/// What the API can see and change.
+pub struct ApiContext {
+    /// Guest memory.
+    pub mem: Arc<GuestMem>,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Boot RAM in bytes.
+    pub memory: u64,
+    /// The memory backend, as given.
+    pub backend: String,
+    /// The balloon, if the VM has one.
+    pub balloon: Option<BalloonHandle>,
+}
+
+fn body_json(req: &Request) -> Result<Value, Response> {
+    serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, format!("the body is not valid JSON: {e}")))
+}
+
+/// Answers one request.
+pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
+    match (req.method.as_str(), req.path.trim_end_matches('/')) {
+        ("GET", "/vm") => Response::json(
+            200,
+            json!({
+                "state": "running",
+                "vcpus": ctx.vcpus,
+                "memory_mib": ctx.memory >> 20,
+                "mem_backend": ctx.backend,
+                "userfaultfd": ctx.mem.userfault_enabled(),
+                "plugged_mib": ctx.mem.plugged_bytes() >> 20,
+                "host_allocated_mib": ctx.mem.allocated_bytes() >> 20,
+                "balloon": ctx.balloon.is_some(),
+            }),
+        ),
+        ("GET", "/metrics") => {
+            let stats = serde_json::to_value(ctx.mem.stats()).unwrap_or(Value::Null);
+            Response::json(
+                200,
+                json!({
+                    "guest_mem": stats,
+                    "host_allocated_bytes": ctx.mem.allocated_bytes(),
+                    "balloon": ctx.balloon.as_ref().map(|b| b.describe()["counters"].clone()),
+                }),
+            )
+        }
+        ("GET", "/balloon") => match &ctx.balloon {
+            Some(b) => Response::json(200, b.describe()),
+            None => Response::error(404, "this VM has no balloon (start it with --balloon)"),
+        },
+        ("PUT", "/balloon") => {
+            let Some(b) = &ctx.balloon else {
+                return Response::error(404, "this VM has no balloon (start it with --balloon)");
+            };
+            let v = match body_json(req) {
+                Ok(v) => v,
+                Err(r) => return r,
+            };
+            let Some(mib) = v.get("target_mib").and_then(Value::as_u64) else {
+                return Response::error(
+                    400,
+                    "expected {\"target_mib\": N} with N a non-negative integer",
+                );
+            };
+            let max = ctx.memory >> 20;
+            if mib > max {
+                return Response::error(
+                    400,
+                    format!("target_mib {mib} is larger than the guest's {max} MiB"),
+                );
+            }
+            b.set_target_pages(((mib << 20) / BALLOON_PAGE) as u32);
+            Response::empty(204)
+        }
+        (_, "/vm" | "/metrics" | "/balloon") => Response::error(
+            405,
+            format!("{} is not allowed on {}", req.method, req.path),
+        ),
+        _ => Response::error(404, format!("no such resource: {}", req.path)),
+    }
+}
+
+/// Creates `path` as a Unix socket only the owner can use.
+pub fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        return Err(std::io::Error::new(
+            ErrorKind::AlreadyExists,
+            format!(
+                "{} already exists; remove it or choose another path",
+                path.display()
+            ),
+        ));
+    }
+    // SAFETY: umask only changes this process's file-creation mask; it is
+    // restored right after the bind, before other threads create files.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = listener?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// The API server: an event-loop subscriber on the listening socket.
+pub struct ApiServer {
+    listener: UnixListener,
+    path: PathBuf,
+    ctx: Arc<ApiContext>,
+}
+
+impl ApiServer {
+    /// Listens on `path` (which must not exist yet).
+    pub fn new(path: &Path, ctx: Arc<ApiContext>) -> std::io::Result<Self> {
+        Ok(ApiServer {
+            listener: bind_owner_only(path)?,
+            path: path.to_path_buf(),
+            ctx,
+        })
+    }
+
+    fn serve(&self, mut stream: UnixStream) {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+        let resp = match http::read_request(&mut stream) {
+            Ok(req) => handle(&self.ctx, &req),
+            Err(resp) => resp,
+        };
+        if resp.status >= 400 {
+            log::info!("api: answered {}", resp.status);
+        }
+        if let Err(e) = http::write_response(&mut stream, &resp) {
+            log::warn!("api: writing the response: {e}");
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl MutEventSubscriber for ApiServer {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            log::error!("api: watching the socket: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => self.serve(stream),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    log::warn!("api: accept: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::virtio::balloon::Balloon;
+    use devices::virtio::Interrupt;
+    use guest_mem::RegionConfig;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn ctx(with_balloon: bool) -> ApiContext {
+        let mem = Arc::new(
+            GuestMem::builder()
+                .region(RegionConfig::new(0, 64 << 20))
+                .build()
+                .unwrap(),
+        );
+        let balloon = with_balloon.then(|| {
+            let dev = Balloon::new(mem.clone(), false);
+            let state = dev.state();
+            let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+            let transport = Arc::new(Mutex::new(MmioTransport::new(
+                Box::new(dev),
+                mem.memory(),
+                irq,
+            )));
+            BalloonHandle { state, transport }
+        });
+        ApiContext {
+            mem,
+            vcpus: 2,
+            memory: 64 << 20,
+            backend: "Memfd".into(),
+            balloon,
+        }
+    }
+
+    fn req(method: &str, path: &str, body: &str) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn vm_and_metrics_describe_the_guest() {
+        let c = ctx(false);
+        let r = handle(&c, &req("GET", "/vm", ""));
+        assert_eq!(r.status, 200);
+        let b = r.body.unwrap();
+        assert_eq!(
+            (b["vcpus"].as_u64(), b["memory_mib"].as_u64()),
+            (Some(2), Some(64))
+        );
+        assert_eq!(b["userfaultfd"], true);
+        let m = handle(&c, &req("GET", "/metrics", "")).body.unwrap();
+        assert!(m["guest_mem"]["faults"].is_u64());
+        assert!(m["guest_mem"]["fault_latency"]["p99_ns"].is_u64());
+    }
+
+    #[test]
+    fn balloon_target_is_set_and_validated() {
+        let c = ctx(true);
+        assert_eq!(
+            handle(&c, &req("PUT", "/balloon", r#"{"target_mib": 32}"#)).status,
+            204
+        );
+        let b = &c.balloon.as_ref().unwrap().state;
+        assert_eq!(b.target_pages.load(Ordering::Relaxed), 32 * 256);
+        let g = handle(&c, &req("GET", "/balloon", "")).body.unwrap();
+        assert_eq!(g["target_mib"], 32);
+        for bad in [
+            "",
+            "{",
+            r#"{"target_mib": -1}"#,
+            r#"{"target_mib": "big"}"#,
+            r#"{"target": 1}"#,
+            r#"{"target_mib": 65}"#,
+        ] {
+            let r = handle(&c, &req("PUT", "/balloon", bad));
+            assert_eq!(r.status, 400, "{bad:?}");
+            assert!(r.body.unwrap()["error"].is_string());
+        }
+        assert_eq!(
+            b.target_pages.load(Ordering::Relaxed),
+            32 * 256,
+            "unchanged"
+        );
+    }
+
+    #[test]
+    fn unknown_paths_methods_and_missing_devices() {
+        let c = ctx(false);
+        assert_eq!(handle(&c, &req("GET", "/nope", "")).status, 404);
+        assert_eq!(handle(&c, &req("DELETE", "/vm", "")).status, 405);
+        assert_eq!(handle(&c, &req("GET", "/balloon", "")).status, 404);
+        assert_eq!(
+            handle(&c, &req("PUT", "/balloon", r#"{"target_mib":1}"#)).status,
+            404
+        );
+    }
+
+    #[test]
+    fn socket_is_owner_only_and_answers_over_http() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let server = ApiServer::new(&path, Arc::new(ctx(true))).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+        assert!(
+            ApiServer::new(&path, Arc::new(ctx(false))).is_err(),
+            "path in use"
+        );
+        let client = std::thread::spawn({
+            let path = path.clone();
+            move || {
+                let mut s = UnixStream::connect(&path).unwrap();
+                s.write_all(
+                    b"PUT /balloon HTTP/1.1\r\nContent-Length: 16\r\n\r\n{\"target_mib\":8}",
+                )
+                .unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                out
+            }
+        });
+        let (stream, _) = loop {
+            match server.listener.accept() {
+                Ok(x) => break x,
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        server.serve(stream);
+        let out = client.join().unwrap();
+        assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+        drop(server);
+        assert!(!path.exists(), "socket removed on drop");
+    }
+}

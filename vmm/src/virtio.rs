@@ -1,0 +1,106 @@
+//! Virtio-mmio devices on the VMM side: their MMIO window, the irqfd that
+//! carries their interrupt, the ioeventfds that carry the driver's queue
+//! notifications, and the event-loop subscriber that services them.
+
+use std::sync::{Arc, Mutex};
+
+use devices::bus::{Bus, SharedDevice};
+use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::{Interrupt, VirtioDevice};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use guest_mem::GuestMemoryAtomic;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::vm::VmError;
+
+/// First interrupt line for virtio devices (the serial console has 4).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+
+/// One virtio-mmio device slot.
+pub struct VirtioSlot {
+    /// The transport and its device.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// Guest-physical base of its window.
+    pub base: u64,
+    /// Its interrupt line.
+    pub irq: u32,
+    queue_evts: Vec<EventFd>,
+}
+
+impl VirtioSlot {
+    /// Places `device` in slot `index`: MMIO window, irqfd and ioeventfds.
+    pub fn attach(
+        index: u32,
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryAtomic,
+        vm: &VmFd,
+        mmio: &mut Bus,
+    ) -> Result<VirtioSlot, VmError> {
+        let base = VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_BASE + index;
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| VmError::Io { what, source }
+        };
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?;
+        vm.register_irqfd(&irq_evt, irq)
+            .map_err(|source| VmError::Kvm {
+                what: "KVM_IRQFD",
+                source,
+            })?;
+        let queues = device.queue_max_sizes().len();
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem,
+            Arc::new(Interrupt::new(irq_evt)),
+        )));
+        let mut queue_evts = Vec::with_capacity(queues);
+        for q in 0..queues as u32 {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?;
+            vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), q)
+                .map_err(|source| VmError::Kvm {
+                    what: "KVM_IOEVENTFD",
+                    source,
+                })?;
+            queue_evts.push(evt);
+        }
+        let shared: SharedDevice = transport.clone();
+        mmio.insert(shared, base, VIRTIO_MMIO_SIZE)
+            .map_err(|e| VmError::Config(e.to_string()))?;
+        Ok(VirtioSlot {
+            transport,
+            base,
+            irq,
+            queue_evts,
+        })
+    }
+
+    /// The kernel command-line word that announces the device.
+    pub fn cmdline(&self) -> String {
+        format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.irq)
+    }
+}
+
+impl MutEventSubscriber for VirtioSlot {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
+                log::error!("virtio: watching queue {i} notifications: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let q = events.data();
+        if let Some(evt) = self.queue_evts.get(q as usize) {
+            let _ = evt.read();
+            self.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .queue_notified(q);
+        }
+    }
+}
