@@ -16,13 +16,13 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::api::{ApiContext, ApiServer, BalloonHandle};
-use crate::boot::{linux, mptable, BootError};
+use crate::boot::{acpi, linux, mptable, BootError};
 use crate::exit::ExitReason;
 use crate::layout::*;
 use crate::vcpu::{self, PayloadArgs, VcpuContext, VcpuError};
 use crate::virtio::VirtioSlot;
 use devices::bus::{Bus, SharedDevice};
-use devices::legacy::{Cmos, SerialConsole, I8042};
+use devices::legacy::{AcpiSleep, Cmos, SerialConsole, I8042};
 use devices::virtio::balloon::Balloon;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
@@ -197,6 +197,7 @@ pub struct Vm {
     pio: Bus,
     mmio: Bus,
     reset_evt: EventFd,
+    power_off_evt: EventFd,
     console: Arc<Mutex<Box<dyn Write + Send>>>,
     payload: bool,
     ram_size: u64,
@@ -208,16 +209,18 @@ pub struct Vm {
     _kvm: Kvm,
 }
 
-/// Wakes the event loop when the guest resets or a vCPU stops.
+/// Wakes the event loop when the guest resets (i8042) or powers off
+/// (ACPI sleep register), or a vCPU stops.
 struct ExitWatcher {
     reset: EventFd,
+    power_off: EventFd,
     exited: EventFd,
-    fired: bool,
+    fired: Option<ExitReason>,
 }
 
 impl MutEventSubscriber for ExitWatcher {
     fn init(&mut self, ops: &mut EventOps) {
-        for (evt, data) in [(&self.reset, 0), (&self.exited, 1)] {
+        for (evt, data) in [(&self.reset, 0), (&self.power_off, 1), (&self.exited, 2)] {
             if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
                 log::error!("watching VM exit events: {e:?}");
             }
@@ -225,11 +228,18 @@ impl MutEventSubscriber for ExitWatcher {
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.data() == 0 {
-            let _ = self.reset.read();
-            self.fired = true;
-        } else {
-            let _ = self.exited.read();
+        match events.data() {
+            0 => {
+                let _ = self.reset.read();
+                self.fired.get_or_insert(ExitReason::Reset);
+            }
+            1 => {
+                let _ = self.power_off.read();
+                self.fired.get_or_insert(ExitReason::PowerOff);
+            }
+            _ => {
+                let _ = self.exited.read();
+            }
         }
     }
 }
@@ -330,6 +340,10 @@ impl Vm {
             reset_evt.try_clone().map_err(io_err("eventfd"))?,
         )));
         let cmos: SharedDevice = Arc::new(Mutex::new(Cmos::new()));
+        let power_off_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let acpi_sleep: SharedDevice = Arc::new(Mutex::new(AcpiSleep::new(
+            power_off_evt.try_clone().map_err(io_err("eventfd"))?,
+        )));
         let insert = |bus: &mut Bus, d: SharedDevice, base, len| {
             bus.insert(d, base, len)
                 .map_err(|e| VmError::Config(e.to_string()))
@@ -337,6 +351,7 @@ impl Vm {
         insert(&mut pio, serial, SerialConsole::COM1, 8)?;
         insert(&mut pio, i8042, I8042::BASE, I8042::LEN)?;
         insert(&mut pio, cmos, Cmos::BASE, Cmos::LEN)?;
+        insert(&mut pio, acpi_sleep, AcpiSleep::BASE, AcpiSleep::LEN)?;
 
         let mut mmio = Bus::new();
         let mut virtio = Vec::new();
@@ -378,6 +393,7 @@ impl Vm {
             pio,
             mmio,
             reset_evt,
+            power_off_evt,
             console,
             payload: false,
             ram_size: config.memory,
@@ -443,9 +459,13 @@ impl Vm {
             cmdline.push_str(&slot.cmdline());
         }
         let len = linux::write_cmdline(&*mem, &cmdline)?;
-        let params = linux::boot_params(&k, len, initrd, self.ram_size)?;
+        let mut params = linux::boot_params(&k, len, initrd, self.ram_size)?;
+        // SMP and power-off through ACPI (kernels without MPPARSE ignore the
+        // MP table); the MP table stays for those that have it.
+        let n = self.vcpus.len() as u8;
+        params.acpi_rsdp_addr = acpi::setup_acpi(&*mem, n).map_err(BootError::Acpi)?;
+        mptable::setup_mptable(&*mem, n).map_err(BootError::Mptable)?;
         linux::write_boot_params(&*mem, &params)?;
-        mptable::setup_mptable(&*mem, self.vcpus.len() as u8).map_err(BootError::Mptable)?;
         vcpu::setup_linux_boot(&self.vcpus[0], &*mem, k.entry.0)?;
         Ok(())
     }
@@ -503,6 +523,7 @@ impl Vm {
             pio,
             mmio,
             reset_evt,
+            power_off_evt,
             console,
             payload,
             vcpu_count,
@@ -537,8 +558,9 @@ impl Vm {
         let exited = EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?;
         let watcher = Arc::new(Mutex::new(ExitWatcher {
             reset: reset_evt,
+            power_off: power_off_evt,
             exited: exited.try_clone().map_err(io("eventfd"))?,
-            fired: false,
+            fired: None,
         }));
         events.add_subscriber(watcher.clone());
 
@@ -575,8 +597,11 @@ impl Vm {
             if let Err(e) = events.run_with_timeout(100) {
                 log::error!("event loop: {e:?}");
             }
-            let reset =
-                std::mem::take(&mut watcher.lock().unwrap_or_else(|p| p.into_inner()).fired);
+            let requested = watcher
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .fired
+                .take();
             while let Ok((id, reason)) = rx.try_recv() {
                 done += 1;
                 let ends_vm = !payload || !reason.is_clean();
@@ -585,8 +610,8 @@ impl Vm {
                 }
                 reasons[usize::from(id)] = Some(reason);
             }
-            if reset && first.is_none() {
-                first = Some(ExitReason::Reset);
+            if first.is_none() {
+                first = requested;
             }
         }
         // Stop whatever still runs: flag, then kick until every thread is out.

@@ -2,6 +2,7 @@
 //! kernel (ELF `vmlinux` or `bzImage`) with its boot parameters, or a flat
 //! payload entered in long mode, optionally at CPL3.
 
+pub mod acpi;
 pub mod gdt;
 pub mod linux;
 pub mod mptable;
@@ -42,6 +43,9 @@ pub enum BootError {
     /// Writing boot structures to guest memory failed.
     #[error("writing boot structures: {0}")]
     Memory(#[from] GuestMemoryError),
+    /// The ACPI tables could not be written.
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] acpi::AcpiError),
     /// The MP table could not be written.
     #[error("MP table: {0}")]
     Mptable(#[from] mptable::MptableError),
