@@ -78,9 +78,19 @@ impl VirtioSlot {
         })
     }
 
-    /// The kernel command-line word that announces the device.
+    /// The kernel command-line word that announces the device (for
+    /// guests without ACPI; the VMM describes it in the DSDT instead).
     pub fn cmdline(&self) -> String {
         format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.irq)
+    }
+
+    /// How the ACPI tables describe the device.
+    pub fn acpi(&self) -> crate::boot::acpi::VirtioMmioDevice {
+        crate::boot::acpi::VirtioMmioDevice {
+            base: self.base,
+            size: VIRTIO_MMIO_SIZE,
+            irq: self.irq,
+        }
     }
 }
 

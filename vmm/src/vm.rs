@@ -453,17 +453,13 @@ impl Vm {
             )?),
             None => None,
         };
-        let mut cmdline = cmdline.to_string();
-        for slot in &self.virtio {
-            cmdline.push(' ');
-            cmdline.push_str(&slot.cmdline());
-        }
-        let len = linux::write_cmdline(&*mem, &cmdline)?;
+        let len = linux::write_cmdline(&*mem, cmdline)?;
         let mut params = linux::boot_params(&k, len, initrd, self.ram_size)?;
         // SMP and power-off through ACPI (kernels without MPPARSE ignore the
         // MP table); the MP table stays for those that have it.
         let n = self.vcpus.len() as u8;
-        params.acpi_rsdp_addr = acpi::setup_acpi(&*mem, n).map_err(BootError::Acpi)?;
+        let virtio: Vec<_> = self.virtio.iter().map(VirtioSlot::acpi).collect();
+        params.acpi_rsdp_addr = acpi::setup_acpi(&*mem, n, &virtio).map_err(BootError::Acpi)?;
         mptable::setup_mptable(&*mem, n).map_err(BootError::Mptable)?;
         linux::write_boot_params(&*mem, &params)?;
         vcpu::setup_linux_boot(&self.vcpus[0], &*mem, k.entry.0)?;

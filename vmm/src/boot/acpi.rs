@@ -86,6 +86,9 @@ pub enum AcpiError {
         /// Room available.
         available: usize,
     },
+    /// A virtio-mmio window that a 32-bit descriptor cannot describe.
+    #[error("a virtio-mmio window lies above 4 GiB")]
+    VirtioWindow,
     /// Guest memory does not cover the area the tables go in.
     #[error("guest memory does not cover the ACPI area {RSDP_ADDR:#x}..{end:#x}")]
     NotEnoughMemory {
@@ -116,6 +119,37 @@ fn fix_checksum(table: &mut [u8]) {
     table[SDT_CHECKSUM_OFFSET] = checksum(table);
 }
 
+/// A virtio-mmio device window and its interrupt line, described to the
+/// guest as an `LNRO0005` device (what Linux's virtio_mmio driver matches).
+/// Interrupts of a hardware-reduced platform are routed only for devices
+/// the DSDT describes, so these are not announced on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    /// Guest-physical base of the register window.
+    pub base: u64,
+    /// Window size.
+    pub size: u64,
+    /// Interrupt line (GSI).
+    pub irq: u32,
+}
+
+impl VirtioMmioDevice {
+    fn aml(&self, index: usize) -> Vec<u8> {
+        let mmio = aml::Memory32Fixed::new(true, self.base as u32, self.size as u32);
+        let int = aml::Interrupt::new(true, true, false, false, self.irq);
+        let crs = aml::ResourceTemplate::new(vec![&mmio, &int]);
+        let hid: aml::AmlStr = "LNRO0005";
+        let hid = aml::Name::new("_HID".into(), &hid);
+        let uid = aml::Name::new("_UID".into(), &(index as u64));
+        let crs = aml::Name::new("_CRS".into(), &crs);
+        let name = format!("_SB_.V{index:03X}");
+        to_bytes(&aml::Device::new(
+            name.as_str().into(),
+            vec![&hid, &uid, &crs],
+        ))
+    }
+}
+
 /// A legacy ISA device: its PNP id, I/O ports and interrupt line. A
 /// hardware-reduced platform has no implicit ISA bus, so the guest finds
 /// (and routes the interrupts of) only the devices the DSDT describes.
@@ -143,15 +177,16 @@ fn isa_device(name: &str, hid: &str, ports: &[(u16, u8)], irq: Option<u32>) -> V
 /// the legacy devices: COM1 and the CMOS clock. The i8042 is left out on
 /// purpose: it is there only for the reset command, and a described PS/2
 /// controller costs the guest a 1.7 s probe.
-fn build_dsdt() -> Vec<u8> {
+fn build_dsdt(virtio: &[VirtioMmioDevice]) -> Vec<u8> {
     let s5 = aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&S5_SLP_TYP, &aml::ZERO]),
     );
-    let devices = [
+    let mut devices = vec![
         isa_device("_SB_.COM1", "PNP0501", &[(0x3f8, 8)], Some(4)),
         isa_device("_SB_.RTC_", "PNP0B00", &[(0x70, 2)], Some(8)),
     ];
+    devices.extend(virtio.iter().enumerate().map(|(i, d)| d.aml(i)));
     let mut dsdt = Sdt::new(
         *b"DSDT",
         SDT_HEADER_LEN as u32,
@@ -231,7 +266,7 @@ fn overwrite(image: &mut [u8], addr: u64, table: &[u8]) {
 }
 
 /// Builds the whole image, RSDP first, to be written at [`RSDP_ADDR`].
-fn build_image(num_cpus: u8) -> Result<Vec<u8>, AcpiError> {
+fn build_image(num_cpus: u8, virtio: &[VirtioMmioDevice]) -> Result<Vec<u8>, AcpiError> {
     if num_cpus == 0 {
         return Err(AcpiError::NoCpus);
     }
@@ -244,7 +279,7 @@ fn build_image(num_cpus: u8) -> Result<Vec<u8>, AcpiError> {
     let mut image = vec![0u8; Rsdp::len()];
     let xsdt_addr = place(&mut image, &build_xsdt(&[0, 0]));
     let fadt_addr = place(&mut image, &build_fadt(0));
-    let dsdt_addr = place(&mut image, &build_dsdt());
+    let dsdt_addr = place(&mut image, &build_dsdt(virtio));
     let madt_addr = place(&mut image, &build_madt(num_cpus));
     overwrite(&mut image, xsdt_addr, &build_xsdt(&[fadt_addr, madt_addr]));
     overwrite(&mut image, fadt_addr, &build_fadt(dsdt_addr));
@@ -276,8 +311,18 @@ fn build_image(num_cpus: u8) -> Result<Vec<u8>, AcpiError> {
 /// [`MAX_CPUS`], [`AcpiError::TablesTooLarge`] if the tables do not fit below
 /// 1 MiB, [`AcpiError::NotEnoughMemory`] if `mem` does not cover where they
 /// go and [`AcpiError::Write`] if writing them fails.
-pub fn setup_acpi<M: GuestMemoryBackend>(mem: &M, num_cpus: u8) -> Result<u64, AcpiError> {
-    let image = build_image(num_cpus)?;
+pub fn setup_acpi<M: GuestMemoryBackend>(
+    mem: &M,
+    num_cpus: u8,
+    virtio: &[VirtioMmioDevice],
+) -> Result<u64, AcpiError> {
+    if virtio
+        .iter()
+        .any(|d| d.base.checked_add(d.size).is_none_or(|e| e > 1 << 32))
+    {
+        return Err(AcpiError::VirtioWindow);
+    }
+    let image = build_image(num_cpus, virtio)?;
     let start = GuestAddress(RSDP_ADDR);
     if !mem.check_range(start, image.len()) {
         return Err(AcpiError::NotEnoughMemory {
@@ -368,7 +413,7 @@ mod tests {
     #[test]
     fn rsdp_points_to_the_xsdt() {
         let mem = guest(1 << 20);
-        assert_eq!(setup_acpi(&mem, 2).unwrap(), RSDP_ADDR);
+        assert_eq!(setup_acpi(&mem, 2, &[]).unwrap(), RSDP_ADDR);
         let xsdt = rsdp(&mem);
         table(&mem, xsdt, b"XSDT");
     }
@@ -376,7 +421,7 @@ mod tests {
     #[test]
     fn xsdt_lists_fadt_and_madt() {
         let mem = guest(1 << 20);
-        setup_acpi(&mem, 2).unwrap();
+        setup_acpi(&mem, 2, &[]).unwrap();
         let entries = xsdt_entries(&mem);
         assert_eq!(entries.len(), 2);
         let mut sigs: Vec<Vec<u8>> = entries
@@ -394,7 +439,7 @@ mod tests {
     #[test]
     fn fadt_is_hardware_reduced_with_sleep_registers() {
         let mem = guest(1 << 20);
-        setup_acpi(&mem, 1).unwrap();
+        setup_acpi(&mem, 1, &[]).unwrap();
         let f = table(&mem, find(&mem, b"FACP"), b"FACP");
         assert_eq!(f.len(), 276);
         assert_eq!(f[8], 6, "FADT major version");
@@ -414,7 +459,7 @@ mod tests {
     #[test]
     fn dsdt_has_s5() {
         let mem = guest(1 << 20);
-        setup_acpi(&mem, 1).unwrap();
+        setup_acpi(&mem, 1, &[]).unwrap();
         let f = table(&mem, find(&mem, b"FACP"), b"FACP");
         let d = table(&mem, u64_at(&f, 140), b"DSDT");
         // NameOp "_S5_" PackageOp PkgLength(5) NumElements(2) BytePrefix 5 ZeroOp
@@ -435,10 +480,53 @@ mod tests {
     }
 
     #[test]
+    fn virtio_devices_are_described_with_their_window_and_irq() {
+        let mem = guest(1 << 20);
+        let devs = [
+            VirtioMmioDevice {
+                base: 0xd000_0000,
+                size: 0x1000,
+                irq: 5,
+            },
+            VirtioMmioDevice {
+                base: 0xd000_1000,
+                size: 0x1000,
+                irq: 6,
+            },
+        ];
+        setup_acpi(&mem, 1, &devs).unwrap();
+        let f = table(&mem, find(&mem, b"FACP"), b"FACP");
+        let d = table(&mem, u64_at(&f, 140), b"DSDT");
+        assert_eq!(checksum(&d), 0);
+        let hits = d.windows(8).filter(|w| w == b"LNRO0005").count();
+        assert_eq!(hits, 2);
+        for dev in devs {
+            // Memory32Fixed: 0x86, length 9, read-write, base, size.
+            let mut m = vec![0x86, 0x09, 0x00, 0x01];
+            m.extend_from_slice(&(dev.base as u32).to_le_bytes());
+            m.extend_from_slice(&(dev.size as u32).to_le_bytes());
+            assert!(d.windows(m.len()).any(|w| w == m), "window of {dev:?}");
+            // Extended interrupt: 0x89, length 6, consumer+edge, 1 irq.
+            let mut i = vec![0x89, 0x06, 0x00, 0x03, 0x01];
+            i.extend_from_slice(&dev.irq.to_le_bytes());
+            assert!(d.windows(i.len()).any(|w| w == i), "irq of {dev:?}");
+        }
+        let high = [VirtioMmioDevice {
+            base: 0xffff_f000,
+            size: 0x2000,
+            irq: 5,
+        }];
+        assert!(matches!(
+            setup_acpi(&mem, 1, &high),
+            Err(AcpiError::VirtioWindow)
+        ));
+    }
+
+    #[test]
     fn madt_describes_cpus_and_ioapic() {
         for n in [1u8, 2, 4, 64, MAX_CPUS] {
             let mem = guest(1 << 20);
-            setup_acpi(&mem, n).unwrap();
+            setup_acpi(&mem, n, &[]).unwrap();
             let m = table(&mem, find(&mem, b"APIC"), b"APIC");
             assert_eq!(u32_at(&m, 36), 0xfee0_0000, "local APIC address");
             assert_eq!(u32_at(&m, 40), 1, "PCAT_COMPAT");
@@ -473,7 +561,7 @@ mod tests {
     #[test]
     fn tables_are_packed_after_the_rsdp() {
         let mem = guest(1 << 20);
-        setup_acpi(&mem, MAX_CPUS).unwrap();
+        setup_acpi(&mem, MAX_CPUS, &[]).unwrap();
         let xsdt = rsdp(&mem);
         let f = find(&mem, b"FACP");
         let dsdt = u64_at(&table(&mem, f, b"FACP"), 140);
@@ -493,9 +581,9 @@ mod tests {
     #[test]
     fn rejects_bad_cpu_counts() {
         let mem = guest(1 << 20);
-        assert!(matches!(setup_acpi(&mem, 0), Err(AcpiError::NoCpus)));
+        assert!(matches!(setup_acpi(&mem, 0, &[]), Err(AcpiError::NoCpus)));
         assert!(matches!(
-            setup_acpi(&mem, 255),
+            setup_acpi(&mem, 255, &[]),
             Err(AcpiError::TooManyCpus(255))
         ));
     }
@@ -504,13 +592,13 @@ mod tests {
     fn rejects_memory_without_the_bios_area() {
         let mem = guest(512 << 10);
         assert!(matches!(
-            setup_acpi(&mem, 1),
+            setup_acpi(&mem, 1, &[]),
             Err(AcpiError::NotEnoughMemory { .. })
         ));
         // Covering 0xe0000 but not everything up to the end of the tables.
         let mem = guest(0xe0000 + 64);
         assert!(matches!(
-            setup_acpi(&mem, 1),
+            setup_acpi(&mem, 1, &[]),
             Err(AcpiError::NotEnoughMemory { .. })
         ));
     }
