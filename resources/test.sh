@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 resources/install-host-deps.sh
 echo "[test] cargo test --workspace" >&2
-cargo test --workspace --release
+REQUIRE_L1=1 cargo test --workspace --release --no-fail-fast

@@ -51,9 +51,10 @@ fn run(cmd: &mut Command) -> Result<String, String> {
     }
 }
 
-/// Builds the release `vmm` binary and returns its path.
+/// Builds the release `vmm` and `vmmctl` binaries; returns the path of
+/// `vmm` (`vmmctl` is beside it).
 pub fn vmm_binary() -> Result<PathBuf, String> {
-    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "vmm", "--bin", "vmm"]))?;
+    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "vmm", "--bins"]))?;
     Ok(target_dir().join("release/vmm"))
 }
 

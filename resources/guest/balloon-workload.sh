@@ -1,0 +1,37 @@
+#!/bin/sh
+# Runs in the guest (as /guest-test.sh): dirties and frees most of memory so
+# the host has it allocated, then keeps a checksummed workload going while
+# the host inflates and deflates the balloon, reporting what it sees.
+# Without deflate-on-OOM the balloon's pages leave MemTotal, so the guest
+# watches MemTotal drop and come back.
+total() { grep MemTotal /proc/meminfo | grep -o '[0-9]*'; }
+t0=$(total)
+mkdir -p /mnt && mount -t tmpfs -o size=90% tmpfs /mnt || exit 1
+dd if=/dev/zero of=/mnt/fill bs=1M count=$((t0 * 8 / 10 / 1024)) 2>/dev/null || exit 1
+rm /mnt/fill
+echo "GUEST-READY MemTotal=$t0"
+phase=inflate
+i=0
+left=5
+while [ $i -lt 300 ] && [ $left -gt 0 ]; do
+    dd if=/dev/urandom of=/mnt/work bs=1M count=32 2>/dev/null || exit 1
+    sum1=$(md5sum /mnt/work | cut -d' ' -f1)
+    sleep 1
+    sum2=$(md5sum /mnt/work | cut -d' ' -f1)
+    [ "$sum1" = "$sum2" ] || { echo "GUEST-WORKLOAD-CORRUPT round $i"; exit 1; }
+    rm /mnt/work
+    t=$(total)
+    echo "GUEST-MEM MemTotal=$t round=$i"
+    # Without deflate-on-OOM the balloon takes its pages out of MemTotal.
+    if [ $phase = inflate ] && [ "$t" -lt $((t0 * 3 / 4)) ]; then
+        echo "GUEST-SAW-INFLATE MemTotal=$t"
+        phase=deflate
+    elif [ $phase = deflate ] && [ "$t" -gt $((t0 - t0 / 20)) ]; then
+        echo "GUEST-SAW-DEFLATE MemTotal=$t"
+        phase=finished
+    fi
+    # Keep working a few rounds after the deflate, under the host's eyes.
+    [ $phase = finished ] && left=$((left - 1))
+    i=$((i + 1))
+done
+echo "GUEST-WORKLOAD-OK rounds=$i phase=$phase"
