@@ -10,13 +10,24 @@ fn debian_kernel_boots_to_init_with_two_vcpus_on_uffd_memfd_memory() {
         return;
     }
     let (_, initramfs) = guest_images().expect("guest images");
+    // The ELF vmlinux on 2 vCPUs, then the same kernel as a bzImage.
     let script = r#"#!/bin/sh
 taskset -c "${L1_VMM_CPU:-1}" /bin/vmm --kernel /guest/vmlinux \
     --initrd /guest/guest-initramfs.cpio.gz --memory 256M --vcpus 2 \
     --mem-backend memfd --fault-handler uffd --stats
 echo "VMM-EXIT-CODE=$?"
+taskset -c "${L1_VMM_CPU:-1}" /bin/vmm --kernel /guest/bzImage \
+    --initrd /guest/guest-initramfs.cpio.gz --memory 128M --vcpus 1
+echo "BZIMAGE-EXIT-CODE=$?"
 "#;
-    let out = run_l1("boot", &[(initramfs, "/guest/")], script, 300).expect("running the L1");
+    let bzimage = integration_tests::l1::repo_root().join("build/kernel/bzImage");
+    let out = run_l1(
+        "boot",
+        &[(initramfs, "/guest/"), (bzimage, "/guest/bzImage")],
+        script,
+        300,
+    )
+    .expect("running the L1");
     let fail = |what: &str| -> ! {
         panic!(
             "{what}\n--- log kept at {} ---\n{}",
@@ -53,5 +64,20 @@ echo "VMM-EXIT-CODE=$?"
     }
     if out.value("VMM-EXIT-CODE", "VMM-EXIT-CODE").as_deref() != Some("0") {
         fail("the VMM did not exit cleanly");
+    }
+    let inits: Vec<&str> = out
+        .log
+        .lines()
+        .filter(|l| l.contains("GUEST-INIT-OK"))
+        .collect();
+    if inits.len() != 2 || !inits[1].contains("nproc=1") {
+        fail("the bzImage did not boot to init");
+    }
+    if out
+        .value("BZIMAGE-EXIT-CODE", "BZIMAGE-EXIT-CODE")
+        .as_deref()
+        != Some("0")
+    {
+        fail("the VMM did not exit cleanly after the bzImage guest");
     }
 }

@@ -651,3 +651,55 @@ impl Vm {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_are_checked() {
+        for (size, page, what) in [
+            (0, 4096, "zero"),
+            (1 << 20, 4096, "too small"),
+            ((64 << 20) + 512, 4096, "not a multiple"),
+            (MAX_MEMORY + 4096, 4096, "larger than"),
+            (3 << 20, 2 << 20, "not a multiple"),
+        ] {
+            let e = check_memory_size(size, page).unwrap_err().to_string();
+            assert!(e.contains(what), "{size:#x}: {e}");
+        }
+        check_memory_size(256 << 20, 4096).unwrap();
+    }
+
+    #[test]
+    fn unusable_backends_are_refused_with_the_path() {
+        let fault = FaultConfig::default();
+        let e = build_memory(64 << 20, &MemBackend::File("/proc".into()), fault.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/proc"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let e = build_memory(
+            64 << 20,
+            &MemBackend::Hugetlbfs(Some(dir.path().join("x"))),
+            fault,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not on a hugetlbfs"), "{e}");
+    }
+
+    #[test]
+    fn big_memory_splits_around_the_gap() {
+        let mem = build_memory(4 << 30, &MemBackend::Memfd, FaultConfig::default()).unwrap();
+        let r = mem.regions();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].guest_base().0, r[0].max_size()), (0, MMIO_GAP_START));
+        assert_eq!(r[1].guest_base().0, MMIO_GAP_END);
+        assert_eq!(r[1].file_offset(), MMIO_GAP_START);
+        assert!(
+            Arc::ptr_eq(r[0].backing(), r[1].backing()),
+            "one backing file"
+        );
+    }
+}
