@@ -23,6 +23,7 @@ use crate::{GuestMem, Result};
 /// let mem = GuestMem::builder().region(RegionConfig::new(0, 1 << 20)).build()?;
 /// inflate(&mem, 5)?;
 /// assert_eq!(mem.stats().discards, 1);
+/// assert_eq!(mem.populated(GuestAddress(5 << 12), 4096), Some(false));
 /// # Ok::<(), guest_mem::Error>(())
 /// ```
 pub trait MemoryBackend: Send + Sync {
@@ -36,6 +37,15 @@ pub trait MemoryBackend: Send + Sync {
     /// Gives `[gpa, gpa + len)` back to the host; the next touch reads zero.
     /// The range must be aligned to the granularity.
     fn discard(&self, gpa: GuestAddress, len: u64) -> Result<()>;
+
+    /// Whether the host holds memory for any of `[gpa, gpa + len)`, or
+    /// `None` when that cannot be told (private mappings, not RAM). Right
+    /// after a discard this must be `Some(false)`: anything else is a page
+    /// that came back behind the discard's back.
+    fn populated(&self, gpa: GuestAddress, len: u64) -> Option<bool> {
+        let _ = (gpa, len);
+        None
+    }
 }
 
 impl MemoryBackend for GuestMem {
@@ -59,5 +69,21 @@ impl MemoryBackend for GuestMem {
 
     fn discard(&self, gpa: GuestAddress, len: u64) -> Result<()> {
         GuestMem::discard(self, gpa, len)
+    }
+
+    fn populated(&self, gpa: GuestAddress, len: u64) -> Option<bool> {
+        let end = gpa.0.checked_add(len)?;
+        let mut at = gpa.0;
+        let mut any = false;
+        while at < end {
+            let (r, off) = self.find(GuestAddress(at))?;
+            if r.is_private() {
+                return None;
+            }
+            let n = (end - at).min(r.plugged_size() - off);
+            any |= r.backing().has_data(r.file_range(off, n)).ok()?;
+            at += n;
+        }
+        Some(any)
     }
 }

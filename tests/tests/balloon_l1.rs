@@ -81,6 +81,16 @@ fn balloon_inflates_returns_memory_and_deflates_under_a_workload() {
     if out.line("GUEST-SAW-INFLATE").is_none() || out.line("GUEST-SAW-DEFLATE").is_none() {
         fail("the guest did not see its memory go and come back");
     }
+    // Every inflated range was a hole when the inflate completed, while the
+    // fault handler served the guest's workload.
+    let strays: Vec<&str> = out
+        .log
+        .lines()
+        .filter(|l| l.contains("\"stray_ranges\""))
+        .collect();
+    if strays.is_empty() || strays.iter().any(|l| !l.contains("\"stray_ranges\": 0")) {
+        fail("stray pages behind balloon discards");
+    }
     if out.line("GUEST-WORKLOAD-OK").is_none() {
         fail("the guest workload did not finish cleanly");
     }

@@ -67,6 +67,9 @@ pub struct BalloonCounters {
     pub rejected_chains: AtomicU64,
     /// Discards the memory backend failed.
     pub discard_errors: AtomicU64,
+    /// Discarded ranges the backend found populated again right after the
+    /// discard (a fault installed behind it): must stay zero.
+    pub stray_ranges: AtomicU64,
 }
 
 /// State the VMM shares with the device: the target, what the guest says
@@ -260,6 +263,16 @@ impl Balloon {
         match self.backend.discard(GuestAddress(start), end - start) {
             Ok(()) => {
                 self.state.counters.discards.fetch_add(1, Ordering::Relaxed);
+                if self.backend.populated(GuestAddress(start), end - start) == Some(true) {
+                    self.state
+                        .counters
+                        .stray_ranges
+                        .fetch_add(1, Ordering::Relaxed);
+                    log::error!(
+                        "balloon: {start:#x}+{:#x} populated right after its discard",
+                        end - start
+                    );
+                }
             }
             Err(e) => {
                 self.state
@@ -606,6 +619,51 @@ mod tests {
         assert!(has_data(&r.mem, 8 * MIB + 4 * BALLOON_PAGE), "page 4 kept");
         assert_eq!(r.queues[0].used().idx().load(), 1, "chain returned");
         assert_eq!(r.mem.stats().discards, 2);
+        assert_eq!(c.stray_ranges.load(Ordering::Relaxed), 0);
+    }
+
+    /// A backend whose discard forgets to punch: what a racing install
+    /// would look like from the balloon's side.
+    struct Leaky(Arc<GuestMem>);
+
+    impl MemoryBackend for Leaky {
+        fn discard_granularity(&self, gpa: GuestAddress) -> Option<u64> {
+            self.0.discard_granularity(gpa)
+        }
+        fn is_ram(&self, gpa: GuestAddress, len: u64) -> bool {
+            self.0.is_ram(gpa, len)
+        }
+        fn discard(&self, _gpa: GuestAddress, _len: u64) -> guest_mem::Result<()> {
+            Ok(())
+        }
+        fn populated(&self, gpa: GuestAddress, len: u64) -> Option<bool> {
+            self.0.populated(gpa, len)
+        }
+    }
+
+    #[test]
+    fn a_range_populated_after_its_discard_is_counted_as_stray() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut r = rig(ram, mem.clone(), 0);
+        r.balloon.backend = Arc::new(Leaky(mem.clone()));
+        populate(&r.mem, 8 * MIB, 8 * MIB + 2 * BALLOON_PAGE);
+        let base = (8 * MIB / BALLOON_PAGE) as u32;
+        let len = pfn_buffer(ram, 5 * MIB, &[base, base + 1, base + 5]);
+        r.queues[0]
+            .add_desc_chains(&[desc(5 * MIB, len, 0, 0)], 0)
+            .unwrap();
+        r.balloon.process_queue(0);
+        // [base, base+2) still has data; base+5 was never touched.
+        assert_eq!(
+            r.balloon
+                .state()
+                .counters
+                .stray_ranges
+                .load(Ordering::Relaxed),
+            1
+        );
     }
 
     #[test]

@@ -77,6 +77,7 @@ impl BalloonHandle {
                 "rejected_pfns": c.rejected_pfns.load(Ordering::Relaxed),
                 "rejected_chains": c.rejected_chains.load(Ordering::Relaxed),
                 "discard_errors": c.discard_errors.load(Ordering::Relaxed),
+                "stray_ranges": c.stray_ranges.load(Ordering::Relaxed),
             }
         })
     }
