@@ -21,6 +21,7 @@
 //! register, `poweroff` in the guest writes `SLP_EN | 5 << 2` to
 //! [`ACPI_SLEEP_PORT`] (see `devices::legacy::AcpiSleep`).
 
+use super::checksum;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -105,12 +106,6 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     let mut bytes = Vec::new();
     table.to_aml_bytes(&mut bytes);
     bytes
-}
-
-/// The value that makes the bytes of `bytes` plus itself sum to 0 (mod 256).
-fn checksum(bytes: &[u8]) -> u8 {
-    let sum = bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b));
-    0u8.wrapping_sub(sum)
 }
 
 /// Recomputes the header checksum of a whole serialized table.
@@ -335,22 +330,9 @@ pub fn setup_acpi<M: GuestMemoryBackend>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::{guest, read_bytes, sum};
     use super::*;
     use vm_memory::GuestMemoryMmap;
-
-    fn guest(size: usize) -> GuestMemoryMmap<()> {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap()
-    }
-
-    fn sum(bytes: &[u8]) -> u8 {
-        bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
-    }
-
-    fn read_bytes(mem: &GuestMemoryMmap<()>, addr: u64, len: usize) -> Vec<u8> {
-        let mut buf = vec![0u8; len];
-        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
-        buf
-    }
 
     fn u32_at(b: &[u8], off: usize) -> u32 {
         u32::from_le_bytes(b[off..off + 4].try_into().unwrap())

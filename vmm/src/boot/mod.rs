@@ -10,6 +10,36 @@ pub mod paging;
 
 use vm_memory::GuestMemoryError;
 
+/// The value that makes the bytes of `bytes` plus itself sum to 0 (mod 256),
+/// as ACPI and MP table checksums need.
+pub(crate) fn checksum(bytes: &[u8]) -> u8 {
+    let sum = bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b));
+    0u8.wrapping_sub(sum)
+}
+
+/// Guest memory and byte helpers for the table tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    /// Plain guest memory of `size` bytes at 0.
+    pub fn guest(size: usize) -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    }
+
+    /// The byte sum of `bytes` (0 for a table with a right checksum).
+    pub fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
+    }
+
+    /// `len` bytes of guest memory at `addr`.
+    pub fn read_bytes(mem: &GuestMemoryMmap<()>, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+}
+
 /// Errors while loading or configuring a guest.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {

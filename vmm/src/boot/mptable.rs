@@ -21,6 +21,7 @@
 //! All multi-byte fields are little-endian, which is the native byte order of
 //! the x86_64 hosts this VMM runs on.
 
+use super::checksum;
 use std::mem::size_of;
 
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
@@ -279,12 +280,6 @@ fn entries_size(num_cpus: usize) -> usize {
         + NUM_LOCAL_INTS * size_of::<MpcLintsrc>()
 }
 
-/// The value that makes the bytes of `bytes` plus itself sum to 0 (mod 256).
-fn checksum(bytes: &[u8]) -> u8 {
-    let sum = bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b));
-    0u8.wrapping_sub(sum)
-}
-
 /// Builds the configuration table entries for `num_cpus` CPUs.
 fn build_entries(num_cpus: u8) -> (Vec<u8>, u16) {
     let mut out = Vec::with_capacity(entries_size(usize::from(num_cpus)));
@@ -431,22 +426,9 @@ pub fn setup_mptable<M: GuestMemoryBackend>(mem: &M, num_cpus: u8) -> Result<(),
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::{guest, read_bytes, sum};
     use super::*;
     use vm_memory::GuestMemoryMmap;
-
-    fn guest(size: usize) -> GuestMemoryMmap<()> {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap()
-    }
-
-    fn sum(bytes: &[u8]) -> u8 {
-        bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
-    }
-
-    fn read_bytes(mem: &GuestMemoryMmap<()>, addr: u64, len: usize) -> Vec<u8> {
-        let mut buf = vec![0u8; len];
-        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
-        buf
-    }
 
     /// Reads the floating pointer and the configuration table header, checks
     /// both checksums and returns the header and its address.
