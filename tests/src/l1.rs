@@ -82,6 +82,22 @@ pub struct L1Output {
 }
 
 impl L1Output {
+    /// Fails the test with `what` and the whole log (also kept on disk).
+    pub fn fail(&self, what: &str) -> ! {
+        panic!(
+            "{what}\n--- log kept at {} ---\n{}",
+            self.log_path.display(),
+            self.log
+        )
+    }
+
+    /// Fails the test unless the L1 script exited 0.
+    pub fn assert_script_ok(&self) {
+        if self.code != 0 {
+            self.fail(&format!("the L1 script failed with {}", self.code));
+        }
+    }
+
     /// The first line containing `marker`.
     pub fn line(&self, marker: &str) -> Option<&str> {
         self.log.lines().find(|l| l.contains(marker))

@@ -47,16 +47,8 @@ fn balloon_inflates_returns_memory_and_deflates_under_a_workload() {
         600,
     )
     .expect("running the L1");
-    let fail = |what: &str| -> ! {
-        panic!(
-            "{what}\n--- log kept at {} ---\n{}",
-            out.log_path.display(),
-            out.log
-        )
-    };
-    if out.code != 0 {
-        fail(&format!("the L1 script failed with {}", out.code));
-    }
+    let fail = |what: &str| -> ! { out.fail(what) };
+    out.assert_script_ok();
     let num = |marker: &str| -> u64 {
         out.value(marker, "allocated_mib")
             .and_then(|v| v.parse().ok())

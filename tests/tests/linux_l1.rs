@@ -28,16 +28,8 @@ echo "BZIMAGE-EXIT-CODE=$?"
         300,
     )
     .expect("running the L1");
-    let fail = |what: &str| -> ! {
-        panic!(
-            "{what}\n--- log kept at {} ---\n{}",
-            out.log_path.display(),
-            out.log
-        )
-    };
-    if out.code != 0 {
-        fail(&format!("the L1 script failed with {}", out.code));
-    }
+    let fail = |what: &str| -> ! { out.fail(what) };
+    out.assert_script_ok();
     let init = out
         .line("GUEST-INIT-OK")
         .unwrap_or_else(|| fail("the guest never reached its init"));
