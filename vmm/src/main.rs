@@ -64,6 +64,11 @@ fn run(args: Args) -> Result<ExitCode, String> {
 }
 
 fn main() -> ExitCode {
+    // Warnings and errors from the VMM, guest-mem and the devices go to
+    // stderr; RUST_LOG=info (or debug) shows more.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_target(true)
+        .init();
     let args = Args::parse();
     match run(args) {
         Ok(code) => code,

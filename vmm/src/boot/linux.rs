@@ -40,6 +40,10 @@ fn bad(path: &Path, reason: impl Into<String>) -> BootError {
     }
 }
 
+fn ram_bytes<M: GuestMemoryBackend>(mem: &M) -> u64 {
+    mem.iter().map(vm_memory::GuestMemoryRegion::len).sum()
+}
+
 /// Loads an x86-64 ELF `vmlinux` or a `bzImage` into guest memory.
 pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<LoadedKernel, BootError> {
     let mut file = File::open(path).map_err(|source| BootError::ReadKernel {
@@ -57,8 +61,19 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<Loaded
         return Err(bad(path, "file is too short to be a kernel image"));
     }
     if magic == *b"\x7fELF" {
-        let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(|e| bad(path, format!("not a loadable x86-64 ELF kernel: {e}")))?;
+        let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|e| {
+            // linux-loader reports a segment it cannot place in guest
+            // memory as a read error; say what that usually means.
+            let hint = if e.to_string().contains("Unable to read kernel image") {
+                format!(
+                    " (does it fit in the {} MiB of guest RAM?)",
+                    ram_bytes(mem) >> 20
+                )
+            } else {
+                String::new()
+            };
+            bad(path, format!("not a loadable x86-64 ELF kernel: {e}{hint}"))
+        })?;
         return Ok(LoadedKernel {
             entry: r.kernel_load,
             setup_header: None,
