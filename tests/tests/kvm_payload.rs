@@ -41,15 +41,13 @@ fn pages_with_data(vm_mem: &guest_mem::GuestMem, from: u64, to: u64) -> u64 {
         .count() as u64
 }
 
-#[test]
-fn cpl3_vcpus_write_and_verify_all_ram_through_the_fault_handler() {
-    if !kvm_available() {
-        eprintln!("skipped: /dev/kvm is not available");
-        return;
-    }
-    let (memory, vcpus) = (64u64 << 20, 4u8);
-    let mut vm = vm(memory, vcpus, Readahead::NONE);
-    assert!(vm.memory().userfault_enabled());
+/// Runs the pattern payload at CPL3 on `vcpus` vCPUs, each over its slice.
+fn run_pattern(
+    memory: u64,
+    vcpus: u8,
+    readahead: Readahead,
+) -> (std::sync::Arc<guest_mem::GuestMem>, vmm::RunOutcome) {
+    let mut vm = vm(memory, vcpus, readahead);
     vm.load_payload(&pattern_payload(LOAD), LOAD, true, |id| {
         let (start, end) = slice(id, vcpus, memory);
         PayloadArgs {
@@ -60,7 +58,18 @@ fn cpl3_vcpus_write_and_verify_all_ram_through_the_fault_handler() {
     })
     .unwrap();
     let mem = vm.memory().clone();
-    let outcome = vm.run().unwrap();
+    (mem, vm.run().unwrap())
+}
+
+#[test]
+fn cpl3_vcpus_write_and_verify_all_ram_through_the_fault_handler() {
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    let (memory, vcpus) = (64u64 << 20, 4u8);
+    let (mem, outcome) = run_pattern(memory, vcpus, Readahead::NONE);
+    assert!(mem.userfault_enabled());
     for (id, r) in outcome.reasons.iter().enumerate() {
         assert!(
             matches!(r, ExitReason::PayloadDone { code: 0, .. }),
@@ -93,18 +102,7 @@ fn readahead_serves_sequential_guest_touches_in_fewer_faults() {
         return;
     }
     let (memory, vcpus) = (64u64 << 20, 2u8);
-    let mut vm = vm(memory, vcpus, Readahead::default());
-    vm.load_payload(&pattern_payload(LOAD), LOAD, true, |id| {
-        let (start, end) = slice(id, vcpus, memory);
-        PayloadArgs {
-            entry: LOAD,
-            stack: LOAD - u64::from(id) * 0x1000,
-            args: [u64::from(id), start, end, 0, 0, 0],
-        }
-    })
-    .unwrap();
-    let mem = vm.memory().clone();
-    let outcome = vm.run().unwrap();
+    let (mem, outcome) = run_pattern(memory, vcpus, Readahead::default());
     assert!(
         outcome.reasons.iter().all(ExitReason::is_clean),
         "{outcome:?}"
