@@ -67,6 +67,11 @@ pub struct BalloonCounters {
     pub rejected_chains: AtomicU64,
     /// Discards the memory backend failed.
     pub discard_errors: AtomicU64,
+    /// Inflate notifications serviced.
+    pub inflate_batches: AtomicU64,
+    /// Time spent servicing them, in microseconds (validation, discards,
+    /// returning the buffers).
+    pub inflate_us: AtomicU64,
     /// Discarded ranges the backend found populated again right after the
     /// discard (a fault installed behind it): must stay zero.
     pub stray_ranges: AtomicU64,
@@ -285,6 +290,7 @@ impl Balloon {
     }
 
     fn inflate(&mut self) {
+        let start = std::time::Instant::now();
         let pfns = self.collect_pfns(0);
         let pfns = self.valid_pfns(pfns);
         self.state
@@ -295,6 +301,10 @@ impl Balloon {
             self.discard(first * BALLOON_PAGE, count * BALLOON_PAGE);
         }
         self.signal(0);
+        let c = &self.state.counters;
+        c.inflate_batches.fetch_add(1, Ordering::Relaxed);
+        c.inflate_us
+            .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
 
     fn deflate(&mut self) {

@@ -78,6 +78,8 @@ impl BalloonHandle {
                 "rejected_chains": c.rejected_chains.load(Ordering::Relaxed),
                 "discard_errors": c.discard_errors.load(Ordering::Relaxed),
                 "stray_ranges": c.stray_ranges.load(Ordering::Relaxed),
+                "inflate_batches": c.inflate_batches.load(Ordering::Relaxed),
+                "inflate_us": c.inflate_us.load(Ordering::Relaxed),
             }
         })
     }
