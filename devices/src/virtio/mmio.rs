@@ -77,6 +77,9 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// Queues notified before DRIVER_OK (Linux's balloon primes its stats
+    /// queue that early), served once the device runs.
+    early_notifies: u64,
     rejected: AtomicU64,
 }
 
@@ -104,6 +107,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            early_notifies: 0,
             rejected: AtomicU64::new(0),
         }
     }
@@ -151,10 +155,17 @@ impl MmioTransport {
     /// The driver notified queue `index` (from the ioeventfd, or a trapped
     /// write to the notify register).
     pub fn queue_notified(&mut self, index: u32) {
-        if self.activated && (index as usize) < self.queues.len() {
-            self.device.process_queue(index as usize);
+        let i = index as usize;
+        if i >= self.queues.len() {
+            self.reject(format_args!(
+                "notify of queue {index}, which does not exist"
+            ));
+        } else if self.activated {
+            self.device.process_queue(i);
+        } else if i < 64 && self.queues[i].ready() {
+            self.early_notifies |= 1 << i;
         } else {
-            self.reject(format_args!("notify of queue {index} in this state"));
+            self.reject(format_args!("notify of queue {index} before it is ready"));
         }
     }
 
@@ -184,6 +195,7 @@ impl MmioTransport {
             self.device.reset();
         }
         self.activated = false;
+        self.early_notifies = 0;
         self.status = 0;
         self.driver_features = 0;
         self.device_features_sel = 0;
@@ -271,7 +283,13 @@ impl MmioTransport {
             }
         };
         match result {
-            Ok(()) => self.activated = true,
+            Ok(()) => {
+                self.activated = true;
+                let early = std::mem::take(&mut self.early_notifies);
+                for i in (0..self.queues.len()).filter(|i| early & (1 << i) != 0) {
+                    self.device.process_queue(i);
+                }
+            }
             Err(e) => {
                 log::error!(
                     "virtio-mmio: activating device {}: {e}",
@@ -541,6 +559,32 @@ mod tests {
         assert!(!t.is_activated());
         assert_eq!(r(&mut t, reg::STATUS), 0);
         assert_eq!(seen.lock().unwrap().resets, 1);
+    }
+
+    #[test]
+    fn a_notify_before_driver_ok_is_served_at_activation() {
+        let (mut t, seen, _) = transport();
+        negotiate(&mut t, 1, 0);
+        setup_queue(&mut t, 1, 0x20000);
+        t.queue_notified(1); // ready: kept for later
+        t.queue_notified(0); // not ready yet: refused
+        assert!(seen.lock().unwrap().processed.is_empty());
+        assert_eq!(t.rejected(), 1);
+        setup_queue(&mut t, 0, 0x10000);
+        w(&mut t, reg::STATUS, 0xf);
+        assert_eq!(seen.lock().unwrap().processed, vec![1]);
+        // A reset forgets notifications the device never saw.
+        w(&mut t, reg::STATUS, 0);
+        negotiate(&mut t, 1, 0);
+        setup_queue(&mut t, 0, 0x10000);
+        setup_queue(&mut t, 1, 0x20000);
+        t.queue_notified(0);
+        w(&mut t, reg::STATUS, 0);
+        negotiate(&mut t, 1, 0);
+        setup_queue(&mut t, 0, 0x10000);
+        setup_queue(&mut t, 1, 0x20000);
+        w(&mut t, reg::STATUS, 0xf);
+        assert_eq!(seen.lock().unwrap().processed, vec![1]);
     }
 
     #[test]
