@@ -59,6 +59,10 @@ pub struct Args {
     /// Let the guest deflate the balloon when it runs out of memory.
     #[arg(long, requires = "balloon")]
     pub balloon_deflate_on_oom: bool,
+    /// Offer free page reporting: the guest hands free memory back by itself.
+    #[arg(long, requires = "balloon", action = clap::ArgAction::Set, default_value_t = true,
+          value_name = "BOOL")]
+    pub balloon_free_page_reporting: bool,
     /// Serve the control API on this Unix socket (created owner-only).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,

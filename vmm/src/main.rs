@@ -20,6 +20,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         serial,
         balloon: args.balloon.then_some(vmm::BalloonOptions {
             deflate_on_oom: args.balloon_deflate_on_oom,
+            free_page_reporting: args.balloon_free_page_reporting,
         }),
         api_socket: args.api_sock.clone(),
     })

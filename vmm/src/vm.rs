@@ -69,12 +69,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
 }
 
-/// Balloon options.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BalloonOptions {
-    /// Let the guest deflate when it runs out of memory.
-    pub deflate_on_oom: bool,
-}
+/// Balloon options: the device's optional features.
+pub type BalloonOptions = devices::virtio::balloon::BalloonConfig;
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -358,7 +354,7 @@ impl Vm {
         let mut balloon = None;
         if let Some(opts) = config.balloon {
             let backend: Arc<dyn guest_mem::backend::MemoryBackend> = mem.clone();
-            let device = Balloon::new(backend, opts.deflate_on_oom);
+            let device = Balloon::new(backend, opts);
             let state = device.state();
             let slot = VirtioSlot::attach(
                 virtio.len() as u32,

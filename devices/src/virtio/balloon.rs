@@ -91,6 +91,27 @@ pub struct BalloonState {
     pub counters: BalloonCounters,
 }
 
+/// Which optional features the device offers.
+#[derive(Debug, Clone, Copy)]
+pub struct BalloonConfig {
+    /// Let the guest take pages back when it runs out of memory
+    /// (`VIRTIO_BALLOON_F_DEFLATE_ON_OOM`).
+    pub deflate_on_oom: bool,
+    /// Let the guest report free pages for the host to discard
+    /// (`VIRTIO_BALLOON_F_REPORTING`).
+    pub free_page_reporting: bool,
+}
+
+impl Default for BalloonConfig {
+    /// Free page reporting on, deflate-on-OOM off.
+    fn default() -> Self {
+        BalloonConfig {
+            deflate_on_oom: false,
+            free_page_reporting: true,
+        }
+    }
+}
+
 /// The balloon device.
 pub struct Balloon {
     backend: Arc<dyn MemoryBackend>,
@@ -108,11 +129,14 @@ pub struct Balloon {
 }
 
 impl Balloon {
-    /// A balloon giving memory back through `backend`; `deflate_on_oom`
-    /// lets the guest take pages back when it runs out of memory.
-    pub fn new(backend: Arc<dyn MemoryBackend>, deflate_on_oom: bool) -> Self {
-        let mut offered = (1 << VIRTIO_BALLOON_F_STATS_VQ) | (1 << VIRTIO_BALLOON_F_REPORTING);
-        if deflate_on_oom {
+    /// A balloon giving memory back through `backend`. The statistics
+    /// queue is always offered; `config` says what else is.
+    pub fn new(backend: Arc<dyn MemoryBackend>, config: BalloonConfig) -> Self {
+        let mut offered = 1 << VIRTIO_BALLOON_F_STATS_VQ;
+        if config.free_page_reporting {
+            offered |= 1 << VIRTIO_BALLOON_F_REPORTING;
+        }
+        if config.deflate_on_oom {
             offered |= 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
         }
         Balloon {
@@ -538,7 +562,13 @@ mod tests {
 
     /// Builds a balloon with mock queues at 1, 2, 3 and 4 MiB.
     fn rig(ram: &guest_mem::GuestMemory, mem: Arc<GuestMem>, features: u64) -> Rig<'_> {
-        let mut balloon = Balloon::new(mem.clone(), true);
+        let mut balloon = Balloon::new(
+            mem.clone(),
+            BalloonConfig {
+                deflate_on_oom: true,
+                free_page_reporting: true,
+            },
+        );
         balloon.ack_features(features);
         let queues: Vec<_> = (0..4)
             .map(|i| MockSplitQueue::create(ram, GuestAddress((i + 1) * MIB), 16))
@@ -808,7 +838,7 @@ mod tests {
     #[test]
     fn config_space_and_queue_roles_follow_features() {
         let mem = memory();
-        let mut b = Balloon::new(mem, false);
+        let mut b = Balloon::new(mem, BalloonConfig::default());
         assert_eq!(b.features() & (1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM), 0);
         b.ack_features(1 << VIRTIO_BALLOON_F_REPORTING);
         assert_eq!((b.stats_queue, b.reporting_queue), (None, Some(2)));
@@ -827,5 +857,22 @@ mod tests {
         assert_eq!(far, [0; 8]);
         assert_eq!(coalesce(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 1), (9, 2)]);
         let _ = GuestAddress(0).unchecked_add(1);
+    }
+
+    #[test]
+    fn features_follow_the_config() {
+        let quiet = Balloon::new(
+            memory(),
+            BalloonConfig {
+                deflate_on_oom: true,
+                free_page_reporting: false,
+            },
+        );
+        assert_eq!(quiet.features() & (1 << VIRTIO_BALLOON_F_REPORTING), 0);
+        assert_ne!(quiet.features() & (1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM), 0);
+        let mut b = quiet;
+        // A driver acking what was not offered gets no reporting queue.
+        b.ack_features(all_features());
+        assert_eq!((b.stats_queue, b.reporting_queue), (Some(2), None));
     }
 }

@@ -253,7 +253,7 @@ impl MutEventSubscriber for ApiServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devices::virtio::balloon::Balloon;
+    use devices::virtio::balloon::{Balloon, BalloonConfig};
     use devices::virtio::Interrupt;
     use guest_mem::RegionConfig;
     use std::io::{Read, Write};
@@ -268,7 +268,7 @@ mod tests {
                 .unwrap(),
         );
         let balloon = with_balloon.then(|| {
-            let dev = Balloon::new(mem.clone(), false);
+            let dev = Balloon::new(mem.clone(), BalloonConfig::default());
             let state = dev.state();
             let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
             let transport = Arc::new(Mutex::new(MmioTransport::new(
