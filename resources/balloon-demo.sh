@@ -51,8 +51,10 @@ wait_actual() {
 echo "== before: guest $(guest_line GUEST-READY | cut -d' ' -f2), host memfd allocated $(field /vm host_allocated_mib) MiB"
 echo "HOST-BEFORE allocated_mib=$(field /vm host_allocated_mib)"
 echo "== inflating the balloon to $TARGET_MIB MiB (PUT /balloon)"
+echo "FAULTS-BEFORE-INFLATE pages_installed=$(field /metrics pages_installed)"
 "$VMMCTL" --sock "$sock" PUT /balloon "{\"target_mib\": $TARGET_MIB}" || exit 1
 wait_actual "$TARGET_MIB" || exit 1
+echo "FAULTS-AFTER-INFLATE pages_installed=$(field /metrics pages_installed)"
 echo "HOST-INFLATED allocated_mib=$(field /vm host_allocated_mib)"
 sleep 3
 echo "== inflated: guest $(guest_line GUEST-MEM | cut -d' ' -f2), host memfd allocated $(field /vm host_allocated_mib) MiB"

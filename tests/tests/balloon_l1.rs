@@ -1,7 +1,8 @@
 //! virtio-balloon driven through the API on the Debian kernel, inside the
-//! nested L1: inflate to half the guest, check the guest's balloon reached
-//! the target and the host got the memory back, keep a workload running,
-//! deflate, check again.
+//! nested L1: inflate to half the guest while its workload keeps the fault
+//! handler busy, check the guest's balloon reached the target, the host got
+//! the memory back and no discarded range was refilled, deflate, check
+//! again.
 
 use integration_tests::l1::{guest_images, l1_unavailable, repo_root, run_l1};
 
@@ -72,6 +73,19 @@ fn balloon_inflates_returns_memory_and_deflates_under_a_workload() {
     }
     if out.line("GUEST-SAW-INFLATE").is_none() || out.line("GUEST-SAW-DEFLATE").is_none() {
         fail("the guest did not see its memory go and come back");
+    }
+    // The fault handler was busy while the balloon inflated: the guest's
+    // workload kept faulting in fresh memory (free page reporting keeps
+    // handing its freed pages back to the host).
+    let installed = |marker: &str| -> u64 {
+        out.value(marker, "pages_installed")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| fail(&format!("no {marker} line")))
+    };
+    let during = installed("FAULTS-AFTER-INFLATE") - installed("FAULTS-BEFORE-INFLATE");
+    eprintln!("pages installed by the fault handler during the inflate: {during}");
+    if during < 4096 {
+        fail("the fault handler was idle during the inflate (fewer than 16 MiB installed)");
     }
     // Every inflated range was a hole when the inflate completed, while the
     // fault handler served the guest's workload.
