@@ -60,7 +60,7 @@ fi
 mkdir -p "$(dirname "$log_file")"
 : >"$log_file"
 
-cmdline="console=ttyS0 panic=-1 quiet${append_extra:+ $append_extra}"
+cmdline="console=ttyS0 panic=-1 quiet loglevel=5${append_extra:+ $append_extra}"
 # shellcheck disable=SC2054 # the commas are QEMU option syntax
 qemu=(
     qemu-system-x86_64 -accel tcg -M q35
