@@ -87,3 +87,101 @@ impl MemoryBackend for GuestMem {
         Some(any)
     }
 }
+
+/// A window of guest-physical memory a device plugs and unplugs in blocks
+/// (virtio-mem): one resizable region whose backing file holds the plugged
+/// prefix. Unplugging inside that prefix punches holes; giving back the
+/// tail truncates the file. Both are truncate-generation invalidations, so
+/// a fault racing with them retries instead of installing stale memory.
+///
+/// ```
+/// use guest_mem::backend::{HotplugBackend, HotplugRegion};
+/// use guest_mem::{GuestMem, RegionConfig};
+/// use std::sync::Arc;
+///
+/// let mut hotplug = RegionConfig::new(4 << 30, 0);
+/// hotplug.max_size = Some(64 << 20);
+/// let mem = Arc::new(
+///     GuestMem::builder()
+///         .region(RegionConfig::new(0, 16 << 20))
+///         .region(hotplug)
+///         .build()?,
+/// );
+/// let window = HotplugRegion::new(mem.clone(), 1)?;
+/// window.set_backed_size(8 << 20)?; // plug the first 8 MiB
+/// window.discard_range(2 << 20, 2 << 20)?; // unplug a block inside it
+/// window.set_backed_size(0)?; // unplug everything
+/// assert_eq!(mem.regions()[1].plugged_size(), 0);
+/// # Ok::<(), guest_mem::Error>(())
+/// ```
+pub trait HotplugBackend: Send + Sync {
+    /// Guest-physical address and size of the whole window.
+    fn window(&self) -> (GuestAddress, u64);
+    /// Bytes of the window the backing file covers now.
+    fn backed_size(&self) -> u64;
+    /// Makes the window's first `size` bytes backed: extends the file (new
+    /// memory reads zero) or truncates it (an invalidation).
+    fn set_backed_size(&self, size: u64) -> Result<()>;
+    /// Gives back `[offset, offset + len)` of the window, which must lie in
+    /// the backed part: a hole punched as one invalidation.
+    fn discard_range(&self, offset: u64, len: u64) -> Result<()>;
+    /// Bytes the window's backing file has allocated on the host.
+    fn allocated_bytes(&self) -> u64;
+}
+
+/// [`HotplugBackend`] over one resizable region of a [`GuestMem`]: a region
+/// built with `max_size` that ends its own backing file.
+#[derive(Debug, Clone)]
+pub struct HotplugRegion {
+    mem: std::sync::Arc<GuestMem>,
+    index: usize,
+}
+
+impl HotplugRegion {
+    /// The window of region `index`.
+    pub fn new(mem: std::sync::Arc<GuestMem>, index: usize) -> Result<Self> {
+        let region = mem
+            .regions()
+            .get(index)
+            .ok_or(crate::Error::NoSuchRegion(index))?;
+        let shared = mem
+            .regions()
+            .iter()
+            .any(|r| r.index() != index && std::sync::Arc::ptr_eq(r.backing(), region.backing()));
+        if shared || region.file_offset() != 0 {
+            return Err(crate::Error::NotResizable(index));
+        }
+        Ok(HotplugRegion { mem, index })
+    }
+
+    fn region(&self) -> &crate::Region {
+        &self.mem.regions()[self.index]
+    }
+}
+
+impl HotplugBackend for HotplugRegion {
+    fn window(&self) -> (GuestAddress, u64) {
+        let r = self.region();
+        (r.guest_base(), r.max_size())
+    }
+
+    fn backed_size(&self) -> u64 {
+        self.region().plugged_size()
+    }
+
+    fn set_backed_size(&self, size: u64) -> Result<()> {
+        self.mem.resize(self.index, size)
+    }
+
+    fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
+        let base = self.region().guest_base().0;
+        let gpa = base
+            .checked_add(offset)
+            .ok_or(crate::Error::TooLarge { size: offset })?;
+        self.mem.discard(GuestAddress(gpa), len)
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        self.region().backing().allocated_bytes().unwrap_or(0)
+    }
+}

@@ -116,16 +116,22 @@ fn check_size(size: u64, page: u64) -> Result<()> {
 impl BackingFile {
     /// An anonymous memfd of `size` bytes (a multiple of the host page size).
     pub fn memfd(name: &str, size: u64) -> Result<Self> {
-        Self::create_memfd(name, size, false)
+        Self::create_memfd(name, size, false, false)
     }
 
     /// An anonymous memfd on hugetlbfs (`MFD_HUGETLB`, default huge page
     /// size). Fails with [`Error::NoHugePages`] when the pool cannot back it.
     pub fn memfd_hugetlb(name: &str, size: u64) -> Result<Self> {
-        Self::create_memfd(name, size, true)
+        Self::create_memfd(name, size, true, false)
     }
 
-    fn create_memfd(name: &str, size: u64, huge: bool) -> Result<Self> {
+    /// A memfd (on hugetlbfs if `huge`) that starts empty, for a region
+    /// whose memory is all plugged later.
+    pub fn memfd_empty(name: &str, huge: bool) -> Result<Self> {
+        Self::create_memfd(name, 0, huge, true)
+    }
+
+    fn create_memfd(name: &str, size: u64, huge: bool, may_be_empty: bool) -> Result<Self> {
         let cname = CString::new(name).map_err(|_| Error::InvalidName(name.to_string()))?;
         let mut flags = libc::MFD_CLOEXEC;
         if huge {
@@ -145,7 +151,9 @@ impl BackingFile {
         } else {
             (BackingKind::Memfd, page_size())
         };
-        check_size(size, page)?;
+        if !(may_be_empty && size == 0) {
+            check_size(size, page)?;
+        }
         if huge {
             check_huge_pool(page, size, None)?;
         }

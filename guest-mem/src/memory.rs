@@ -164,7 +164,11 @@ fn build_region(index: usize, rc: RegionConfig) -> Result<Region> {
         }
     }
     let name = format!("guest-ram-{index}");
+    // A resizable memfd region may start with nothing plugged (hotplug).
+    let empty = rc.size == 0 && max > 0;
     let (backing, offset) = match rc.backing {
+        Backing::Memfd if empty => (Arc::new(BackingFile::memfd_empty(&name, false)?), 0),
+        Backing::MemfdHugetlb if empty => (Arc::new(BackingFile::memfd_empty(&name, true)?), 0),
         Backing::Memfd => (Arc::new(BackingFile::memfd(&name, nonzero(rc.size)?)?), 0),
         Backing::MemfdHugetlb => (
             Arc::new(BackingFile::memfd_hugetlb(&name, nonzero(rc.size)?)?),
