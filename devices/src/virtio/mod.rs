@@ -1,6 +1,7 @@
 //! Virtio devices over the MMIO transport (virtio 1.x, "modern" only).
 
 pub mod balloon;
+pub mod mem;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};

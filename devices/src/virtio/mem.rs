@@ -1,0 +1,681 @@
+//! virtio-mem: device-managed hot(un)plug of guest memory in blocks.
+//!
+//! The device owns a window of guest-physical memory beside boot RAM (a
+//! resizable `guest-mem` region reached through [`HotplugBackend`]). The
+//! host sets `requested_size`; the guest driver plugs and unplugs blocks to
+//! follow it. Plugging past the backing file's end extends the file;
+//! unplugging punches holes, and when the window's tail is unplugged the file
+//! is truncated — both truncate-generation invalidations, so a fault racing
+//! with an unplug retries instead of resurrecting memory. Requests are
+//! hostile input: ranges outside the usable window, unaligned, overflowing
+//! or for blocks in the wrong state are answered with the spec's error and
+//! counted, never a panic.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use guest_mem::backend::HotplugBackend;
+use guest_mem::GuestMemoryAtomic;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{ByteValued, GuestAddressSpace};
+
+use super::{ActivateError, Interrupt, VirtioDevice};
+
+/// The virtio device ID of virtio-mem.
+pub const VIRTIO_ID_MEM: u32 = 24;
+/// Unplugged memory must not be accessed by the driver (it is not backed).
+pub const VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE: u32 = 1;
+/// Block size: 2 MiB, the smallest the Linux driver handles on x86.
+pub const BLOCK_SIZE: u64 = 2 << 20;
+const QUEUE_SIZE: u16 = 128;
+
+/// Request types.
+pub mod req {
+    /// Plug blocks.
+    pub const PLUG: u16 = 0;
+    /// Unplug blocks.
+    pub const UNPLUG: u16 = 1;
+    /// Unplug every block.
+    pub const UNPLUG_ALL: u16 = 2;
+    /// Report the state of blocks.
+    pub const STATE: u16 = 3;
+}
+
+/// Response types.
+pub mod resp {
+    /// Done.
+    pub const ACK: u16 = 0;
+    /// Refused: plugging would exceed the requested size.
+    pub const NACK: u16 = 1;
+    /// Try again later.
+    pub const BUSY: u16 = 2;
+    /// A malformed request (range, alignment, block state).
+    pub const ERROR: u16 = 3;
+}
+
+/// Block states answered to `STATE`.
+pub mod state {
+    /// All blocks plugged.
+    pub const PLUGGED: u16 = 0;
+    /// All blocks unplugged.
+    pub const UNPLUGGED: u16 = 1;
+    /// Some of each.
+    pub const MIXED: u16 = 2;
+}
+
+/// A request as the driver lays it out (24 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemRequest {
+    /// One of [`req`].
+    pub kind: u16,
+    padding: [u16; 3],
+    /// Guest-physical address of the first block.
+    pub addr: u64,
+    /// Number of blocks.
+    pub nb_blocks: u16,
+    padding_1: [u16; 3],
+}
+
+// SAFETY: plain little-endian integers with no implicit padding; any byte
+// pattern is a valid value.
+unsafe impl ByteValued for MemRequest {}
+
+impl MemRequest {
+    /// A request of `kind` for `nb_blocks` blocks at `addr`.
+    pub fn new(kind: u16, addr: u64, nb_blocks: u16) -> Self {
+        MemRequest {
+            kind,
+            addr,
+            nb_blocks,
+            ..Default::default()
+        }
+    }
+}
+
+/// A response (10 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemResponse {
+    /// One of [`resp`].
+    pub kind: u16,
+    padding: [u16; 3],
+    /// For `STATE`: one of [`state`].
+    pub state: u16,
+}
+
+// SAFETY: plain little-endian integers (10 bytes, 2-aligned, no implicit
+// padding); any byte pattern is a valid value.
+unsafe impl ByteValued for MemResponse {}
+
+/// Counters of what the device did and refused.
+#[derive(Debug, Default)]
+pub struct MemCounters {
+    /// Plug requests acknowledged.
+    pub plugs: AtomicU64,
+    /// Unplug and unplug-all requests acknowledged.
+    pub unplugs: AtomicU64,
+    /// Requests answered NACK or ERROR.
+    pub refused: AtomicU64,
+    /// Descriptor chains too malformed to answer.
+    pub rejected_chains: AtomicU64,
+    /// Backend operations (grow, discard, truncate) that failed.
+    pub backend_errors: AtomicU64,
+}
+
+/// State the VMM shares with the device.
+#[derive(Debug, Default)]
+pub struct MemState {
+    /// Bytes the host asks the guest to have plugged.
+    pub requested_size: AtomicU64,
+    /// Bytes the guest has plugged.
+    pub plugged_size: AtomicU64,
+    /// Counters.
+    pub counters: MemCounters,
+}
+
+/// The virtio-mem device.
+pub struct VirtioMem {
+    backend: Arc<dyn HotplugBackend>,
+    state: Arc<MemState>,
+    addr: u64,
+    region_size: u64,
+    /// One entry per block: plugged or not.
+    plugged: Vec<bool>,
+    acked: u64,
+    mem: Option<GuestMemoryAtomic>,
+    interrupt: Option<Arc<Interrupt>>,
+    queue: Option<Queue>,
+}
+
+impl VirtioMem {
+    /// A device over `backend`'s window, which must be block-aligned.
+    pub fn new(backend: Arc<dyn HotplugBackend>) -> Result<Self, String> {
+        let (addr, size) = backend.window();
+        if addr.0 % BLOCK_SIZE != 0 || size % BLOCK_SIZE != 0 || size == 0 {
+            return Err(format!(
+                "virtio-mem window {:#x}+{size:#x} is not a whole number of {BLOCK_SIZE:#x}-byte blocks",
+                addr.0
+            ));
+        }
+        let blocks = usize::try_from(size / BLOCK_SIZE).map_err(|e| e.to_string())?;
+        // Whatever the file holds at start counts as plugged.
+        let backed = backend.backed_size().min(size) / BLOCK_SIZE;
+        let mut plugged = vec![false; blocks];
+        plugged[..backed as usize].fill(true);
+        let state = Arc::new(MemState::default());
+        state
+            .plugged_size
+            .store(backed * BLOCK_SIZE, Ordering::Relaxed);
+        Ok(VirtioMem {
+            backend,
+            state,
+            addr: addr.0,
+            region_size: size,
+            plugged,
+            acked: 0,
+            mem: None,
+            interrupt: None,
+            queue: None,
+        })
+    }
+
+    /// The state shared with the VMM.
+    pub fn state(&self) -> Arc<MemState> {
+        self.state.clone()
+    }
+
+    /// Guest-physical address and size of the window.
+    pub fn window(&self) -> (u64, u64) {
+        (self.addr, self.region_size)
+    }
+
+    fn config(&self) -> [u8; 56] {
+        let mut c = [0u8; 56];
+        let requested = self.state.requested_size.load(Ordering::Relaxed);
+        let plugged = self.state.plugged_size.load(Ordering::Relaxed);
+        c[0..8].copy_from_slice(&BLOCK_SIZE.to_le_bytes());
+        // node_id (8..10) and padding stay zero: no NUMA.
+        c[16..24].copy_from_slice(&self.addr.to_le_bytes());
+        c[24..32].copy_from_slice(&self.region_size.to_le_bytes());
+        // The whole window is usable: the driver may plug anywhere in it.
+        c[32..40].copy_from_slice(&self.region_size.to_le_bytes());
+        c[40..48].copy_from_slice(&plugged.to_le_bytes());
+        c[48..56].copy_from_slice(&requested.to_le_bytes());
+        c
+    }
+
+    /// The blocks `[first, first + n)` of a request, if it names a non-empty,
+    /// aligned range inside the window.
+    fn blocks(&self, addr: u64, nb_blocks: u16) -> Option<std::ops::Range<usize>> {
+        let off = addr.checked_sub(self.addr)?;
+        let len = u64::from(nb_blocks) * BLOCK_SIZE;
+        if nb_blocks == 0 || off % BLOCK_SIZE != 0 || off.checked_add(len)? > self.region_size {
+            return None;
+        }
+        let first = (off / BLOCK_SIZE) as usize;
+        Some(first..first + usize::from(nb_blocks))
+    }
+
+    fn plugged_bytes(&self) -> u64 {
+        self.state.plugged_size.load(Ordering::Relaxed)
+    }
+
+    fn set_plugged_bytes(&self, v: u64) {
+        self.state.plugged_size.store(v, Ordering::Relaxed);
+    }
+
+    /// End of the last plugged block, in bytes from the window's start.
+    fn plugged_end(&self) -> u64 {
+        self.plugged
+            .iter()
+            .rposition(|&p| p)
+            .map_or(0, |i| (i as u64 + 1) * BLOCK_SIZE)
+    }
+
+    fn backend_failed(&self, what: &str, e: guest_mem::Error) -> u16 {
+        let n = self
+            .state
+            .counters
+            .backend_errors
+            .fetch_add(1, Ordering::Relaxed);
+        if n < 16 {
+            log::error!("virtio-mem: {what}: {e}");
+        }
+        resp::ERROR
+    }
+
+    fn plug(&mut self, blocks: std::ops::Range<usize>) -> u16 {
+        if self.plugged[blocks.clone()].iter().any(|&p| p) {
+            return resp::ERROR;
+        }
+        let bytes = blocks.len() as u64 * BLOCK_SIZE;
+        let requested = self.state.requested_size.load(Ordering::Relaxed);
+        if self.plugged_bytes() + bytes > requested {
+            return resp::NACK;
+        }
+        let end = blocks.end as u64 * BLOCK_SIZE;
+        if end > self.backend.backed_size() {
+            if let Err(e) = self.backend.set_backed_size(end) {
+                return self.backend_failed("growing the backing file", e);
+            }
+        }
+        self.plugged[blocks].fill(true);
+        self.set_plugged_bytes(self.plugged_bytes() + bytes);
+        resp::ACK
+    }
+
+    fn unplug(&mut self, blocks: std::ops::Range<usize>) -> u16 {
+        if !self.plugged[blocks.clone()].iter().all(|&p| p) {
+            return resp::ERROR;
+        }
+        let (start, end) = (
+            blocks.start as u64 * BLOCK_SIZE,
+            blocks.end as u64 * BLOCK_SIZE,
+        );
+        self.plugged[blocks.clone()].fill(false);
+        // The part below the new end of plugged memory becomes a hole; the
+        // part above it goes with the truncation.
+        let new_end = self.plugged_end();
+        let result = if start < new_end {
+            self.backend.discard_range(start, end.min(new_end) - start)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| self.shrink_to(new_end));
+        if let Err(e) = result {
+            self.plugged[blocks].fill(true);
+            return self.backend_failed("unplugging", e);
+        }
+        self.set_plugged_bytes(self.plugged_bytes() - (end - start));
+        resp::ACK
+    }
+
+    fn shrink_to(&self, end: u64) -> guest_mem::Result<()> {
+        if end < self.backend.backed_size() {
+            self.backend.set_backed_size(end)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn unplug_all(&mut self) -> u16 {
+        if let Err(e) = self.backend.set_backed_size(0) {
+            return self.backend_failed("unplugging everything", e);
+        }
+        self.plugged.fill(false);
+        self.set_plugged_bytes(0);
+        resp::ACK
+    }
+
+    fn block_state(&self, blocks: std::ops::Range<usize>) -> u16 {
+        let s = &self.plugged[blocks];
+        if s.iter().all(|&p| p) {
+            state::PLUGGED
+        } else if s.iter().all(|&p| !p) {
+            state::UNPLUGGED
+        } else {
+            state::MIXED
+        }
+    }
+
+    /// Carries out one request; returns the response.
+    pub fn handle(&mut self, r: &MemRequest) -> MemResponse {
+        let (addr, nb) = (r.addr, r.nb_blocks);
+        let blocks = self.blocks(addr, nb);
+        let (kind, st) = match (r.kind, blocks) {
+            (req::PLUG, Some(b)) => (self.plug(b), 0),
+            (req::UNPLUG, Some(b)) => (self.unplug(b), 0),
+            (req::UNPLUG_ALL, _) => (self.unplug_all(), 0),
+            (req::STATE, Some(b)) => (resp::ACK, self.block_state(b)),
+            _ => (resp::ERROR, 0),
+        };
+        let c = &self.state.counters;
+        match (kind, r.kind) {
+            (resp::ACK, req::PLUG) => {
+                c.plugs.fetch_add(1, Ordering::Relaxed);
+            }
+            (resp::ACK, req::UNPLUG | req::UNPLUG_ALL) => {
+                c.unplugs.fetch_add(1, Ordering::Relaxed);
+            }
+            (resp::ACK, _) => {}
+            _ => {
+                if c.refused.fetch_add(1, Ordering::Relaxed) < 16 {
+                    log::warn!(
+                        "virtio-mem: answering {kind} to request {} for {nb} blocks at {addr:#x}",
+                        r.kind
+                    );
+                }
+            }
+        }
+        MemResponse {
+            kind,
+            state: st,
+            ..Default::default()
+        }
+    }
+
+    fn reject_chain(&self, why: std::fmt::Arguments<'_>) {
+        let n = self
+            .state
+            .counters
+            .rejected_chains
+            .fetch_add(1, Ordering::Relaxed);
+        if n < 16 {
+            log::warn!("virtio-mem: refusing a descriptor chain: {why}");
+        }
+    }
+
+    fn process_requests(&mut self) {
+        let (Some(mem), Some(mut queue)) =
+            (self.mem.as_ref().map(|m| m.memory()), self.queue.take())
+        else {
+            return;
+        };
+        let mut notify = false;
+        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+            let head = chain.head_index();
+            let mut used = 0u32;
+            match (chain.clone().reader(&*mem), chain.writer(&*mem)) {
+                (Ok(mut reader), Ok(mut writer)) => match reader.read_obj::<MemRequest>() {
+                    Ok(r) => {
+                        let answer = self.handle(&r);
+                        match writer.write_obj(answer) {
+                            Ok(()) => used = std::mem::size_of::<MemResponse>() as u32,
+                            Err(e) => self.reject_chain(format_args!("writing the response: {e}")),
+                        }
+                    }
+                    Err(e) => self.reject_chain(format_args!("reading the request: {e}")),
+                },
+                (Err(e), _) | (_, Err(e)) => self.reject_chain(format_args!("{e}")),
+            }
+            if let Err(e) = queue.add_used(&*mem, head, used) {
+                log::warn!("virtio-mem: add_used: {e}");
+            }
+            notify = true;
+        }
+        if notify && queue.needs_notification(&*mem).unwrap_or(true) {
+            if let Some(i) = &self.interrupt {
+                i.raise(Interrupt::VRING);
+            }
+        }
+        self.queue = Some(queue);
+    }
+}
+
+impl VirtioDevice for VirtioMem {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_MEM
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| config.get(o.checked_add(i)?))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "virtio-mem: ignoring config write at {offset} of {} bytes (read-only)",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        let Some(queue) = queues.into_iter().next().filter(|q| q.ready()) else {
+            return Err(ActivateError::BadQueues("queue 0 is not ready".into()));
+        };
+        self.mem = Some(mem);
+        self.interrupt = Some(interrupt);
+        self.queue = Some(queue);
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        if index == 0 {
+            self.process_requests();
+        } else {
+            log::warn!("virtio-mem: notification on unused queue {index}");
+        }
+    }
+
+    fn reset(&mut self) {
+        // Plugged memory stays plugged across a device reset (the spec
+        // forbids touching it); the driver asks for the state again.
+        self.mem = None;
+        self.interrupt = None;
+        self.queue = None;
+        self.acked = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_mem::backend::HotplugRegion;
+    use guest_mem::{GuestMem, RegionConfig};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const MIB: u64 = 1 << 20;
+    /// The hotplug window: 32 MiB (16 blocks) at 64 MiB.
+    const BASE: u64 = 64 * MIB;
+
+    fn memory() -> Arc<GuestMem> {
+        let mut hotplug = RegionConfig::new(BASE, 0);
+        hotplug.max_size = Some(32 * MIB);
+        Arc::new(
+            GuestMem::builder()
+                .region(RegionConfig::new(0, 16 * MIB))
+                .region(hotplug)
+                .build()
+                .unwrap(),
+        )
+    }
+
+    fn device(mem: &Arc<GuestMem>) -> VirtioMem {
+        VirtioMem::new(Arc::new(HotplugRegion::new(mem.clone(), 1).unwrap())).unwrap()
+    }
+
+    fn block(i: u64) -> u64 {
+        BASE + i * BLOCK_SIZE
+    }
+
+    fn ask(d: &mut VirtioMem, kind: u16, block_index: u64, n: u16) -> (u16, u16) {
+        let r = d.handle(&MemRequest::new(kind, block(block_index), n));
+        (r.kind, r.state)
+    }
+
+    fn file_size(mem: &GuestMem) -> u64 {
+        mem.regions()[1].backing().size()
+    }
+
+    fn has_data(mem: &GuestMem, block_index: u64) -> bool {
+        let r = &mem.regions()[1];
+        r.backing()
+            .has_data(r.file_range(block_index * BLOCK_SIZE, BLOCK_SIZE))
+            .unwrap()
+    }
+
+    #[test]
+    fn plugs_up_to_the_requested_size_and_grows_the_file() {
+        let mem = memory();
+        let mut d = device(&mem);
+        assert_eq!(
+            ask(&mut d, req::PLUG, 0, 1).0,
+            resp::NACK,
+            "nothing requested"
+        );
+        d.state().requested_size.store(8 * MIB, Ordering::Relaxed);
+        assert_eq!(ask(&mut d, req::PLUG, 2, 2).0, resp::ACK);
+        assert_eq!(
+            file_size(&mem),
+            8 * MIB,
+            "the file covers the plugged blocks"
+        );
+        assert_eq!(d.state().plugged_size.load(Ordering::Relaxed), 4 * MIB);
+        assert_eq!(
+            ask(&mut d, req::PLUG, 3, 1).0,
+            resp::ERROR,
+            "already plugged"
+        );
+        assert_eq!(
+            ask(&mut d, req::PLUG, 4, 3).0,
+            resp::NACK,
+            "past the request"
+        );
+        assert_eq!(ask(&mut d, req::PLUG, 0, 2).0, resp::ACK);
+        // The devices' view of memory includes the plugged blocks.
+        let ram = mem.memory().memory();
+        ram.write_obj(0xabu8, GuestAddress(block(3))).unwrap();
+        assert_eq!(ask(&mut d, req::STATE, 0, 4), (resp::ACK, state::PLUGGED));
+        assert_eq!(ask(&mut d, req::STATE, 3, 2), (resp::ACK, state::MIXED));
+        assert_eq!(
+            ask(&mut d, req::STATE, 4, 12),
+            (resp::ACK, state::UNPLUGGED)
+        );
+        assert_eq!(d.state().counters.plugs.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn unplugging_punches_holes_and_truncates_the_tail() {
+        let mem = memory();
+        let mut d = device(&mem);
+        d.state().requested_size.store(32 * MIB, Ordering::Relaxed);
+        assert_eq!(ask(&mut d, req::PLUG, 0, 8).0, resp::ACK);
+        let ram = mem.memory().memory();
+        for i in 0..8 {
+            ram.write_obj(i as u8 + 1, GuestAddress(block(i))).unwrap();
+        }
+        // Inside: a hole, the file keeps its size.
+        assert_eq!(ask(&mut d, req::UNPLUG, 2, 2).0, resp::ACK);
+        assert!(!has_data(&mem, 2) && !has_data(&mem, 3));
+        assert!(has_data(&mem, 1) && has_data(&mem, 4));
+        assert_eq!(file_size(&mem), 16 * MIB);
+        assert_eq!(ask(&mut d, req::UNPLUG, 3, 1).0, resp::ERROR, "not plugged");
+        // The tail: truncated down to the last plugged block.
+        assert_eq!(ask(&mut d, req::UNPLUG, 5, 3).0, resp::ACK);
+        assert_eq!(file_size(&mem), 10 * MIB);
+        assert_eq!(mem.regions()[1].plugged_size(), 10 * MIB);
+        assert_eq!(ask(&mut d, req::UNPLUG, 4, 1).0, resp::ACK);
+        assert_eq!(file_size(&mem), 4 * MIB, "down past the earlier hole");
+        assert_eq!(d.state().plugged_size.load(Ordering::Relaxed), 4 * MIB);
+        // Plugging again reads zero where data was.
+        assert_eq!(ask(&mut d, req::PLUG, 2, 4).0, resp::ACK);
+        let ram = mem.memory().memory();
+        assert_eq!(ram.read_obj::<u8>(GuestAddress(block(4))).unwrap(), 0);
+        assert_eq!(ram.read_obj::<u8>(GuestAddress(block(1))).unwrap(), 2);
+        assert_eq!(ask(&mut d, req::UNPLUG_ALL, 0, 0).0, resp::ACK);
+        assert_eq!(file_size(&mem), 0);
+        assert_eq!(d.state().plugged_size.load(Ordering::Relaxed), 0);
+        assert!(mem.stats().shrinks >= 3);
+    }
+
+    #[test]
+    fn hostile_requests_get_an_error() {
+        let mem = memory();
+        let mut d = device(&mem);
+        d.state().requested_size.store(32 * MIB, Ordering::Relaxed);
+        for (kind, addr, n) in [
+            (req::PLUG, BASE - BLOCK_SIZE, 1),      // before the window
+            (req::PLUG, block(15), 2),              // runs past its end
+            (req::PLUG, block(1) + 4096, 1),        // unaligned
+            (req::PLUG, block(0), 0),               // no blocks
+            (req::PLUG, u64::MAX - 4095, u16::MAX), // overflows
+            (req::STATE, 0, 1),                     // boot RAM
+            (req::UNPLUG, block(16), 1),            // past the end
+            (7, block(0), 1),                       // unknown request
+        ] {
+            let r = d.handle(&MemRequest::new(kind, addr, n));
+            assert_eq!(r.kind, resp::ERROR, "{kind} {addr:#x} {n}");
+        }
+        assert_eq!(d.state().counters.refused.load(Ordering::Relaxed), 8);
+        assert_eq!(file_size(&mem), 0, "nothing was plugged");
+    }
+
+    #[test]
+    fn config_space_describes_the_window() {
+        let mem = memory();
+        let d = device(&mem);
+        d.state().requested_size.store(6 * MIB, Ordering::Relaxed);
+        let mut c = [0u8; 56];
+        d.read_config(0, &mut c);
+        let at = |o: usize| u64::from_le_bytes(c[o..o + 8].try_into().unwrap());
+        assert_eq!(at(0), BLOCK_SIZE);
+        assert_eq!(at(16), BASE);
+        assert_eq!((at(24), at(32)), (32 * MIB, 32 * MIB));
+        assert_eq!((at(40), at(48)), (0, 6 * MIB));
+        let mut far = [1u8; 4];
+        d.read_config(54, &mut far);
+        assert_eq!(far, [0, 0, 0, 0], "past the end reads zero");
+    }
+
+    #[test]
+    fn requests_travel_through_the_queue_and_bad_chains_are_refused() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut d = device(&mem);
+        d.state().requested_size.store(4 * MIB, Ordering::Relaxed);
+        let q = MockSplitQueue::create(ram, GuestAddress(MIB), 16);
+        let mut queue: Queue = q.create_queue().unwrap();
+        queue.set_ready(true);
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        d.ack_features(d.features());
+        d.activate(mem.memory(), irq.clone(), vec![queue]).unwrap();
+        let (req_at, resp_at) = (4 * MIB, 5 * MIB);
+        ram.write_obj(
+            MemRequest::new(req::PLUG, block(0), 2),
+            GuestAddress(req_at),
+        )
+        .unwrap();
+        let desc = |addr: u64, len: u32, flags: u16, next: u16| {
+            RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+        };
+        // A good request, then one whose "response" buffer is read-only,
+        // then one with a 3-byte request.
+        q.build_multiple_desc_chains(&[
+            desc(req_at, 24, 1, 1),
+            desc(resp_at, 10, 2, 0),
+            desc(req_at, 24, 1, 3),
+            desc(resp_at + 64, 10, 0, 0),
+            desc(req_at, 3, 1, 5),
+            desc(resp_at + 128, 10, 2, 0),
+        ])
+        .unwrap();
+        d.process_queue(0);
+        let r: MemResponse = ram.read_obj(GuestAddress(resp_at)).unwrap();
+        assert_eq!(r.kind, resp::ACK);
+        assert_eq!(d.state().plugged_size.load(Ordering::Relaxed), 4 * MIB);
+        assert_eq!(
+            d.state().counters.rejected_chains.load(Ordering::Relaxed),
+            2
+        );
+        assert_ne!(irq.status() & Interrupt::VRING, 0);
+        d.process_queue(3); // no such queue: ignored
+    }
+}
