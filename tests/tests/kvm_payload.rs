@@ -22,6 +22,7 @@ fn vm(memory: u64, vcpus: u8, readahead: Readahead) -> Vm {
         },
         serial: SerialOut::Sink,
         balloon: None,
+        hotplug: None,
         api_socket: None,
     })
     .expect("creating the VM")

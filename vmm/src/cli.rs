@@ -63,6 +63,11 @@ pub struct Args {
     #[arg(long, requires = "balloon", action = clap::ArgAction::Set, default_value_t = true,
           value_name = "BOOL")]
     pub balloon_free_page_reporting: bool,
+    /// Give the guest a virtio-mem window of this size (a multiple of
+    /// 128M) above its RAM, plugged and unplugged at run time through the
+    /// API (`PUT /memory`). Nothing is plugged at start.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub virtio_mem: Option<u64>,
     /// Serve the control API on this Unix socket (created owner-only).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,

@@ -45,6 +45,20 @@ pub const KVM_IDENTITY_MAP: u64 = 0xfffb_c000;
 /// Largest guest memory accepted (1 TiB).
 pub const MAX_MEMORY: u64 = 1 << 40;
 
+/// Linux adds hotplugged memory in blocks of this size (x86-64): a
+/// virtio-mem window is a whole number of them.
+pub const HOTPLUG_ALIGN: u64 = 128 << 20;
+
+/// Where the virtio-mem window starts: above boot RAM and the 4 GiB line,
+/// on a 1 GiB boundary. It is not in the e820 map; the guest's driver adds
+/// what it plugs.
+pub fn hotplug_base(ram_size: u64) -> u64 {
+    let end = ram_ranges(ram_size)
+        .last()
+        .map_or(0, |(gpa, len, _)| gpa + len);
+    end.max(MMIO_GAP_END).next_multiple_of(1 << 30)
+}
+
 /// Boot RAM as (guest address, length, offset in the backing file): below
 /// the MMIO gap, and above 4 GiB for what does not fit.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64, u64)> {
@@ -59,6 +73,14 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hotplug_window_lies_above_ram_and_4_gib() {
+        assert_eq!(hotplug_base(256 << 20), 4 << 30);
+        assert_eq!(hotplug_base(3 << 30), 4 << 30);
+        assert_eq!(hotplug_base(4 << 30), 5 << 30);
+        assert_eq!(hotplug_base((4 << 30) + 4096), 6 << 30);
+    }
 
     #[test]
     fn ram_splits_around_the_mmio_gap() {

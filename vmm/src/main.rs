@@ -22,6 +22,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
             deflate_on_oom: args.balloon_deflate_on_oom,
             free_page_reporting: args.balloon_free_page_reporting,
         }),
+        hotplug: args.virtio_mem,
         api_socket: args.api_sock.clone(),
     })
     .map_err(|e| e.to_string())?;

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::api::{ApiContext, ApiServer, BalloonHandle};
+use crate::api::{ApiContext, ApiServer, BalloonHandle, HotplugHandle};
 use crate::boot::{acpi, linux, mptable, BootError};
 use crate::exit::ExitReason;
 use crate::layout::*;
@@ -24,7 +24,9 @@ use crate::virtio::VirtioSlot;
 use devices::bus::{Bus, SharedDevice};
 use devices::legacy::{AcpiSleep, Cmos, SerialConsole, I8042};
 use devices::virtio::balloon::Balloon;
+use devices::virtio::mem::VirtioMem;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use guest_mem::backend::HotplugRegion;
 use vmm_sys_util::epoll::EventSet;
 
 /// Where guest RAM lives.
@@ -65,6 +67,8 @@ pub struct VmConfig {
     pub serial: SerialOut,
     /// A virtio-balloon, if wanted.
     pub balloon: Option<BalloonOptions>,
+    /// Size of a virtio-mem window for memory plugged at run time, if any.
+    pub hotplug: Option<u64>,
     /// Where to serve the control API, if anywhere.
     pub api_socket: Option<PathBuf>,
 }
@@ -143,6 +147,7 @@ pub fn build_memory(
     size: u64,
     backend: &MemBackend,
     fault: FaultConfig,
+    hotplug: Option<u64>,
 ) -> Result<GuestMem, VmError> {
     let file = match backend {
         MemBackend::Memfd => {
@@ -179,7 +184,35 @@ pub fn build_memory(
         };
         builder = builder.region(rc);
     }
+    if let Some(window) = hotplug {
+        check_hotplug_size(size, window)?;
+        // The window has a memfd of its own, empty until the guest plugs
+        // blocks, so that unplugging its tail can truncate it.
+        let mut rc = RegionConfig::new(hotplug_base(size), 0);
+        rc.max_size = Some(window);
+        if matches!(backend, MemBackend::Hugetlbfs(_)) {
+            rc.backing = Backing::MemfdHugetlb;
+        }
+        builder = builder.region(rc);
+    }
     Ok(builder.build()?)
+}
+
+/// Checks a virtio-mem window size: whole Linux memory blocks, and the
+/// window must end inside the address space the guest can reach.
+pub fn check_hotplug_size(ram: u64, window: u64) -> Result<(), VmError> {
+    if window == 0 || window % HOTPLUG_ALIGN != 0 {
+        return Err(VmError::Config(format!(
+            "the virtio-mem size {window:#x} must be a non-zero multiple of {} MiB",
+            HOTPLUG_ALIGN >> 20
+        )));
+    }
+    if hotplug_base(ram).saturating_add(window) > MAX_MEMORY * 2 {
+        return Err(VmError::Config(format!(
+            "the virtio-mem size {window:#x} is larger than {MAX_MEMORY:#x}"
+        )));
+    }
+    Ok(())
 }
 
 /// A VM ready to boot.
@@ -201,6 +234,7 @@ pub struct Vm {
     backend_desc: String,
     virtio: Vec<VirtioSlot>,
     balloon: Option<BalloonHandle>,
+    hotplug: Option<HotplugHandle>,
     api_socket: Option<PathBuf>,
     _kvm: Kvm,
 }
@@ -297,18 +331,26 @@ impl Vm {
         })
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let mem = Arc::new(build_memory(config.memory, &config.backend, config.fault)?);
+        let mem = Arc::new(build_memory(
+            config.memory,
+            &config.backend,
+            config.fault,
+            config.hotplug,
+        )?);
         for (slot, r) in mem.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
                 guest_phys_addr: r.guest_base().0,
-                memory_size: r.plugged_size(),
+                // The whole window: what is not plugged has no file behind
+                // it, and a guest touching it gets a fault, not memory.
+                memory_size: r.max_size(),
                 userspace_addr: r.host_addr(),
             };
-            // SAFETY: the host range is the region's own mapping, which lives
-            // in `mem`; the Vm drops its vCPU and VM fds before `mem`, and no
-            // other memslot covers these guest addresses.
+            // SAFETY: the host range is the region's own mapping (max_size
+            // bytes), which lives in `mem`; the Vm drops its vCPU and VM fds
+            // before `mem`, and no other memslot covers these guest
+            // addresses.
             unsafe { fd.set_user_memory_region(region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
@@ -369,6 +411,26 @@ impl Vm {
             });
             virtio.push(slot);
         }
+        let mut hotplug = None;
+        if config.hotplug.is_some() {
+            let index = mem.regions().len() - 1;
+            let window = Arc::new(HotplugRegion::new(mem.clone(), index)?);
+            let device = VirtioMem::new(window.clone()).map_err(VmError::Config)?;
+            let state = device.state();
+            let slot = VirtioSlot::attach(
+                virtio.len() as u32,
+                Box::new(device),
+                mem.memory(),
+                &fd,
+                &mut mmio,
+            )?;
+            hotplug = Some(HotplugHandle {
+                state,
+                transport: slot.transport.clone(),
+                window,
+            });
+            virtio.push(slot);
+        }
 
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -397,6 +459,7 @@ impl Vm {
             backend_desc: format!("{:?}", config.backend),
             virtio,
             balloon,
+            hotplug,
             api_socket: config.api_socket,
             _kvm: kvm,
         })
@@ -523,6 +586,7 @@ impl Vm {
             backend_desc,
             virtio,
             balloon,
+            hotplug,
             api_socket,
             ..
         } = self;
@@ -542,6 +606,7 @@ impl Vm {
                 memory: ram_size,
                 backend: backend_desc,
                 balloon,
+                hotplug,
             });
             let server = ApiServer::new(path, ctx)
                 .map_err(io(&format!("creating the API socket {}", path.display())))?;
@@ -670,15 +735,21 @@ mod tests {
     #[test]
     fn unusable_backends_are_refused_with_the_path() {
         let fault = FaultConfig::default();
-        let e = build_memory(64 << 20, &MemBackend::File("/proc".into()), fault.clone())
-            .unwrap_err()
-            .to_string();
+        let e = build_memory(
+            64 << 20,
+            &MemBackend::File("/proc".into()),
+            fault.clone(),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("/proc"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let e = build_memory(
             64 << 20,
             &MemBackend::Hugetlbfs(Some(dir.path().join("x"))),
             fault,
+            None,
         )
         .unwrap_err()
         .to_string();
@@ -687,7 +758,7 @@ mod tests {
 
     #[test]
     fn big_memory_splits_around_the_gap() {
-        let mem = build_memory(4 << 30, &MemBackend::Memfd, FaultConfig::default()).unwrap();
+        let mem = build_memory(4 << 30, &MemBackend::Memfd, FaultConfig::default(), None).unwrap();
         let r = mem.regions();
         assert_eq!(r.len(), 2);
         assert_eq!((r[0].guest_base().0, r[0].max_size()), (0, MMIO_GAP_START));

@@ -1,5 +1,6 @@
 //! The control API: HTTP on a Unix socket (`curl --unix-socket`), created
-//! owner-only. `GET /vm`, `GET|PUT /balloon`, `GET /metrics`.
+//! owner-only. `GET /vm`, `GET|PUT /balloon`, `GET|PUT /memory`,
+//! `GET /metrics`.
 
 pub mod http;
 
@@ -11,8 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::virtio::balloon::{BalloonState, BALLOON_PAGE, STAT_NAMES};
+use devices::virtio::mem::{MemState, BLOCK_SIZE};
 use devices::virtio::mmio::MmioTransport;
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use guest_mem::backend::HotplugBackend;
 use guest_mem::GuestMem;
 use serde_json::{json, Value};
 use vmm_sys_util::epoll::EventSet;
@@ -85,6 +88,59 @@ impl BalloonHandle {
     }
 }
 
+/// The VMM side of virtio-mem: its shared state, its transport and the
+/// window's backing.
+#[derive(Clone)]
+pub struct HotplugHandle {
+    /// Requested and plugged sizes, counters.
+    pub state: Arc<MemState>,
+    /// The transport, to signal configuration changes.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// The window, for its file size and host allocation.
+    pub window: Arc<dyn HotplugBackend>,
+}
+
+impl HotplugHandle {
+    /// Asks the guest to have `bytes` plugged.
+    pub fn set_requested(&self, bytes: u64) {
+        self.state.requested_size.store(bytes, Ordering::Relaxed);
+        self.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config_changed();
+    }
+
+    /// The window as JSON.
+    pub fn describe(&self, boot_ram: u64) -> Value {
+        let s = &self.state;
+        let c = &s.counters;
+        let (base, size) = self.window.window();
+        let active = self
+            .transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_activated();
+        json!({
+            "driver_active": active,
+            "boot_mib": boot_ram >> 20,
+            "window_base": base.0,
+            "window_mib": size >> 20,
+            "block_size": BLOCK_SIZE,
+            "requested_mib": s.requested_size.load(Ordering::Relaxed) >> 20,
+            "plugged_mib": s.plugged_size.load(Ordering::Relaxed) >> 20,
+            "backing_file_mib": self.window.backed_size() >> 20,
+            "host_allocated_mib": self.window.allocated_bytes() >> 20,
+            "counters": {
+                "plugs": c.plugs.load(Ordering::Relaxed),
+                "unplugs": c.unplugs.load(Ordering::Relaxed),
+                "refused": c.refused.load(Ordering::Relaxed),
+                "rejected_chains": c.rejected_chains.load(Ordering::Relaxed),
+                "backend_errors": c.backend_errors.load(Ordering::Relaxed),
+            }
+        })
+    }
+}
+
 /// What the API can see and change.
 pub struct ApiContext {
     /// Guest memory.
@@ -97,7 +153,11 @@ pub struct ApiContext {
     pub backend: String,
     /// The balloon, if the VM has one.
     pub balloon: Option<BalloonHandle>,
+    /// The virtio-mem window, if the VM has one.
+    pub hotplug: Option<HotplugHandle>,
 }
+
+const NO_HOTPLUG: &str = "this VM has no virtio-mem window (start it with --virtio-mem SIZE)";
 
 fn body_json(req: &Request) -> Result<Value, Response> {
     serde_json::from_slice(&req.body)
@@ -118,6 +178,7 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
                 "plugged_mib": ctx.mem.plugged_bytes() >> 20,
                 "host_allocated_mib": ctx.mem.allocated_bytes() >> 20,
                 "balloon": ctx.balloon.is_some(),
+                "virtio_mem": ctx.hotplug.is_some(),
             }),
         ),
         ("GET", "/metrics") => {
@@ -159,7 +220,48 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
             b.set_target_pages(((mib << 20) / BALLOON_PAGE) as u32);
             Response::empty(204)
         }
-        (_, "/vm" | "/metrics" | "/balloon") => Response::error(
+        ("GET", "/memory") => match &ctx.hotplug {
+            Some(h) => Response::json(200, h.describe(ctx.memory)),
+            None => Response::error(404, NO_HOTPLUG),
+        },
+        ("PUT", "/memory") => {
+            let Some(h) = &ctx.hotplug else {
+                return Response::error(404, NO_HOTPLUG);
+            };
+            let v = match body_json(req) {
+                Ok(v) => v,
+                Err(r) => return r,
+            };
+            let Some(mib) = v.get("requested_mib").and_then(Value::as_u64) else {
+                return Response::error(
+                    400,
+                    "expected {\"requested_mib\": N} with N a non-negative integer",
+                );
+            };
+            let window = h.window.window().1;
+            let bytes = mib.saturating_mul(1 << 20);
+            if bytes > window {
+                return Response::error(
+                    400,
+                    format!(
+                        "requested_mib {mib} is larger than the virtio-mem window ({} MiB)",
+                        window >> 20
+                    ),
+                );
+            }
+            if bytes % BLOCK_SIZE != 0 {
+                return Response::error(
+                    400,
+                    format!(
+                        "requested_mib {mib} is not a multiple of the {} MiB block size",
+                        BLOCK_SIZE >> 20
+                    ),
+                );
+            }
+            h.set_requested(bytes);
+            Response::empty(204)
+        }
+        (_, "/vm" | "/metrics" | "/balloon" | "/memory") => Response::error(
             405,
             format!("{} is not allowed on {}", req.method, req.path),
         ),
@@ -254,7 +356,9 @@ impl MutEventSubscriber for ApiServer {
 mod tests {
     use super::*;
     use devices::virtio::balloon::{Balloon, BalloonConfig};
+    use devices::virtio::mem::VirtioMem;
     use devices::virtio::Interrupt;
+    use guest_mem::backend::HotplugRegion;
     use guest_mem::RegionConfig;
     use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
@@ -284,6 +388,7 @@ mod tests {
             memory: 64 << 20,
             backend: "Memfd".into(),
             balloon,
+            hotplug: None,
         }
     }
 
@@ -339,6 +444,67 @@ mod tests {
             32 * 256,
             "unchanged"
         );
+    }
+
+    #[test]
+    fn memory_request_is_set_and_validated() {
+        let mut hot = RegionConfig::new(4 << 30, 0);
+        hot.max_size = Some(256 << 20);
+        let mem = Arc::new(
+            GuestMem::builder()
+                .region(RegionConfig::new(0, 64 << 20))
+                .region(hot)
+                .build()
+                .unwrap(),
+        );
+        let window = Arc::new(HotplugRegion::new(mem.clone(), 1).unwrap());
+        let dev = VirtioMem::new(window.clone()).unwrap();
+        let state = dev.state();
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            Box::new(dev),
+            mem.memory(),
+            irq,
+        )));
+        let c = ApiContext {
+            hotplug: Some(HotplugHandle {
+                state: state.clone(),
+                transport,
+                window,
+            }),
+            mem,
+            ..ctx(false)
+        };
+        let put = |body: &str| handle(&c, &req("PUT", "/memory", body));
+        assert_eq!(put(r#"{"requested_mib": 128}"#).status, 204);
+        assert_eq!(state.requested_size.load(Ordering::Relaxed), 128 << 20);
+        let g = handle(&c, &req("GET", "/memory", "")).body.unwrap();
+        assert_eq!(
+            (
+                &g["requested_mib"],
+                &g["plugged_mib"],
+                &g["window_mib"],
+                &g["boot_mib"]
+            ),
+            (&json!(128), &json!(0), &json!(256), &json!(64))
+        );
+        assert_eq!(g["window_base"], json!(4u64 << 30));
+        for bad in [
+            "{}",
+            r#"{"requested_mib": 257}"#,
+            r#"{"requested_mib": 3}"#,
+            r#"{"requested_mib": 18446744073709551615}"#,
+        ] {
+            let r = put(bad);
+            assert_eq!(r.status, 400, "{bad:?}");
+            assert!(r.body.unwrap()["error"].is_string());
+        }
+        assert_eq!(state.requested_size.load(Ordering::Relaxed), 128 << 20);
+        let vm = handle(&c, &req("GET", "/vm", "")).body.unwrap();
+        assert_eq!(vm["virtio_mem"], json!(true));
+        let none = ctx(false);
+        assert_eq!(handle(&none, &req("GET", "/memory", "")).status, 404);
+        assert_eq!(handle(&none, &req("DELETE", "/memory", "")).status, 405);
     }
 
     #[test]
