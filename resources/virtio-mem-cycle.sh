@@ -1,0 +1,85 @@
+#!/bin/sh
+# Boots the guest with a virtio-mem window and drives it through the API:
+# plugs 256 MiB, lets the guest use it, unplugs it, plugs it again and
+# unplugs it while the guest faults in fresh memory. Prints the host's view
+# (the window's backing file and its allocation) at each step. Runs where
+# /dev/kvm can run the guest: inside the L1 or on a host with vmx/svm.
+# POSIX sh, so busybox runs it.
+#
+# Environment: VMM, VMMCTL, KERNEL, INITRD (paths), MEMORY_MIB (512),
+# WINDOW_MIB (512), PLUG_MIB (256), VMM_CPU (CPU to pin the VMM to).
+VMM=${VMM:-/bin/vmm}
+VMMCTL=${VMMCTL:-/bin/vmmctl}
+KERNEL=${KERNEL:-/guest/vmlinux}
+INITRD=${INITRD:-/guest/virtio-mem.cpio.gz}
+MEMORY_MIB=${MEMORY_MIB:-512}
+WINDOW_MIB=${WINDOW_MIB:-512}
+PLUG_MIB=${PLUG_MIB:-256}
+VMM_CPU=${VMM_CPU:-${L1_VMM_CPU:-}}
+dir=$(mktemp -d /tmp/virtio-mem.XXXXXX)
+sock=$dir/api.sock
+serial=$dir/serial.log
+
+field() { "$VMMCTL" --sock "$sock" GET "$1" | grep -o "\"$2\": [0-9]*" | head -1 | grep -o '[0-9]*$'; }
+pin=""
+[ -n "$VMM_CPU" ] && pin="taskset -c $VMM_CPU"
+
+$pin "$VMM" --kernel "$KERNEL" --initrd "$INITRD" --memory "${MEMORY_MIB}M" \
+    --virtio-mem "${WINDOW_MIB}M" --api-sock "$sock" --serial "file:$serial" --stats \
+    --cmdline "console=ttyS0 reboot=k panic=-1 noxsave memhp_default_state=online_movable" &
+vmm=$!
+trap 'echo "--- guest console ---"; cat "$serial"' EXIT
+
+# wait_guest MARKER: until the guest printed MARKER.
+wait_guest() {
+    n=0
+    until grep -q "$1" "$serial" 2>/dev/null; do
+        sleep 1
+        n=$((n + 1))
+        kill -0 $vmm 2>/dev/null || { echo "the VMM exited early"; return 1; }
+        grep -q GUEST-TIMEOUT "$serial" && { grep GUEST-TIMEOUT "$serial"; return 1; }
+        [ $n -lt 300 ] || { echo "the guest never printed $1"; return 1; }
+    done
+}
+# request MIB: asks for MIB plugged and waits until the guest follows.
+request() {
+    "$VMMCTL" --sock "$sock" PUT /memory "{\"requested_mib\": $1}" || return 1
+    n=0
+    while [ "$(field /memory plugged_mib)" != "$1" ]; do
+        kill -0 $vmm 2>/dev/null || { echo "the VMM exited while plugging $1 MiB"; return 1; }
+        sleep 1
+        n=$((n + 1))
+        [ $n -lt 300 ] || { echo "plugged stuck at $(field /memory plugged_mib) MiB, wanted $1"; return 1; }
+    done
+    echo "PLUGGED-SECONDS requested=$1 s=$n"
+}
+# host MARKER: one snapshot of the window as the host sees it.
+host() {
+    m=$("$VMMCTL" --sock "$sock" GET /memory)
+    num() { echo "$m" | grep -o "\"$1\": [0-9]*" | head -1 | grep -o '[0-9]*$'; }
+    echo "$1 allocated_mib=$(num host_allocated_mib) file_mib=$(num backing_file_mib) plugged_mib=$(num plugged_mib)"
+}
+
+wait_guest GUEST-READY || exit 1
+host HOT-BEFORE
+echo "== plugging $PLUG_MIB MiB (PUT /memory)"
+request "$PLUG_MIB" || exit 1
+wait_guest GUEST-USED-HOTPLUG || exit 1
+host HOT-USED
+echo "== unplugging it"
+request 0 || exit 1
+host HOT-UNPLUGGED
+wait_guest GUEST-SAW-UNPLUG || exit 1
+echo "== plugging again, then unplugging while the guest faults in fresh memory"
+request "$PLUG_MIB" || exit 1
+wait_guest GUEST-SAW-REPLUG || exit 1
+sleep 2
+echo "FAULTS-BEFORE-UNPLUG pages_installed=$(field /metrics pages_installed)"
+request 0 || exit 1
+echo "FAULTS-AFTER-UNPLUG pages_installed=$(field /metrics pages_installed)"
+host HOT-UNPLUGGED-UNDER-LOAD
+"$VMMCTL" --sock "$sock" GET /memory
+wait $vmm
+code=$?
+echo "VMM-EXIT-CODE=$code"
+exit $code
