@@ -70,6 +70,23 @@ pub fn guest_images() -> Result<(PathBuf, PathBuf), String> {
     ))
 }
 
+/// A guest initramfs `build/guest-NAME.cpio.gz` whose init runs the
+/// repository file `script` as its test (after [`guest_images`]).
+pub fn guest_image_with(name: &str, script: &str) -> Result<PathBuf, String> {
+    guest_images()?;
+    let image = repo_root().join(format!("build/guest-{name}.cpio.gz"));
+    run(Command::new("bash")
+        .arg("resources/build-initramfs.sh")
+        .arg("--out")
+        .arg(&image)
+        .arg("--extra")
+        .arg(format!(
+            "{}:/guest-test.sh",
+            repo_root().join(script).display()
+        )))?;
+    Ok(image)
+}
+
 /// What an L1 run printed, and its script's exit code.
 #[derive(Debug)]
 pub struct L1Output {

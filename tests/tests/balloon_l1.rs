@@ -4,7 +4,7 @@
 //! the memory back and no discarded range was refilled, deflate, check
 //! again.
 
-use integration_tests::l1::{guest_images, l1_unavailable, repo_root, run_l1};
+use integration_tests::l1::{guest_image_with, l1_unavailable, repo_root, run_l1};
 
 /// In the L1: the demo's own balloon script, told where things are.
 const L1: &str = r#"#!/bin/sh
@@ -17,20 +17,8 @@ fn balloon_inflates_returns_memory_and_deflates_under_a_workload() {
         eprintln!("skipped: {why}");
         return;
     }
-    let _ = guest_images().expect("guest images");
-    let build = repo_root().join("build");
-    let guest_script = repo_root().join("resources/guest/balloon-workload.sh");
-    let image = build.join("guest-balloon.cpio.gz");
-    let ok = std::process::Command::new("bash")
-        .current_dir(repo_root())
-        .args(["resources/build-initramfs.sh", "--out"])
-        .arg(&image)
-        .arg("--extra")
-        .arg(format!("{}:/guest-test.sh", guest_script.display()))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "building the balloon guest initramfs");
+    let image = guest_image_with("balloon", "resources/guest/balloon-workload.sh")
+        .expect("building the balloon guest initramfs");
     let vmmctl = integration_tests::l1::vmm_binary()
         .unwrap()
         .with_file_name("vmmctl");

@@ -4,7 +4,7 @@
 //! backing file was truncated away, then unplug again while the guest
 //! faults in fresh memory.
 
-use integration_tests::l1::{guest_images, l1_unavailable, repo_root, run_l1};
+use integration_tests::l1::{guest_image_with, l1_unavailable, repo_root, run_l1};
 
 const L1: &str = r#"#!/bin/sh
 VMMCTL=/bin/vmmctl MEMORY_MIB=512 WINDOW_MIB=512 PLUG_MIB=256 sh /guest/virtio-mem-cycle.sh
@@ -16,23 +16,8 @@ fn virtio_mem_plugs_and_unplugs_256_mib_under_a_workload() {
         eprintln!("skipped: {why}");
         return;
     }
-    let _ = guest_images().expect("guest images");
-    let image = repo_root().join("build/guest-virtio-mem.cpio.gz");
-    let ok = std::process::Command::new("bash")
-        .current_dir(repo_root())
-        .args(["resources/build-initramfs.sh", "--out"])
-        .arg(&image)
-        .arg("--extra")
-        .arg(format!(
-            "{}:/guest-test.sh",
-            repo_root()
-                .join("resources/guest/virtio-mem-workload.sh")
-                .display()
-        ))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "building the virtio-mem guest initramfs");
+    let image = guest_image_with("virtio-mem", "resources/guest/virtio-mem-workload.sh")
+        .expect("building the virtio-mem guest initramfs");
     let vmmctl = integration_tests::l1::vmm_binary()
         .unwrap()
         .with_file_name("vmmctl");

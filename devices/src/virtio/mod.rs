@@ -63,6 +63,18 @@ impl Interrupt {
     }
 }
 
+/// Copies `data.len()` bytes of a device's configuration space from
+/// `offset`; bytes past its end (or an offset that overflows) read zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// A virtio device behind the MMIO transport. Everything the driver sends is
 /// untrusted: devices validate it and never panic on it.
 pub trait VirtioDevice: Send {

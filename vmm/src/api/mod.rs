@@ -22,6 +22,14 @@ use vmm_sys_util::epoll::EventSet;
 
 use http::{Request, Response};
 
+/// Tells a device's driver that its configuration changed.
+fn config_changed(transport: &Mutex<MmioTransport>) {
+    transport
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .config_changed();
+}
+
 /// The VMM side of the balloon: its shared state and its transport.
 #[derive(Clone)]
 pub struct BalloonHandle {
@@ -35,10 +43,7 @@ impl BalloonHandle {
     /// Asks the guest to hold `pages` balloon pages.
     pub fn set_target_pages(&self, pages: u32) {
         self.state.target_pages.store(pages, Ordering::Relaxed);
-        self.transport
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .config_changed();
+        config_changed(&self.transport);
     }
 
     /// The balloon as JSON; asks the guest for fresh statistics.
@@ -104,10 +109,7 @@ impl HotplugHandle {
     /// Asks the guest to have `bytes` plugged.
     pub fn set_requested(&self, bytes: u64) {
         self.state.requested_size.store(bytes, Ordering::Relaxed);
-        self.transport
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .config_changed();
+        config_changed(&self.transport);
     }
 
     /// The window as JSON.
