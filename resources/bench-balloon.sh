@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Balloon benchmark: this VMM's virtio-balloon against QEMU's, on the same
+# guest (Debian kernel, 256 MiB, 1 vCPU) in the same L1, alternately. The
+# guest dirties nearly all its free memory and idles; then the balloon is
+# inflated by 128 MiB and deflated again. Measured: the time from the
+# request (PUT /balloon; QMP `balloon`) to the device's `actual` reaching the
+# target, polled every 50 ms, and the host memory returned: the drop of the
+# VMM's RssShmem (guest RAM is a memfd for both). Free page reporting is off
+# for both, so only the balloon gives memory back. Prints a table and writes
+# target/bench/balloon.json.
+#
+# Usage: resources/bench-balloon.sh [--runs N] [--memory MiB] [--inflate MiB]
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
+
+runs=3
+memory=256
+inflate=128
+while (($#)); do
+    case "$1" in
+        --runs) runs="$2"; shift 2 ;;
+        --memory) memory="$2"; shift 2 ;;
+        --inflate) inflate="$2"; shift 2 ;;
+        -h | --help) usage; exit 0 ;;
+        *) die "unknown argument: $1 (see --help)" ;;
+    esac
+done
+for v in "$runs" "$memory" "$inflate"; do
+    [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "--runs, --memory and --inflate take positive integers"
+done
+((inflate < memory)) || die "--inflate must be less than --memory"
+bench_prepare
+image="$GUEST_CACHE/guest-balloon-idle.cpio.gz"
+"$RESOURCES_DIR/build-initramfs.sh" --out "$image" \
+    --extra "$RESOURCES_DIR/guest/balloon-idle.sh:/guest-test.sh"
+
+script="$GUEST_CACHE/bench/balloon.sh"
+mkdir -p "$(dirname "$script")"
+cmdline="console=ttyS0 reboot=k panic=-1 noxsave quiet"
+cat >"$script" <<SCRIPT
+#!/bin/sh
+# In the L1: each VMM in turn boots the idle guest, inflates, deflates.
+MEM=$memory
+INFLATE=$inflate
+CPU=\${L1_VMM_CPU:-0}
+now() { cut -d' ' -f1 /proc/uptime; }
+since() { awk "BEGIN { printf \"%.3f\", \$(now) - \$1 }"; }
+shmem_mib() { awk '/^RssShmem/ { printf "%.1f", \$2 / 1024 }' /proc/\$1/status; }
+wait_ready() {
+    n=0
+    until grep -q GUEST-READY \$1 2>/dev/null; do
+        sleep 0.2
+        n=\$((n + 1))
+        [ \$n -lt 1500 ] || { echo "BENCH-ERROR the guest never got ready"; cat \$1; return 1; }
+    done
+    sleep 2
+}
+# until_equal WANT CMD...: polls CMD every 50 ms until it prints WANT.
+until_equal() {
+    want=\$1
+    shift
+    n=0
+    until [ "\$("\$@")" = "\$want" ]; do
+        sleep 0.05
+        n=\$((n + 1))
+        [ \$n -lt 6000 ] || { echo "BENCH-ERROR stuck waiting for \$want"; return 1; }
+    done
+}
+
+vmm_actual() { /bin/vmmctl --sock /tmp/api.sock GET /balloon | grep -o '"actual_mib": [0-9]*' | grep -o '[0-9]*\$'; }
+bench_vmm() {
+    rm -f /tmp/api.sock /tmp/serial.vmm
+    taskset -c \$CPU /bin/vmm --kernel /guest/vmlinux --initrd /guest/balloon-idle.cpio.gz \\
+        --memory \${MEM}M --mem-backend memfd --cmdline "$cmdline" --serial file:/tmp/serial.vmm \\
+        --balloon --balloon-free-page-reporting false --api-sock /tmp/api.sock 2>/tmp/vmm.err &
+    pid=\$!
+    wait_ready /tmp/serial.vmm || return 1
+    before=\$(shmem_mib \$pid)
+    t=\$(now)
+    /bin/vmmctl --sock /tmp/api.sock PUT /balloon "{\"target_mib\": \$INFLATE}" >/dev/null
+    until_equal \$INFLATE vmm_actual || return 1
+    inflate_s=\$(since \$t)
+    sleep 1
+    after=\$(shmem_mib \$pid)
+    t=\$(now)
+    /bin/vmmctl --sock /tmp/api.sock PUT /balloon '{"target_mib": 0}' >/dev/null
+    until_equal 0 vmm_actual || return 1
+    deflate_s=\$(since \$t)
+    echo "BENCH vmm run=\$run inflate_s=\$inflate_s deflate_s=\$deflate_s shmem_before_mib=\$before shmem_after_mib=\$after"
+    kill \$pid
+    wait \$pid 2>/dev/null
+    return 0
+}
+
+qmp() { echo "\$1" >&3; while IFS= read -r reply <&4; do case "\$reply" in *'"event"'*) ;; *) echo "\$reply"; return ;; esac; done; }
+qemu_actual() { qmp '{"execute": "query-balloon"}' | grep -o '"actual": [0-9]*' | awk '{ print (\$2 / 1048576) }'; }
+bench_qemu() {
+    rm -f /tmp/qmp.in /tmp/qmp.out /tmp/serial.qemu
+    mkfifo /tmp/qmp.in /tmp/qmp.out
+    taskset -c \$CPU qemu-system-x86_64 -accel kvm -M microvm,rtc=on -cpu host -m \${MEM}M \\
+        -display none -no-reboot -nodefaults -serial file:/tmp/serial.qemu \\
+        -object memory-backend-memfd,id=mem,size=\${MEM}M,share=on -machine memory-backend=mem \\
+        -device virtio-balloon-device -chardev pipe,id=qmp,path=/tmp/qmp -mon chardev=qmp,mode=control \\
+        -kernel /guest/vmlinux -initrd /guest/balloon-idle.cpio.gz -append "$cmdline" 2>/tmp/qemu.err &
+    pid=\$!
+    exec 3>/tmp/qmp.in 4</tmp/qmp.out
+    read -r greeting <&4
+    qmp '{"execute": "qmp_capabilities"}' >/dev/null
+    wait_ready /tmp/serial.qemu || return 1
+    before=\$(shmem_mib \$pid)
+    t=\$(now)
+    qmp "{\"execute\": \"balloon\", \"arguments\": {\"value\": \$(((MEM - INFLATE) << 20))}}" >/dev/null
+    until_equal \$((MEM - INFLATE)) qemu_actual || return 1
+    inflate_s=\$(since \$t)
+    sleep 1
+    after=\$(shmem_mib \$pid)
+    t=\$(now)
+    qmp "{\"execute\": \"balloon\", \"arguments\": {\"value\": \$((MEM << 20))}}" >/dev/null
+    until_equal \$MEM qemu_actual || return 1
+    deflate_s=\$(since \$t)
+    echo "BENCH qemu run=\$run inflate_s=\$inflate_s deflate_s=\$deflate_s shmem_before_mib=\$before shmem_after_mib=\$after"
+    qmp '{"execute": "quit"}' >/dev/null
+    exec 3>&- 4<&-
+    wait \$pid 2>/dev/null
+    return 0
+}
+
+run=1
+while [ \$run -le $runs ]; do
+    bench_vmm || { tail -5 /tmp/vmm.err; exit 1; }
+    bench_qemu || { tail -5 /tmp/qemu.err; exit 1; }
+    run=\$((run + 1))
+done
+SCRIPT
+bench_run_l1 balloon "$script" --add "$image:/guest/balloon-idle.cpio.gz"
+
+mkdir -p "$REPO_ROOT/target/bench"
+python3 - "$GUEST_CACHE/bench/balloon.log" "$memory" "$inflate" \
+    "$REPO_ROOT/target/bench/balloon.json" <<'PY'
+import json, re, statistics, sys
+log, memory, inflate, out_path = sys.argv[1:5]
+inflate = int(inflate)
+pat = re.compile(r"BENCH (\w+) run=\d+ inflate_s=([\d.]+) deflate_s=([\d.]+) "
+                 r"shmem_before_mib=([\d.]+) shmem_after_mib=([\d.]+)")
+runs = {"vmm": [], "qemu": []}
+for line in open(log, errors="replace"):
+    m = pat.search(line)
+    if m and m.group(1) in runs:
+        i, d, b, a = map(float, m.groups()[1:])
+        runs[m.group(1)].append({
+            "inflate_s": i, "deflate_s": d, "shmem_before_mib": b, "shmem_after_mib": a,
+            "inflate_mib_s": inflate / i, "deflate_mib_s": inflate / d,
+            "returned_mib": b - a,
+        })
+if not runs["vmm"] or not runs["qemu"]:
+    sys.exit(f"bench-balloon: a VMM did not complete a run; see {log}")
+med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in runs.items()}
+out = {
+    "vmm_inflate_mib_s": med["vmm"]["inflate_mib_s"],
+    "vmm_deflate_mib_s": med["vmm"]["deflate_mib_s"],
+    "qemu_inflate_mib_s": med["qemu"]["inflate_mib_s"],
+    "qemu_deflate_mib_s": med["qemu"]["deflate_mib_s"],
+    "returned_pct": 100 * med["vmm"]["returned_mib"] / inflate,
+    "qemu_returned_pct": 100 * med["qemu"]["returned_mib"] / inflate,
+    "inflate_ratio": med["vmm"]["inflate_mib_s"] / med["qemu"]["inflate_mib_s"],
+    "deflate_ratio": med["vmm"]["deflate_mib_s"] / med["qemu"]["deflate_mib_s"],
+    "memory_mib": int(memory), "inflate_mib": inflate,
+    "runs": runs,
+}
+with open(out_path, "w") as f:
+    json.dump(out, f, indent=2)
+print(f"{'':6} {'inflate s':>10} {'MiB/s':>8} {'deflate s':>10} {'MiB/s':>8} {'returned MiB':>13} {'%':>6}")
+for k in ("vmm", "qemu"):
+    m = med[k]
+    print(f"{k:6} {m['inflate_s']:>10.2f} {m['inflate_mib_s']:>8.1f} {m['deflate_s']:>10.2f}"
+          f" {m['deflate_mib_s']:>8.1f} {m['returned_mib']:>13.1f} {100 * m['returned_mib'] / inflate:>6.1f}")
+print(f"vmm/qemu: inflate {out['inflate_ratio']:.2f}x, deflate {out['deflate_ratio']:.2f}x"
+      f"   -> {out_path}")
+PY

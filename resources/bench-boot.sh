@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Boot benchmark: this VMM against QEMU (-M microvm,rtc=on) booting the same
+# Debian kernel and initramfs with the same memory and vCPUs, alternately,
+# in one L1. Per run: the wall time from starting the VMM to the guest
+# init's marker (GUEST-INIT-OK), and the VMM's resident memory outside guest
+# RAM at that moment (the Rss of every mapping in /proc/PID/smaps but the
+# guest RAM memfd). A third row, this VMM with the kernel serving its page
+# faults (--fault-handler kernel), shows what userfaultfd costs at boot.
+# Prints a table and writes target/bench/boot.json (medians, every run).
+#
+# Usage: resources/bench-boot.sh [--runs N] [--memory MiB] [--vcpus N]
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
+
+runs=5
+memory=256
+vcpus=1
+while (($#)); do
+    case "$1" in
+        --runs) runs="$2"; shift 2 ;;
+        --memory) memory="$2"; shift 2 ;;
+        --vcpus) vcpus="$2"; shift 2 ;;
+        -h | --help) usage; exit 0 ;;
+        *) die "unknown argument: $1 (see --help)" ;;
+    esac
+done
+for v in "$runs" "$memory" "$vcpus"; do
+    [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "--runs, --memory and --vcpus take positive integers"
+done
+bench_prepare
+# The guest holds on for a moment after its marker, so that the VMM's
+# memory is read while it still runs.
+hold="$GUEST_CACHE/bench/hold.sh"
+mkdir -p "$(dirname "$hold")"
+printf '#!/bin/sh\nsleep 2\n' >"$hold"
+image="$GUEST_CACHE/guest-bench.cpio.gz"
+"$RESOURCES_DIR/build-initramfs.sh" --out "$image" --extra "$hold:/guest-test.sh"
+
+script="$GUEST_CACHE/bench/boot.sh"
+mkdir -p "$(dirname "$script")"
+cmdline="console=ttyS0 reboot=k panic=-1 noxsave quiet"
+cat >"$script" <<SCRIPT
+#!/bin/sh
+# In the L1: boot with each VMM in turn, on the CPU the L1 keeps free.
+measure() {
+    name=\$1
+    shift
+    fifo=/tmp/console.fifo
+    rm -f \$fifo
+    mkfifo \$fifo
+    t0=\$(cut -d' ' -f1 /proc/uptime)
+    taskset -c "\${L1_VMM_CPU:-0}" "\$@" >\$fifo 2>/tmp/\$name.err </dev/null &
+    pid=\$!
+    boot=none
+    rss=none
+    up=none
+    while IFS= read -r line; do
+        case "\$line" in
+            *GUEST-INIT-OK*)
+                t1=\$(cut -d' ' -f1 /proc/uptime)
+                rss=\$(awk '/^[0-9a-f]+-[0-9a-f]+ / { ram = (\$0 ~ /memfd:/) } /^Rss:/ && !ram { s += \$2 } END { printf "%.2f", s / 1024 }' /proc/\$pid/smaps)
+                boot=\$(awk "BEGIN { printf \"%.2f\", \$t1 - \$t0 }")
+                up=\$(echo "\$line" | sed -n 's/.*uptime=\([0-9.]*\).*/\1/p')
+                ;;
+        esac
+    done <\$fifo
+    wait \$pid
+    code=\$?
+    [ \$code -eq 0 ] || { echo "\$name exited with \$code:"; tail -5 /tmp/\$name.err; }
+    echo "BENCH \$name run=\$run boot_s=\$boot rss_mib=\$rss guest_uptime_s=\$up exit=\$code"
+}
+run=1
+while [ \$run -le $runs ]; do
+    measure vmm /bin/vmm --kernel /guest/vmlinux --initrd /guest/bench.cpio.gz \\
+        --memory ${memory}M --vcpus $vcpus --mem-backend memfd --cmdline "$cmdline"
+    measure vmm-kernel-faults /bin/vmm --kernel /guest/vmlinux --initrd /guest/bench.cpio.gz \\
+        --memory ${memory}M --vcpus $vcpus --mem-backend memfd --fault-handler kernel --cmdline "$cmdline"
+    measure qemu qemu-system-x86_64 -accel kvm -M microvm,rtc=on -cpu host \\
+        -smp $vcpus -m ${memory}M -display none -no-reboot -nodefaults -serial stdio \\
+        -object memory-backend-memfd,id=mem,size=${memory}M,share=on -machine memory-backend=mem \\
+        -kernel /guest/vmlinux -initrd /guest/bench.cpio.gz -append "$cmdline"
+    run=\$((run + 1))
+done
+SCRIPT
+bench_run_l1 boot "$script" --add "$image:/guest/bench.cpio.gz"
+
+mkdir -p "$REPO_ROOT/target/bench"
+python3 - "$GUEST_CACHE/bench/boot.log" "$(cat "$KERNEL_DIR/VERSION")" "$memory" "$vcpus" \
+    "$REPO_ROOT/target/bench/boot.json" <<'PY'
+import json, re, statistics, sys
+log, version, memory, vcpus, out_path = sys.argv[1:6]
+runs = {"vmm": [], "vmm-kernel-faults": [], "qemu": []}
+for line in open(log, errors="replace"):
+    m = re.search(r"BENCH ([\w-]+) run=\d+ boot_s=([\d.]+) rss_mib=([\d.]+)"
+                  r" guest_uptime_s=([\d.]+) exit=0", line)
+    if m and m.group(1) in runs:
+        runs[m.group(1)].append({"boot_s": float(m.group(2)), "rss_mib": float(m.group(3)),
+                                 "guest_uptime_s": float(m.group(4))})
+if not runs["vmm"] or not runs["qemu"]:
+    sys.exit(f"bench-boot: a VMM never reached the guest's init; see {log}")
+med = {k: {f: statistics.median(r[f] for r in v) for f in ("boot_s", "rss_mib", "guest_uptime_s")}
+       for k, v in runs.items() if v}
+out = {
+    "vmm_boot_s": med["vmm"]["boot_s"],
+    "qemu_boot_s": med["qemu"]["boot_s"],
+    "vmm_rss_mib": med["vmm"]["rss_mib"],
+    "qemu_rss_mib": med["qemu"]["rss_mib"],
+    "boot_ratio": med["vmm"]["boot_s"] / med["qemu"]["boot_s"],
+    "vmm_kernel_faults_boot_s": med.get("vmm-kernel-faults", {}).get("boot_s"),
+    "kernel": version, "memory_mib": int(memory), "vcpus": int(vcpus),
+    "runs": runs,
+}
+with open(out_path, "w") as f:
+    json.dump(out, f, indent=2)
+print(f"{'':18} {'boot to init (s)':>17} {'of it in the guest':>19} {'RSS outside RAM (MiB)':>22}"
+      f" {'runs':>5}")
+for k in med:
+    m = med[k]
+    print(f"{k:18} {m['boot_s']:>17.2f} {m['guest_uptime_s']:>19.2f} {m['rss_mib']:>22.2f}"
+          f" {len(runs[k]):>5}")
+print("(medians; 'of it in the guest' is the guest kernel's uptime at its init marker)")
+print(f"boot time vmm/qemu: {out['boot_ratio']:.2f}x   -> {out_path}")
+PY

@@ -1,0 +1,37 @@
+# shellcheck shell=bash
+# Shared by the L1 benchmarks (bench-boot.sh, bench-balloon.sh): builds what
+# they need and runs one L1 that holds both this VMM and QEMU, so the two are
+# measured side by side under the same nested KVM. Source it.
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# bench_prepare: host packages, the guest kernel, the default guest
+# initramfs, and release builds of vmm and vmmctl.
+bench_prepare() {
+    "$RESOURCES_DIR/install-host-deps.sh"
+    "$RESOURCES_DIR/fetch-kernel.sh"
+    "$RESOURCES_DIR/build-initramfs.sh"
+    log "building vmm and vmmctl (release)"
+    (cd "$REPO_ROOT" && cargo build --release -p vmm --bins)
+}
+
+# bench_run_l1 NAME SCRIPT [--add SRC:DEST ...]: builds an L1 with the VMM,
+# vmmctl, QEMU (binary, firmware) and the guest kernel and initramfs, runs
+# SCRIPT in it and leaves the console in build/bench/NAME.log.
+bench_run_l1() {
+    local name="$1" script="$2" dir="$GUEST_CACHE/bench"
+    shift 2
+    need_cmd qemu-system-x86_64 "Debian package qemu-system-x86"
+    mkdir -p "$dir"
+    "$RESOURCES_DIR/build-l1.sh" --out "$dir/l1-$name.cpio.gz" --script "$script" \
+        --add "$REPO_ROOT/target/release/vmm:/bin/vmm" \
+        --add "$REPO_ROOT/target/release/vmmctl:/bin/vmmctl" \
+        --add "$(command -v qemu-system-x86_64):/usr/bin/" \
+        --add /usr/share/qemu:/usr/share/qemu \
+        --add "$KERNEL_DIR/vmlinux:/guest/vmlinux" \
+        --add "$GUEST_CACHE/guest-initramfs.cpio.gz:/guest/" \
+        "$@"
+    "$RESOURCES_DIR/run-l1.sh" --initrd "$dir/l1-$name.cpio.gz" --timeout 1500 \
+        --log "$dir/$name.log" >&2
+}
