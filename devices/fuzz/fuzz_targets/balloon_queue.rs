@@ -33,7 +33,10 @@ impl MemoryBackend for Checked {
     }
     fn discard(&self, gpa: GuestAddress, len: u64) -> guest_mem::Result<()> {
         assert!(len > 0 && gpa.0 % 4096 == 0 && len % 4096 == 0);
-        assert!(self.0.is_ram(gpa, len), "discard outside RAM: {gpa:?}+{len:#x}");
+        assert!(
+            self.0.is_ram(gpa, len),
+            "discard outside RAM: {gpa:?}+{len:#x}"
+        );
         self.0.discard(gpa, len)
     }
     fn populated(&self, gpa: GuestAddress, len: u64) -> Option<bool> {

@@ -50,8 +50,14 @@ fn context() -> &'static ApiContext {
 
 fn assert_error_shape(status: u16, body: &Option<serde_json::Value>) {
     assert!((400..600).contains(&status), "error status {status}");
-    let msg = body.as_ref().and_then(|b| b.get("error")).and_then(|e| e.as_str());
-    assert!(msg.is_some_and(|m| !m.is_empty()), "error without a message");
+    let msg = body
+        .as_ref()
+        .and_then(|b| b.get("error"))
+        .and_then(|e| e.as_str());
+    assert!(
+        msg.is_some_and(|m| !m.is_empty()),
+        "error without a message"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
