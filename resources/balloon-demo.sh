@@ -21,6 +21,8 @@ serial=$dir/serial.log
 
 field() { "$VMMCTL" --sock "$sock" GET "$1" | grep -o "\"$2\": [0-9]*" | head -1 | grep -o '[0-9]*$'; }
 guest_line() { grep "$1" "$serial" | tail -1; }
+# The VMM's resident memory (guest RAM included: it is mapped once).
+rss_mib() { awk '/^VmRSS/ { print int($2 / 1024) }' "/proc/$vmm/status"; }
 pin=""
 [ -n "$VMM_CPU" ] && pin="taskset -c $VMM_CPU"
 
@@ -49,20 +51,20 @@ wait_actual() {
 }
 
 echo "== before: guest $(guest_line GUEST-READY | cut -d' ' -f2), host memfd allocated $(field /vm host_allocated_mib) MiB"
-echo "HOST-BEFORE allocated_mib=$(field /vm host_allocated_mib)"
+echo "HOST-BEFORE allocated_mib=$(field /vm host_allocated_mib) rss_mib=$(rss_mib)"
 echo "== inflating the balloon to $TARGET_MIB MiB (PUT /balloon)"
 echo "FAULTS-BEFORE-INFLATE pages_installed=$(field /metrics pages_installed)"
 "$VMMCTL" --sock "$sock" PUT /balloon "{\"target_mib\": $TARGET_MIB}" || exit 1
 wait_actual "$TARGET_MIB" || exit 1
 echo "FAULTS-AFTER-INFLATE pages_installed=$(field /metrics pages_installed)"
-echo "HOST-INFLATED allocated_mib=$(field /vm host_allocated_mib)"
+echo "HOST-INFLATED allocated_mib=$(field /vm host_allocated_mib) rss_mib=$(rss_mib)"
 sleep 3
 echo "== inflated: guest $(guest_line GUEST-MEM | cut -d' ' -f2), host memfd allocated $(field /vm host_allocated_mib) MiB"
 "$VMMCTL" --sock "$sock" GET /balloon
 echo "== deflating the balloon to 0 MiB"
 "$VMMCTL" --sock "$sock" PUT /balloon '{"target_mib": 0}' || exit 1
 wait_actual 0 || exit 1
-echo "HOST-DEFLATED allocated_mib=$(field /vm host_allocated_mib)"
+echo "HOST-DEFLATED allocated_mib=$(field /vm host_allocated_mib) rss_mib=$(rss_mib)"
 sleep 3
 echo "== deflated: guest $(guest_line GUEST-MEM | cut -d' ' -f2), host memfd allocated $(field /vm host_allocated_mib) MiB (pages come back as the guest touches them)"
 wait $vmm

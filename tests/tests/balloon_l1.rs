@@ -59,6 +59,17 @@ fn balloon_inflates_returns_memory_and_deflates_under_a_workload() {
     if before.saturating_sub(inflated) < 200 {
         fail("the host did not get the inflated memory back");
     }
+    // The VMM's resident memory drops with it (guest RAM is its mapping).
+    let rss = |marker: &str| -> u64 {
+        out.value(marker, "rss_mib")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| fail(&format!("no rss_mib on the {marker} line")))
+    };
+    let (rss_before, rss_inflated) = (rss("HOST-BEFORE"), rss("HOST-INFLATED"));
+    eprintln!("VMM RSS: before {rss_before} MiB, inflated {rss_inflated} MiB");
+    if rss_before.saturating_sub(rss_inflated) < 200 {
+        fail("the VMM's resident memory did not drop with the inflate");
+    }
     if out.line("GUEST-SAW-INFLATE").is_none() || out.line("GUEST-SAW-DEFLATE").is_none() {
         fail("the guest did not see its memory go and come back");
     }
