@@ -377,6 +377,16 @@ impl VirtioMem {
             let head = chain.head_index();
             let mut used = 0u32;
             match (chain.clone().reader(&*mem), chain.writer(&*mem)) {
+                // No room for the answer: refuse before acting, so that the
+                // driver never misses the outcome of a plug or an unplug.
+                (Ok(_), Ok(writer))
+                    if writer.available_bytes() < std::mem::size_of::<MemResponse>() =>
+                {
+                    self.reject_chain(format_args!(
+                        "{} writable bytes for a response",
+                        writer.available_bytes()
+                    ))
+                }
                 (Ok(mut reader), Ok(mut writer)) => match reader.read_obj::<MemRequest>() {
                     Ok(r) => {
                         let answer = self.handle(&r);
@@ -671,5 +681,43 @@ mod tests {
         );
         assert_ne!(irq.status() & Interrupt::VRING, 0);
         d.process_queue(3); // no such queue: ignored
+    }
+
+    #[test]
+    fn a_request_without_room_for_its_answer_is_not_carried_out() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut d = device(&mem);
+        d.state().requested_size.store(4 * MIB, Ordering::Relaxed);
+        let q = MockSplitQueue::create(ram, GuestAddress(MIB), 16);
+        let mut queue: Queue = q.create_queue().unwrap();
+        queue.set_ready(true);
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        d.activate(mem.memory(), irq, vec![queue]).unwrap();
+        ram.write_obj(
+            MemRequest::new(req::PLUG, block(0), 2),
+            GuestAddress(4 * MIB),
+        )
+        .unwrap();
+        let desc = |addr: u64, len: u32, flags: u16, next: u16| {
+            RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+        };
+        // A valid plug whose response buffer is read-only, then one whose
+        // writable buffer is too short.
+        q.build_multiple_desc_chains(&[
+            desc(4 * MIB, 24, 1, 1),
+            desc(5 * MIB, 10, 0, 0),
+            desc(4 * MIB, 24, 1, 3),
+            desc(5 * MIB, 4, 2, 0),
+        ])
+        .unwrap();
+        d.process_queue(0);
+        assert_eq!(
+            d.state().counters.rejected_chains.load(Ordering::Relaxed),
+            2
+        );
+        assert_eq!(d.state().plugged_size.load(Ordering::Relaxed), 0);
+        assert_eq!(file_size(&mem), 0, "nothing was plugged");
     }
 }
