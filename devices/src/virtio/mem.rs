@@ -142,7 +142,6 @@ pub struct VirtioMem {
     region_size: u64,
     /// One entry per block: plugged or not.
     plugged: Vec<bool>,
-    acked: u64,
     mem: Option<GuestMemoryAtomic>,
     interrupt: Option<Arc<Interrupt>>,
     queue: Option<Queue>,
@@ -173,7 +172,6 @@ impl VirtioMem {
             addr: addr.0,
             region_size: size,
             plugged,
-            acked: 0,
             mem: None,
             interrupt: None,
             queue: None,
@@ -183,11 +181,6 @@ impl VirtioMem {
     /// The state shared with the VMM.
     pub fn state(&self) -> Arc<MemState> {
         self.state.clone()
-    }
-
-    /// Guest-physical address and size of the window.
-    pub fn window(&self) -> (u64, u64) {
-        (self.addr, self.region_size)
     }
 
     fn config(&self) -> [u8; 56] {
@@ -426,8 +419,9 @@ impl VirtioDevice for VirtioMem {
         1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features & self.features();
+    fn ack_features(&mut self, _features: u64) {
+        // Nothing to switch: the one feature offered changes no behaviour
+        // here (unplugged memory is never backed either way).
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -471,7 +465,6 @@ impl VirtioDevice for VirtioMem {
         self.mem = None;
         self.interrupt = None;
         self.queue = None;
-        self.acked = 0;
     }
 }
 
