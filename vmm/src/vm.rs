@@ -25,6 +25,7 @@ use devices::bus::{Bus, SharedDevice};
 use devices::legacy::{AcpiSleep, Cmos, SerialConsole, I8042};
 use devices::virtio::balloon::Balloon;
 use devices::virtio::mem::VirtioMem;
+use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use guest_mem::backend::HotplugRegion;
 use vmm_sys_util::epoll::EventSet;
@@ -207,9 +208,10 @@ pub fn check_hotplug_size(ram: u64, window: u64) -> Result<(), VmError> {
             HOTPLUG_ALIGN >> 20
         )));
     }
-    if hotplug_base(ram).saturating_add(window) > MAX_MEMORY * 2 {
+    let limit = MAX_MEMORY * 2;
+    if hotplug_base(ram).saturating_add(window) > limit {
         return Err(VmError::Config(format!(
-            "the virtio-mem size {window:#x} is larger than {MAX_MEMORY:#x}"
+            "the virtio-mem window of {window:#x} bytes would end past {limit:#x}"
         )));
     }
     Ok(())
@@ -393,23 +395,21 @@ impl Vm {
 
         let mut mmio = Bus::new();
         let mut virtio = Vec::new();
+        // Each virtio device gets the next MMIO window and GSI.
+        let mut attach = |device: Box<dyn VirtioDevice>| {
+            let slot =
+                VirtioSlot::attach(virtio.len() as u32, device, mem.memory(), &fd, &mut mmio)?;
+            let transport = slot.transport.clone();
+            virtio.push(slot);
+            Ok::<_, VmError>(transport)
+        };
         let mut balloon = None;
         if let Some(opts) = config.balloon {
             let backend: Arc<dyn guest_mem::backend::MemoryBackend> = mem.clone();
             let device = Balloon::new(backend, opts);
             let state = device.state();
-            let slot = VirtioSlot::attach(
-                virtio.len() as u32,
-                Box::new(device),
-                mem.memory(),
-                &fd,
-                &mut mmio,
-            )?;
-            balloon = Some(BalloonHandle {
-                state,
-                transport: slot.transport.clone(),
-            });
-            virtio.push(slot);
+            let transport = attach(Box::new(device))?;
+            balloon = Some(BalloonHandle { state, transport });
         }
         let mut hotplug = None;
         if config.hotplug.is_some() {
@@ -417,19 +417,12 @@ impl Vm {
             let window = Arc::new(HotplugRegion::new(mem.clone(), index)?);
             let device = VirtioMem::new(window.clone()).map_err(VmError::Config)?;
             let state = device.state();
-            let slot = VirtioSlot::attach(
-                virtio.len() as u32,
-                Box::new(device),
-                mem.memory(),
-                &fd,
-                &mut mmio,
-            )?;
+            let transport = attach(Box::new(device))?;
             hotplug = Some(HotplugHandle {
                 state,
-                transport: slot.transport.clone(),
+                transport,
                 window,
             });
-            virtio.push(slot);
         }
 
         let supported_cpuid = kvm
@@ -730,6 +723,34 @@ mod tests {
             assert!(e.contains(what), "{size:#x}: {e}");
         }
         check_memory_size(256 << 20, 4096).unwrap();
+    }
+
+    #[test]
+    fn hotplug_sizes_are_checked() {
+        for (window, what) in [
+            (0, "non-zero multiple"),
+            (64 << 20, "non-zero multiple"),
+            ((128 << 20) + 4096, "non-zero multiple"),
+            (MAX_MEMORY * 2, "would end past"),
+        ] {
+            let e = check_hotplug_size(256 << 20, window)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(what), "{window:#x}: {e}");
+        }
+        check_hotplug_size(256 << 20, 512 << 20).unwrap();
+        let mem = build_memory(
+            256 << 20,
+            &MemBackend::Memfd,
+            FaultConfig::default(),
+            Some(256 << 20),
+        )
+        .unwrap();
+        let w = &mem.regions()[1];
+        assert_eq!(
+            (w.guest_base().0, w.max_size(), w.plugged_size()),
+            (4 << 30, 256 << 20, 0)
+        );
     }
 
     #[test]
