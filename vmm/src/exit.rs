@@ -13,6 +13,8 @@ pub enum ExitReason {
     TripleFault {
         /// The vCPU.
         vcpu: u8,
+        /// Where it was.
+        rip: u64,
     },
     /// A guest crash event.
     Crash {
@@ -54,7 +56,9 @@ impl fmt::Display for ExitReason {
         match self {
             ExitReason::Reset => write!(f, "the guest reset the machine (i8042)"),
             ExitReason::PowerOff => write!(f, "the guest powered off"),
-            ExitReason::TripleFault { vcpu } => write!(f, "triple fault on vCPU {vcpu}"),
+            ExitReason::TripleFault { vcpu, rip } => {
+                write!(f, "triple fault on vCPU {vcpu} at rip {rip:#x}")
+            }
             ExitReason::Crash { vcpu } => write!(f, "guest crash reported by vCPU {vcpu}"),
             ExitReason::Halted { vcpu } => write!(f, "vCPU {vcpu} halted"),
             ExitReason::PayloadDone { vcpu, code: 0, .. } => {

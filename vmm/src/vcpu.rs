@@ -141,7 +141,7 @@ pub fn setup_linux_boot<M: Bytes<GuestAddress, E = GuestMemoryError>>(
     mem: &M,
     entry: u64,
 ) -> Result<(), VcpuError> {
-    let table = [0, gdt::KERNEL_CODE64, gdt::KERNEL_DATA, gdt::tss(0)];
+    let table = [0, gdt::KERNEL_CODE64, gdt::KERNEL_DATA, gdt::tss(0, 0x67)];
     write_gdt(mem, &table)?;
     identity_map(mem, PML4, 1 << 30, false)?;
     let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
@@ -163,6 +163,10 @@ pub fn setup_linux_boot<M: Bytes<GuestAddress, E = GuestMemoryError>>(
 
 /// Where the payload's GDT puts its TSS (unused, but VM entry wants a TR).
 const PAYLOAD_TSS: u64 = 0x600;
+/// The 64-bit TSS proper; its I/O permission bitmap follows.
+const TSS_HEADER: u32 = 104;
+/// TSS limit: header, one bit per port, and the terminating byte.
+const TSS_LIMIT: u32 = TSS_HEADER + 65536 / 8;
 
 /// Arguments a payload vCPU starts with.
 #[derive(Debug, Clone, Copy, Default)]
@@ -175,13 +179,13 @@ pub struct PayloadArgs {
     pub args: [u64; 6],
 }
 
-/// A payload vCPU's state: long mode, all of `[0, ram_end)` identity-mapped
+/// A payload vCPU's state: long mode, all of `[0, map_end)` identity-mapped
 /// with 2 MiB pages, at CPL3 with IOPL 3 (port I/O exits to the VMM) or at
 /// CPL0. Every vCPU is made runnable at once (no INIT/SIPI).
 pub fn setup_payload<M: Bytes<GuestAddress, E = GuestMemoryError>>(
     vcpu: &VcpuFd,
     mem: &M,
-    ram_end: u64,
+    map_end: u64,
     cpl3: bool,
     start: &PayloadArgs,
 ) -> Result<(), VcpuError> {
@@ -191,10 +195,17 @@ pub fn setup_payload<M: Bytes<GuestAddress, E = GuestMemoryError>>(
         gdt::KERNEL_DATA,
         gdt::USER_CODE64,
         gdt::USER_DATA,
-        gdt::tss(PAYLOAD_TSS as u32),
+        gdt::tss(PAYLOAD_TSS as u32, TSS_LIMIT),
     ];
     write_gdt(mem, &table)?;
-    identity_map(mem, PML4, ram_end, cpl3)?;
+    // The TSS itself, whatever guest memory held before: zero stacks and an
+    // I/O permission bitmap that allows every port. KVM on this host checks
+    // the bitmap for CPL3 `in`/`out` even at IOPL 3.
+    let mut tss = vec![0u8; TSS_LIMIT as usize + 1];
+    tss[0x66..0x68].copy_from_slice(&(TSS_HEADER as u16).to_le_bytes());
+    tss[TSS_LIMIT as usize] = 0xff; // the bitmap's terminating byte
+    mem.write_slice(&tss, GuestAddress(PAYLOAD_TSS))?;
+    identity_map(mem, PML4, map_end, cpl3)?;
     let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let (code, data) = if cpl3 {
         (segment(3, table[3], 3), segment(4, table[4], 3))
@@ -313,7 +324,10 @@ pub fn run(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> ExitReason {
                 ctx.mmio.write(addr, data);
             }
             Ok(VcpuExit::Hlt) => return ExitReason::Halted { vcpu: id },
-            Ok(VcpuExit::Shutdown) => return ExitReason::TripleFault { vcpu: id },
+            Ok(VcpuExit::Shutdown) => {
+                let rip = vcpu.get_regs().map_or(0, |r| r.rip);
+                return ExitReason::TripleFault { vcpu: id, rip };
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 return match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,

@@ -301,6 +301,21 @@ impl Write for SharedWriter {
 impl Vm {
     /// Opens KVM, creates the VM, its memory, devices and vCPUs.
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+        let mem = build_memory(
+            config.memory,
+            &config.backend,
+            config.fault.clone(),
+            config.hotplug,
+        )?;
+        Vm::with_memory(config, mem)
+    }
+
+    /// Like [`Vm::new`], over memory the caller built (its own regions,
+    /// sources or fault settings). `config.memory` is the boot RAM size the
+    /// guest is told about; with `config.hotplug` set, the last region of
+    /// `mem` is the virtio-mem window. `config.backend` and `config.fault`
+    /// are not used.
+    pub fn with_memory(config: VmConfig, mem: GuestMem) -> Result<Vm, VmError> {
         if config.vcpus == 0 || config.vcpus > 254 {
             return Err(VmError::Config(format!(
                 "{} vCPUs requested; between 1 and 254 are supported",
@@ -333,12 +348,7 @@ impl Vm {
         })
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let mem = Arc::new(build_memory(
-            config.memory,
-            &config.backend,
-            config.fault,
-            config.hotplug,
-        )?);
+        let mem = Arc::new(mem);
         for (slot, r) in mem.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -536,6 +546,16 @@ impl Vm {
             })
             .max()
             .unwrap_or(0);
+        // The page tables reach every region at its largest and the MMIO
+        // gap, so a payload can drive virtio-mmio devices and resized memory.
+        let map_end = self
+            .mem
+            .regions()
+            .iter()
+            .map(|r| r.guest_base().0 + r.max_size())
+            .max()
+            .unwrap_or(0)
+            .max(MMIO_GAP_END);
         if load_addr < HIMEM_START.min(0x10_0000) || load_addr + image.len() as u64 > ram_end {
             return Err(BootError::Payload(format!(
                 "{} bytes at {load_addr:#x} do not fit in guest RAM",
@@ -546,7 +566,7 @@ impl Vm {
         mem.write_slice(image, GuestAddress(load_addr))
             .map_err(BootError::Memory)?;
         for (id, v) in self.vcpus.iter().enumerate() {
-            vcpu::setup_payload(v, &*mem, ram_end, cpl3, &args(id as u8))?;
+            vcpu::setup_payload(v, &*mem, map_end, cpl3, &args(id as u8))?;
         }
         self.payload = true;
         Ok(())

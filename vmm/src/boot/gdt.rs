@@ -54,9 +54,10 @@ pub const KERNEL_DATA: u64 = gdt_entry(0xc093, 0, 0xfffff);
 pub const USER_CODE64: u64 = gdt_entry(0xa0fb, 0, 0xfffff);
 /// Ring-3 data.
 pub const USER_DATA: u64 = gdt_entry(0xc0f3, 0, 0xfffff);
-/// A busy 64-bit TSS (limit 0x67) at `base`.
-pub const fn tss(base: u32) -> u64 {
-    gdt_entry(0x008b, base, 0x67)
+/// A busy 64-bit TSS at `base`, `limit` bytes long minus one (0x67 for a
+/// TSS without an I/O permission bitmap).
+pub const fn tss(base: u32, limit: u32) -> u64 {
+    gdt_entry(0x008b, base, limit)
 }
 
 #[cfg(test)]
@@ -83,7 +84,7 @@ mod tests {
 
     #[test]
     fn tss_base_round_trips() {
-        let s = segment(5, tss(0x12_3456), 0);
+        let s = segment(5, tss(0x12_3456, 0x67), 0);
         assert_eq!((s.base, s.limit, s.type_), (0x12_3456, 0x67, 0xb));
     }
 }
