@@ -3,6 +3,7 @@
 
 pub mod l1;
 pub mod payload;
+pub mod stress;
 
 /// Whether `/dev/kvm` can be opened here.
 pub fn kvm_available() -> bool {
