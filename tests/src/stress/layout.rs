@@ -9,7 +9,8 @@
 //! 0x0020_1000  per-vCPU counters, STATS_SIZE bytes each
 //! 0x0021_0000  inflate queue: descriptors, +0x1000 avail, +0x2000 used
 //! 0x0022_0000  deflate queue: the same
-//! 0x0023_0000  PFN buffers, one request's worth (256 bytes) per vCPU
+//! 0x0023_0000  free page reporting queue: the same
+//! 0x0026_0000  PFN buffers, one request's worth (256 bytes) per vCPU
 //! 0x0030_0000  vCPU stacks, one page each
 //! 0x0040_0000  page states: u32 per RAM pool page, then per window page
 //! 0x0080_0000  RAM pool: up to the end of boot RAM
@@ -28,8 +29,10 @@ pub const STATS_SIZE: u64 = 128;
 pub const INFLATE_Q: u64 = 0x21_0000;
 /// Deflate queue.
 pub const DEFLATE_Q: u64 = 0x22_0000;
+/// Free page reporting queue.
+pub const REPORT_Q: u64 = 0x23_0000;
 /// vCPU `i`'s balloon request PFNs are at `PFN_BUF + i * 256` (CHUNK u32s).
-pub const PFN_BUF: u64 = 0x23_0000;
+pub const PFN_BUF: u64 = 0x26_0000;
 /// vCPU `i`'s stack top is `STACKS + (i + 1) * 0x1000`.
 pub const STACKS: u64 = 0x30_0000;
 /// Page-state array.
@@ -68,8 +71,8 @@ pub mod ctrl {
     pub const HOT: u64 = 48;
     /// Non-zero: the device set-up failed at this step.
     pub const INIT_ERR: u64 = 56;
-    /// Requests made on the inflate and deflate queues.
-    pub const SUBMITTED: [u64; 2] = [64, 72];
+    /// Requests made on the inflate, deflate and reporting queues.
+    pub const SUBMITTED: [u64; 3] = [64, 72, 80];
 }
 
 /// Per-vCPU counter words (byte offsets in its block).
@@ -95,6 +98,8 @@ pub mod stat {
     pub const EXITED: u64 = 88;
     pub const WINDOW_OPS: u64 = 96;
     pub const BALLOON_OPS: u64 = 104;
+    /// Pages reported free (and so given back).
+    pub const REPORTED: u64 = 112;
 }
 
 /// Page states (u32 each).
@@ -103,9 +108,10 @@ pub mod state {
     pub const FRESH: u32 = 0;
     /// Written stamps carry a sequence number in `1..=SEQ_MAX`.
     pub const SEQ_MAX: u32 = 0x00ff_ffff;
-    /// Given back (window shrink): must read zero when next used.
+    /// Given back (reported free, deflated, or cut off by a window shrink):
+    /// must read zero when next used, and the host must not back it.
     pub const ZERO: u32 = 0xffff_fffc;
-    /// On its way out of the balloon.
+    /// On its way out of the balloon or being reported.
     pub const TAKING: u32 = 0xffff_fffd;
     /// In the balloon: the guest does not touch it, the host must not back it.
     pub const BALLOONED: u32 = 0xffff_fffe;

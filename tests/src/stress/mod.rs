@@ -1,6 +1,6 @@
 //! The balloon-shrink stress suite: a CPL3 guest on several vCPUs writes,
-//! verifies, balloons and un-balloons stamped pages through the real
-//! virtio-balloon device, and works in a resizable region, while a host
+//! verifies, balloons, un-balloons and reports free stamped pages through
+//! the real virtio-balloon device, and works in a resizable region, while a host
 //! driver moves the balloon target and shrinks and grows the region. The
 //! fault handler runs with readahead, so installs of neighbouring pages
 //! race with discards. At the end a [`Verdict`] says whether anything was
@@ -152,7 +152,7 @@ pub fn run(cfg: &StressConfig) -> Result<Verdict, String> {
             serial: SerialOut::Sink,
             balloon: Some(BalloonOptions {
                 deflate_on_oom: false,
-                free_page_reporting: false,
+                free_page_reporting: true,
             }),
             hotplug: None,
             api_socket: None,

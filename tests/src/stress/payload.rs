@@ -1,8 +1,9 @@
 //! The stress guest: a CPL3 payload for every vCPU, with a polling
 //! virtio-mmio balloon driver of its own.
 //!
-//! vCPU 0 sets the balloon up (reset, features: VERSION_1 only, the inflate
-//! and deflate queues, DRIVER_OK) while the others wait. Then each vCPU
+//! vCPU 0 sets the balloon up (reset, features: VERSION_1 and free page
+//! reporting, the inflate, deflate and reporting queues, DRIVER_OK) while
+//! the others wait. Then each vCPU
 //! loops until the host says stop, picking with its own xorshift generator
 //! (seeded by the host) one operation on a chunk near the host's hot spot:
 //!
@@ -13,6 +14,9 @@
 //!   `num_pages`, its written pages in the chunk go to the inflate queue;
 //!   when more, its ballooned pages come back through the deflate queue and
 //!   must read zero before they are stamped;
+//! - report: up to a queue's worth of its written pages in the chunk are
+//!   reported free (one descriptor each, as Linux's driver does); they must
+//!   read zero when next used;
 //! - window: write/verify on the resizable region, below the limit the host
 //!   last published (the vCPU acknowledges each limit change first).
 //!
@@ -24,7 +28,7 @@
 use iced_x86::code_asm::*;
 
 use super::layout::{ctrl, stat, state, Layout, Pool, CHUNK, CTRL, HOT_SPAN, INFLATE_Q};
-use super::layout::{DEFLATE_Q, PFN_BUF, QUEUE_SIZE, STATS, STATS_SIZE};
+use super::layout::{DEFLATE_Q, PFN_BUF, QUEUE_SIZE, REPORT_Q, STATS, STATS_SIZE};
 
 /// virtio-mmio registers the driver uses.
 mod reg {
@@ -61,7 +65,11 @@ pub mod init_step {
     pub const FEATURES_OK: u32 = 5;
     pub const QUEUE_TOO_SMALL: u32 = 6;
     pub const DRIVER_OK: u32 = 7;
+    pub const NO_REPORTING: u32 = 8;
 }
+
+/// VIRTIO_BALLOON_F_REPORTING.
+const F_REPORTING: u32 = 5;
 
 /// Port the payload reports through (as the other payloads).
 const DONE_PORT: u32 = 0xe0;
@@ -90,6 +98,8 @@ struct Labels {
     lock: CodeLabel,
     unlock: CodeLabel,
     submit: CodeLabel,
+    publish: CodeLabel,
+    report: CodeLabel,
     abort: CodeLabel,
     inflate: CodeLabel,
     deflate: CodeLabel,
@@ -111,6 +121,8 @@ fn build(layout: &Layout, load_addr: u64) -> Result<Vec<u8>, IcedError> {
         lock: a.create_label(),
         unlock: a.create_label(),
         submit: a.create_label(),
+        publish: a.create_label(),
+        report: a.create_label(),
         abort: a.create_label(),
         inflate: a.create_label(),
         deflate: a.create_label(),
@@ -136,6 +148,7 @@ fn main_loop(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result<(
     let mut window_op = a.create_label();
     let mut do_inflate = a.create_label();
     let mut do_deflate = a.create_label();
+    let mut report_op = a.create_label();
     let mut done = a.create_label();
 
     a.mov(r15, rdi)?;
@@ -185,6 +198,7 @@ fn main_loop(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result<(
     a.jb(window_op)?;
     a.cmp(ecx, 5)?;
     a.jb(balloon_op)?;
+    a.je(report_op)?;
 
     a.set_label(&mut ram_op)?;
     a.call(l.pick_ram_chunk)?;
@@ -207,6 +221,11 @@ fn main_loop(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result<(
     a.set_label(&mut do_deflate)?;
     a.call(l.pick_ram_chunk)?;
     a.call(l.deflate)?;
+    a.jmp(top)?;
+
+    a.set_label(&mut report_op)?;
+    a.call(l.pick_ram_chunk)?;
+    a.call(l.report)?;
     a.jmp(top)?;
 
     a.set_label(&mut window_op)?;
@@ -408,6 +427,7 @@ fn helpers(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result<(),
 /// The queue lock, one request on a queue, and inflate/deflate of a chunk.
 fn balloon_ops(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result<(), IcedError> {
     assert_eq!(DEFLATE_Q, INFLATE_Q + 0x1_0000);
+    assert_eq!(REPORT_Q, INFLATE_Q + 0x2_0000);
     // lock: spin on the control page's lock word. Uses rax.
     {
         let mut got = a.create_label();
@@ -427,9 +447,10 @@ fn balloon_ops(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
         a.ret()?;
     }
 
-    // submit: rdi = queue (0 inflate, 1 deflate), rsi = PFNs in the buffer.
-    // One descriptor, made available, notified, and waited for. Uses rax,
-    // rcx, rdx, r8.
+    // submit: rdi = queue (0 inflate, 1 deflate), rsi = PFNs in the buffer:
+    // one descriptor for the buffer, then publish. publish: rdi = queue,
+    // r8 = its descriptor table; makes descriptor 0 available, notifies and
+    // waits for the device. Both use rax, rcx, rdx, r8.
     {
         let mut poll = a.create_label();
         let mut answered = a.create_label();
@@ -445,6 +466,7 @@ fn balloon_ops(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
         a.shl(eax, 2)?;
         a.mov(dword_ptr(r8 + 8), eax)?;
         a.mov(dword_ptr(r8 + 12), 0)?;
+        a.set_label(&mut l.publish)?;
         a.mov(rdx, qword_ptr(r12 + rdi * 8 + c(ctrl::SUBMITTED[0])))?;
         a.mov(rax, rdx)?;
         a.and(eax, i32::from(QUEUE_SIZE - 1))?;
@@ -559,6 +581,73 @@ fn balloon_ops(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
         a.set_label(&mut none)?;
         a.ret()?;
     }
+
+    // report: chunk rax; up to QUEUE_SIZE own pages that are not given
+    // back already go to the reporting queue, one device-writable
+    // descriptor per page, and are then owed zero.
+    {
+        let mut none = a.create_label();
+        let mut build = a.create_label();
+        let mut built = a.create_label();
+        let mut last = a.create_label();
+        let mut flagged = a.create_label();
+        a.set_label(&mut l.report)?;
+        a.push(rax)?;
+        a.xor(esi, esi)?;
+        for_own_pages(a, layout, &layout.ram, |a, next| {
+            a.cmp(dword_ptr(r9), state::ZERO)?;
+            a.jae(next)?;
+            a.cmp(esi, u32::from(QUEUE_SIZE))?;
+            a.jae(next)?;
+            collect(a, next)?;
+            a.mov(dword_ptr(r9), state::TAKING)
+        })?;
+        a.pop(rax)?;
+        a.test(esi, esi)?;
+        a.jz(none)?;
+        a.push(rax)?;
+        a.call(l.lock)?;
+        // Descriptor k: the page, 4 KiB, WRITE, chained to k + 1.
+        a.mov(r8, REPORT_Q)?;
+        a.mov(rcx, r15)?;
+        a.shl(rcx, 8)?;
+        a.add(rcx, c(PFN_BUF))?;
+        a.xor(edx, edx)?;
+        a.set_label(&mut build)?;
+        a.cmp(edx, esi)?;
+        a.jae(built)?;
+        a.mov(eax, dword_ptr(rcx + rdx * 4))?;
+        a.shl(rax, 12)?;
+        a.mov(rdi, rdx)?;
+        a.shl(rdi, 4)?;
+        a.mov(qword_ptr(r8 + rdi), rax)?;
+        a.mov(dword_ptr(r8 + rdi + 8), 4096)?;
+        a.lea(eax, rdx + 1)?;
+        a.mov(word_ptr(r8 + rdi + 14), ax)?;
+        a.cmp(eax, esi)?;
+        a.je(last)?;
+        a.mov(word_ptr(r8 + rdi + 12), 3)?; // NEXT | WRITE
+        a.jmp(flagged)?;
+        a.set_label(&mut last)?;
+        a.mov(word_ptr(r8 + rdi + 12), 2)?; // WRITE
+        a.set_label(&mut flagged)?;
+        a.inc(edx)?;
+        a.jmp(build)?;
+        a.set_label(&mut built)?;
+        a.mov(edi, 2)?;
+        a.call(l.publish)?;
+        a.call(l.unlock)?;
+        a.add(qword_ptr(r14 + c(stat::REPORTED)), rsi)?;
+        a.pop(rax)?;
+        for_own_pages(a, layout, &layout.ram, |a, next| {
+            a.cmp(dword_ptr(r9), state::TAKING)?;
+            a.jne(next)?;
+            a.mov(dword_ptr(r9), state::ZERO)
+        })?;
+        a.ret()?;
+        a.set_label(&mut none)?;
+        a.ret()?;
+    }
     Ok(())
 }
 
@@ -585,9 +674,14 @@ fn device_init(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
     a.mov(edx, dword_ptr(rcx + reg::DEVICE_FEATURES))?;
     a.test(edx, 1)?;
     a.jz(fail)?;
-    // VERSION_1 and nothing else: no stats, no reporting, no deflate-on-OOM.
+    // VERSION_1 and free page reporting; no stats, no deflate-on-OOM.
+    a.mov(eax, init_step::NO_REPORTING)?;
+    write(a, reg::DEVICE_FEATURES_SEL, 0)?;
+    a.mov(edx, dword_ptr(rcx + reg::DEVICE_FEATURES))?;
+    a.test(edx, 1 << F_REPORTING)?;
+    a.jz(fail)?;
     write(a, reg::DRIVER_FEATURES_SEL, 0)?;
-    write(a, reg::DRIVER_FEATURES, 0)?;
+    write(a, reg::DRIVER_FEATURES, 1 << F_REPORTING)?;
     write(a, reg::DRIVER_FEATURES_SEL, 1)?;
     write(a, reg::DRIVER_FEATURES, 1)?;
     write(a, reg::STATUS, 0xb)?; // FEATURES_OK
@@ -595,7 +689,7 @@ fn device_init(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
     a.mov(edx, dword_ptr(rcx + reg::STATUS))?;
     a.test(edx, 8)?;
     a.jz(fail)?;
-    for (q, base) in [(0u32, INFLATE_Q), (1, DEFLATE_Q)] {
+    for (q, base) in [(0u32, INFLATE_Q), (1, DEFLATE_Q), (2, REPORT_Q)] {
         write(a, reg::QUEUE_SEL, q)?;
         a.mov(eax, init_step::QUEUE_TOO_SMALL)?;
         a.mov(edx, dword_ptr(rcx + reg::QUEUE_NUM_MAX))?;

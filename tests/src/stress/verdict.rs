@@ -50,6 +50,8 @@ pub struct Verdict {
     pub operations: u64,
     pub inflated_pages: u64,
     pub deflated_pages: u64,
+    /// Pages reported free through the reporting queue.
+    pub reported_pages: u64,
     pub target_changes: u64,
     pub shrinks: u64,
     pub grows: u64,
@@ -127,8 +129,12 @@ impl Verdict {
         row(
             "balloon",
             format!(
-                "{} pages in, {} out, {} target changes, {} discards",
-                self.inflated_pages, self.deflated_pages, self.target_changes, self.discards
+                "{} pages in, {} out, {} reported, {} target changes, {} discards",
+                self.inflated_pages,
+                self.deflated_pages,
+                self.reported_pages,
+                self.target_changes,
+                self.discards
             ),
         );
         row(
@@ -184,7 +190,8 @@ pub(crate) fn judge(i: Inputs) -> Result<Verdict, String> {
     let mut problems = Vec::new();
     let mut bad = Vec::new();
     let (mut lost, mut stray) = (0u64, 0u64);
-    let (mut verified, mut writes, mut ops, mut inflated, mut deflated) = (0, 0, 0, 0, 0);
+    let (mut verified, mut writes, mut ops) = (0, 0, 0);
+    let (mut inflated, mut deflated, mut reported) = (0, 0, 0);
     for id in 0..i.layout.vcpus {
         let s = |off| word(Layout::stats(id) + off).unwrap_or(0);
         verified += s(stat::VERIFIED);
@@ -192,6 +199,7 @@ pub(crate) fn judge(i: Inputs) -> Result<Verdict, String> {
         ops += s(stat::OPS);
         inflated += s(stat::INFLATED);
         deflated += s(stat::DEFLATED);
+        reported += s(stat::REPORTED);
         lost += s(stat::LOST);
         stray += s(stat::STRAY);
         if s(stat::BAD_ADDR) != 0 {
@@ -290,9 +298,11 @@ pub(crate) fn judge(i: Inputs) -> Result<Verdict, String> {
     let relaxed = std::sync::atomic::Ordering::Relaxed;
     let dev_in = c.inflated_pages.load(relaxed);
     let dev_out = c.deflated_pages.load(relaxed);
-    if dev_in != inflated || dev_out != deflated {
+    let dev_reported = c.reported_bytes.load(relaxed) / 4096;
+    if (dev_in, dev_out, dev_reported) != (inflated, deflated, reported) {
         problems.push(format!(
-            "the guest sent {inflated} pages in and {deflated} out; the device saw {dev_in} and {dev_out}"
+            "the guest sent {inflated} pages in, {deflated} out and reported {reported}; \
+             the device saw {dev_in}, {dev_out} and {dev_reported}"
         ));
     }
     for (what, n) in [
@@ -320,6 +330,7 @@ pub(crate) fn judge(i: Inputs) -> Result<Verdict, String> {
         ("verified writes", verified),
         ("inflates", inflated),
         ("deflates", deflated),
+        ("free page reports", reported),
     ] {
         if n == 0 {
             problems.push(format!("no {what} happened"));
@@ -344,6 +355,7 @@ pub(crate) fn judge(i: Inputs) -> Result<Verdict, String> {
         operations: ops,
         inflated_pages: inflated,
         deflated_pages: deflated,
+        reported_pages: reported,
         target_changes: d.target_changes,
         shrinks: d.shrinks,
         grows: d.grows,
