@@ -6,7 +6,10 @@
 # request (PUT /balloon; QMP `balloon`) to the device's `actual` reaching the
 # target, polled every 50 ms, and the host memory returned: the drop of the
 # VMM's RssShmem (guest RAM is a memfd for both). Free page reporting is off
-# for both, so only the balloon gives memory back. Prints a table and writes
+# for both, so only the balloon gives memory back. Also timed by each VMM
+# itself, free of polling: from the guest's first `actual` update to the one
+# that reaches the target (this VMM's GET /balloon `last_resize`; QEMU's
+# BALLOON_CHANGE event timestamps). Prints a table and writes
 # target/bench/balloon.json.
 #
 # Usage: resources/bench-balloon.sh [--runs N] [--memory MiB] [--inflate MiB]
@@ -69,6 +72,13 @@ until_equal() {
 }
 
 vmm_actual() { /bin/vmmctl --sock /tmp/api.sock GET /balloon | grep -o '"actual_mib": [0-9]*' | grep -o '[0-9]*\$'; }
+# vmm_timing PHASE: the device's own timing of the last resize.
+vmm_timing() {
+    b=\$(/bin/vmmctl --sock /tmp/api.sock GET /balloon)
+    first=\$(echo "\$b" | grep -o '"first_change_ms": [0-9.]*' | grep -o '[0-9.]*\$')
+    settled=\$(echo "\$b" | grep -o '"settled_ms": [0-9.]*' | grep -o '[0-9.]*\$')
+    echo "BENCH-TIMING vmm run=\$run phase=\$1 first_ms=\$first settled_ms=\$settled"
+}
 bench_vmm() {
     rm -f /tmp/api.sock /tmp/serial.vmm
     taskset -c \$CPU /bin/vmm --kernel /guest/vmlinux --initrd /guest/balloon-idle.cpio.gz \\
@@ -81,19 +91,34 @@ bench_vmm() {
     /bin/vmmctl --sock /tmp/api.sock PUT /balloon "{\"target_mib\": \$INFLATE}" >/dev/null
     until_equal \$INFLATE vmm_actual || return 1
     inflate_s=\$(since \$t)
+    vmm_timing inflate
     sleep 1
     after=\$(shmem_mib \$pid)
     t=\$(now)
     /bin/vmmctl --sock /tmp/api.sock PUT /balloon '{"target_mib": 0}' >/dev/null
     until_equal 0 vmm_actual || return 1
     deflate_s=\$(since \$t)
+    vmm_timing deflate
     echo "BENCH vmm run=\$run inflate_s=\$inflate_s deflate_s=\$deflate_s shmem_before_mib=\$before shmem_after_mib=\$after"
     kill \$pid
     wait \$pid 2>/dev/null
     return 0
 }
 
-qmp() { echo "\$1" >&3; while IFS= read -r reply <&4; do case "\$reply" in *'"event"'*) ;; *) echo "\$reply"; return ;; esac; done; }
+# qmp CMD: sends CMD and prints its reply; events go to /tmp/qmp.events.
+qmp() { echo "\$1" >&3; while IFS= read -r reply <&4; do case "\$reply" in *'"event"'*) echo "\$reply" >>/tmp/qmp.events ;; *) echo "\$reply"; return ;; esac; done; }
+# qemu_timing PHASE: QEMU's BALLOON_CHANGE events since the request, as
+# seconds.microseconds and actual bytes. QEMU sends at most one a second
+# (with the latest timestamp), so wait for the last one first.
+qemu_timing() {
+    sleep 1.2
+    qmp '{"execute": "query-balloon"}' >/dev/null
+    sed -n 's/.*"seconds": \([0-9]*\), "microseconds": \([0-9]*\).*"BALLOON_CHANGE".*"actual": \([0-9]*\).*/\1 \2 \3/p' /tmp/qmp.events |
+        while read -r sec usec actual; do
+            echo "BENCH-EVENT qemu run=\$run phase=\$1 ts=\$sec.\$(printf %06d \$usec) actual=\$actual"
+        done
+    : >/tmp/qmp.events
+}
 qemu_actual() { qmp '{"execute": "query-balloon"}' | grep -o '"actual": [0-9]*' | awk '{ print (\$2 / 1048576) }'; }
 bench_qemu() {
     rm -f /tmp/qmp.in /tmp/qmp.out /tmp/serial.qemu
@@ -109,16 +134,19 @@ bench_qemu() {
     qmp '{"execute": "qmp_capabilities"}' >/dev/null
     wait_ready /tmp/serial.qemu || return 1
     before=\$(shmem_mib \$pid)
+    : >/tmp/qmp.events
     t=\$(now)
     qmp "{\"execute\": \"balloon\", \"arguments\": {\"value\": \$(((MEM - INFLATE) << 20))}}" >/dev/null
     until_equal \$((MEM - INFLATE)) qemu_actual || return 1
     inflate_s=\$(since \$t)
+    qemu_timing inflate
     sleep 1
     after=\$(shmem_mib \$pid)
     t=\$(now)
     qmp "{\"execute\": \"balloon\", \"arguments\": {\"value\": \$((MEM << 20))}}" >/dev/null
     until_equal \$MEM qemu_actual || return 1
     deflate_s=\$(since \$t)
+    qemu_timing deflate
     echo "BENCH qemu run=\$run inflate_s=\$inflate_s deflate_s=\$deflate_s shmem_before_mib=\$before shmem_after_mib=\$after"
     qmp '{"execute": "quit"}' >/dev/null
     exec 3>&- 4<&-
@@ -155,7 +183,33 @@ for line in open(log, errors="replace"):
         })
 if not runs["vmm"] or not runs["qemu"]:
     sys.exit(f"bench-balloon: a VMM did not complete a run; see {log}")
-med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in runs.items()}
+
+# Each VMM's own clock: first `actual` update after the request to the one
+# that reached the target.
+memory_b = int(memory) << 20
+targets = {"inflate": memory_b - (inflate << 20), "deflate": memory_b}
+timing = re.compile(r"BENCH-TIMING vmm run=(\d+) phase=(\w+) first_ms=([\d.]+) settled_ms=([\d.]+)")
+event = re.compile(r"BENCH-EVENT qemu run=(\d+) phase=(\w+) ts=([\d.]+) actual=(\d+)")
+guest = {"vmm": {}, "qemu": {}}
+events = {}
+for line in open(log, errors="replace"):
+    if m := timing.search(line):
+        guest["vmm"][(int(m[1]), m[2])] = (float(m[4]) - float(m[3])) / 1e3
+    elif m := event.search(line):
+        events.setdefault((int(m[1]), m[2]), []).append((float(m[3]), int(m[4])))
+for (run, phase), evs in events.items():
+    evs.sort()
+    done = [t for t, a in evs if a == targets[phase]]
+    if done:
+        guest["qemu"][(run, phase)] = done[0] - evs[0][0]
+for k in runs:
+    for i, r in enumerate(runs[k], start=1):
+        for phase in ("inflate", "deflate"):
+            r[f"{phase}_guest_s"] = guest[k].get((i, phase))
+have_guest = all(r.get(f"{p}_guest_s") is not None
+                 for v in runs.values() for r in v for p in ("inflate", "deflate"))
+med = {k: {f: statistics.median(r[f] for r in v) for f in v[0] if v[0][f] is not None}
+       for k, v in runs.items()}
 out = {
     "vmm_inflate_mib_s": med["vmm"]["inflate_mib_s"],
     "vmm_deflate_mib_s": med["vmm"]["deflate_mib_s"],
@@ -168,6 +222,11 @@ out = {
     "memory_mib": int(memory), "inflate_mib": inflate,
     "runs": runs,
 }
+if have_guest:
+    for p in ("inflate", "deflate"):
+        out[f"vmm_{p}_guest_s"] = med["vmm"][f"{p}_guest_s"]
+        out[f"qemu_{p}_guest_s"] = med["qemu"][f"{p}_guest_s"]
+        out[f"{p}_guest_ratio"] = med["qemu"][f"{p}_guest_s"] / med["vmm"][f"{p}_guest_s"]
 with open(out_path, "w") as f:
     json.dump(out, f, indent=2)
 print(f"{'':6} {'inflate s':>10} {'MiB/s':>8} {'deflate s':>10} {'MiB/s':>8} {'returned MiB':>13} {'%':>6}")
@@ -177,4 +236,11 @@ for k in ("vmm", "qemu"):
           f" {m['deflate_mib_s']:>8.1f} {m['returned_mib']:>13.1f} {100 * m['returned_mib'] / inflate:>6.1f}")
 print(f"vmm/qemu: inflate {out['inflate_ratio']:.2f}x, deflate {out['deflate_ratio']:.2f}x"
       f"   -> {out_path}")
+if have_guest:
+    print("first to last `actual` update, each VMM's own clock:")
+    for k in ("vmm", "qemu"):
+        print(f"{k:6} inflate {med[k]['inflate_guest_s']:.3f} s, deflate {med[k]['deflate_guest_s']:.3f} s")
+    print(f"vmm/qemu: inflate {out['inflate_guest_ratio']:.2f}x, deflate {out['deflate_guest_ratio']:.2f}x")
+else:
+    print("(no device-side timing in the log: figures above only)")
 PY

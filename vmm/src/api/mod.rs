@@ -42,7 +42,7 @@ pub struct BalloonHandle {
 impl BalloonHandle {
     /// Asks the guest to hold `pages` balloon pages.
     pub fn set_target_pages(&self, pages: u32) {
-        self.state.target_pages.store(pages, Ordering::Relaxed);
+        self.state.set_target(pages);
         config_changed(&self.transport);
     }
 
@@ -70,6 +70,8 @@ impl BalloonHandle {
             })
             .collect();
         let c = &s.counters;
+        let r = *s.resize.lock().unwrap_or_else(|p| p.into_inner());
+        let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1e3);
         json!({
             "driver_active": active,
             "target_mib": mib(target),
@@ -77,6 +79,11 @@ impl BalloonHandle {
             "target_pages": target,
             "actual_pages": actual,
             "guest_stats": stats,
+            "last_resize": {
+                "first_change_ms": ms(r.first_change),
+                "settled_ms": ms(r.settled),
+                "updates": r.updates,
+            },
             "counters": {
                 "inflated_pages": c.inflated_pages.load(Ordering::Relaxed),
                 "deflated_pages": c.deflated_pages.load(Ordering::Relaxed),
