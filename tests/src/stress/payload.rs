@@ -26,34 +26,44 @@
 //! host aborted a wait for the device (rbx = queue).
 
 use iced_x86::code_asm::*;
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
+use virtio_bindings::virtio_ring::{
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 
 use super::layout::{ctrl, stat, state, Layout, Pool, CHUNK, CTRL, HOT_SPAN, INFLATE_Q};
 use super::layout::{DEFLATE_Q, PFN_BUF, QUEUE_SIZE, REPORT_Q, STATS, STATS_SIZE};
 
-/// virtio-mmio registers the driver uses.
+/// virtio-mmio registers the driver uses (offsets from virtio-bindings).
 mod reg {
-    pub const MAGIC: i32 = 0x000;
-    pub const VERSION: i32 = 0x004;
-    pub const DEVICE_ID: i32 = 0x008;
-    pub const DEVICE_FEATURES: i32 = 0x010;
-    pub const DEVICE_FEATURES_SEL: i32 = 0x014;
-    pub const DRIVER_FEATURES: i32 = 0x020;
-    pub const DRIVER_FEATURES_SEL: i32 = 0x024;
-    pub const QUEUE_SEL: i32 = 0x030;
-    pub const QUEUE_NUM_MAX: i32 = 0x034;
-    pub const QUEUE_NUM: i32 = 0x038;
-    pub const QUEUE_READY: i32 = 0x044;
-    pub const QUEUE_NOTIFY: i32 = 0x050;
-    pub const STATUS: i32 = 0x070;
-    pub const QUEUE_DESC_LOW: i32 = 0x080;
-    pub const QUEUE_DESC_HIGH: i32 = 0x084;
-    pub const QUEUE_DRIVER_LOW: i32 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: i32 = 0x094;
-    pub const QUEUE_DEVICE_LOW: i32 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: i32 = 0x0a4;
+    use virtio_bindings::virtio_mmio as m;
+    pub const MAGIC: i32 = m::VIRTIO_MMIO_MAGIC_VALUE as i32;
+    pub const VERSION: i32 = m::VIRTIO_MMIO_VERSION as i32;
+    pub const DEVICE_ID: i32 = m::VIRTIO_MMIO_DEVICE_ID as i32;
+    pub const DEVICE_FEATURES: i32 = m::VIRTIO_MMIO_DEVICE_FEATURES as i32;
+    pub const DEVICE_FEATURES_SEL: i32 = m::VIRTIO_MMIO_DEVICE_FEATURES_SEL as i32;
+    pub const DRIVER_FEATURES: i32 = m::VIRTIO_MMIO_DRIVER_FEATURES as i32;
+    pub const DRIVER_FEATURES_SEL: i32 = m::VIRTIO_MMIO_DRIVER_FEATURES_SEL as i32;
+    pub const QUEUE_SEL: i32 = m::VIRTIO_MMIO_QUEUE_SEL as i32;
+    pub const QUEUE_NUM_MAX: i32 = m::VIRTIO_MMIO_QUEUE_NUM_MAX as i32;
+    pub const QUEUE_NUM: i32 = m::VIRTIO_MMIO_QUEUE_NUM as i32;
+    pub const QUEUE_READY: i32 = m::VIRTIO_MMIO_QUEUE_READY as i32;
+    pub const QUEUE_NOTIFY: i32 = m::VIRTIO_MMIO_QUEUE_NOTIFY as i32;
+    pub const STATUS: i32 = m::VIRTIO_MMIO_STATUS as i32;
+    pub const QUEUE_DESC_LOW: i32 = m::VIRTIO_MMIO_QUEUE_DESC_LOW as i32;
+    pub const QUEUE_DESC_HIGH: i32 = m::VIRTIO_MMIO_QUEUE_DESC_HIGH as i32;
+    pub const QUEUE_DRIVER_LOW: i32 = m::VIRTIO_MMIO_QUEUE_AVAIL_LOW as i32;
+    pub const QUEUE_DRIVER_HIGH: i32 = m::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as i32;
+    pub const QUEUE_DEVICE_LOW: i32 = m::VIRTIO_MMIO_QUEUE_USED_LOW as i32;
+    pub const QUEUE_DEVICE_HIGH: i32 = m::VIRTIO_MMIO_QUEUE_USED_HIGH as i32;
     /// Balloon config: `num_pages`, then `actual`.
-    pub const NUM_PAGES: i32 = 0x100;
-    pub const ACTUAL: i32 = 0x104;
+    pub const NUM_PAGES: i32 = m::VIRTIO_MMIO_CONFIG as i32;
+    pub const ACTUAL: i32 = NUM_PAGES + 4;
 }
 
 /// Step numbers reported when the device set-up fails.
@@ -626,10 +636,13 @@ fn balloon_ops(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
         a.mov(word_ptr(r8 + rdi + 14), ax)?;
         a.cmp(eax, esi)?;
         a.je(last)?;
-        a.mov(word_ptr(r8 + rdi + 12), 3)?; // NEXT | WRITE
+        a.mov(
+            word_ptr(r8 + rdi + 12),
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+        )?;
         a.jmp(flagged)?;
         a.set_label(&mut last)?;
-        a.mov(word_ptr(r8 + rdi + 12), 2)?; // WRITE
+        a.mov(word_ptr(r8 + rdi + 12), VRING_DESC_F_WRITE)?;
         a.set_label(&mut flagged)?;
         a.inc(edx)?;
         a.jmp(build)?;
@@ -663,16 +676,21 @@ fn device_init(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
         a.jne(fail)
     };
     let write = |a: &mut CodeAssembler, off: i32, v: u32| a.mov(dword_ptr(rcx + off), v);
-    expect(a, reg::MAGIC, 0x7472_6976, init_step::MAGIC)?;
+    expect(
+        a,
+        reg::MAGIC,
+        u32::from_le_bytes(*b"virt"),
+        init_step::MAGIC,
+    )?;
     expect(a, reg::VERSION, 2, init_step::VERSION)?;
-    expect(a, reg::DEVICE_ID, 5, init_step::DEVICE_ID)?;
+    expect(a, reg::DEVICE_ID, VIRTIO_ID_BALLOON, init_step::DEVICE_ID)?;
     write(a, reg::STATUS, 0)?;
-    write(a, reg::STATUS, 1)?; // ACKNOWLEDGE
-    write(a, reg::STATUS, 3)?; // DRIVER
+    write(a, reg::STATUS, ACKNOWLEDGE)?;
+    write(a, reg::STATUS, ACKNOWLEDGE | DRIVER)?;
     write(a, reg::DEVICE_FEATURES_SEL, 1)?;
     a.mov(eax, init_step::NO_VERSION_1)?;
     a.mov(edx, dword_ptr(rcx + reg::DEVICE_FEATURES))?;
-    a.test(edx, 1)?;
+    a.test(edx, 1 << (VIRTIO_F_VERSION_1 - 32))?;
     a.jz(fail)?;
     // VERSION_1 and free page reporting; no stats, no deflate-on-OOM.
     a.mov(eax, init_step::NO_REPORTING)?;
@@ -683,11 +701,11 @@ fn device_init(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
     write(a, reg::DRIVER_FEATURES_SEL, 0)?;
     write(a, reg::DRIVER_FEATURES, 1 << F_REPORTING)?;
     write(a, reg::DRIVER_FEATURES_SEL, 1)?;
-    write(a, reg::DRIVER_FEATURES, 1)?;
-    write(a, reg::STATUS, 0xb)?; // FEATURES_OK
+    write(a, reg::DRIVER_FEATURES, 1 << (VIRTIO_F_VERSION_1 - 32))?;
+    write(a, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK)?;
     a.mov(eax, init_step::FEATURES_OK)?;
     a.mov(edx, dword_ptr(rcx + reg::STATUS))?;
-    a.test(edx, 8)?;
+    a.test(edx, FEATURES_OK)?;
     a.jz(fail)?;
     for (q, base) in [(0u32, INFLATE_Q), (1, DEFLATE_Q), (2, REPORT_Q)] {
         write(a, reg::QUEUE_SEL, q)?;
@@ -702,13 +720,14 @@ fn device_init(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
         write(a, reg::QUEUE_DRIVER_HIGH, 0)?;
         write(a, reg::QUEUE_DEVICE_LOW, (base + USED as u64) as u32)?;
         write(a, reg::QUEUE_DEVICE_HIGH, 0)?;
-        // Polling driver: no interrupts wanted (VIRTQ_AVAIL_F_NO_INTERRUPT).
+        // Polling driver: no interrupts wanted.
         a.mov(eax, (base + AVAIL as u64) as u32)?;
-        a.mov(word_ptr(rax), 1)?;
+        a.mov(word_ptr(rax), VRING_AVAIL_F_NO_INTERRUPT)?;
         write(a, reg::QUEUE_READY, 1)?;
     }
-    write(a, reg::STATUS, 0xf)?; // DRIVER_OK
-    expect(a, reg::STATUS, 0xf, init_step::DRIVER_OK)?;
+    let all = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+    write(a, reg::STATUS, all)?;
+    expect(a, reg::STATUS, all, init_step::DRIVER_OK)?;
     a.xor(eax, eax)?;
     a.set_label(&mut fail)?;
     a.ret()
