@@ -1,0 +1,350 @@
+#!/usr/bin/env bash
+# virtio-mem benchmark: this VMM's virtio-mem against QEMU's, on the same
+# guest (Debian kernel, 512 MiB boot RAM, 1 vCPU, a 1 GiB virtio-mem window,
+# memhp_default_state=online_movable) in the same L1, alternately. The guest
+# dirties its free boot memory and idles; then 256 MiB are plugged, the
+# guest fills free memory once (so the plugged blocks are backed on the
+# host) and frees it, and the 256 MiB are unplugged again. Measured:
+#   - plug and unplug time: from the request (PUT /memory; QMP qom-set of
+#     requested-size) until the device's plugged size equals the requested
+#     size (GET /memory plugged_mib; QMP qom-get of size), polled every
+#     50 ms, read from the L1's /proc/uptime (10 ms steps). Also recorded:
+#     what the request itself took and what one poll costs. This VMM is
+#     asked by a fresh vmmctl process each time, QEMU over a QMP pipe that
+#     is already open, so the times lean against this VMM by about a poll;
+#   - host memory returned: of what plug + use allocated on the host, the
+#     share the unplug gives back, read two ways for both VMMs: the window
+#     memfd's allocated bytes (st_blocks; GET /memory host_allocated_mib for
+#     this VMM, stat of QEMU's window memfd in /proc/PID/fd for QEMU), and
+#     the VMM process's RssShmem (guest RAM is a memfd for both).
+# QEMU runs as -M q35 with virtio-mem-pci: microvm has no memory-device
+# support (QEMU 7.2 realizes virtio-mem on its virtio-mmio bus and
+# virtio-mem-pci on microvm,pcie=on, but never maps the window into the
+# guest), so QEMU's guest also loads virtio_pci. Both guests use the same
+# initramfs. QEMU's boot (SeaBIOS, PCI) is slower, but timing starts only
+# once the guest is ready, so it compares the device paths.
+# A benchmark, not a test: no thresholds. Prints a table and writes
+# target/bench/virtio-mem.json (medians and every run).
+#
+# Usage: resources/bench-virtio-mem.sh [--runs N] [--memory MiB]
+#            [--window MiB] [--plug MiB]
+#
+#   --runs N        runs per VMM, alternating (default 3)
+#   --memory MiB    boot RAM (default 512)
+#   --window MiB    virtio-mem window, a multiple of 128 and not equal to
+#                   --memory (QEMU's window memfd is told apart by its size;
+#                   default 1024)
+#   --plug MiB      memory to plug and unplug, a multiple of 2 (default 256)
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
+
+runs=3
+memory=512
+window=1024
+plug=256
+while (($#)); do
+    case "$1" in
+        --runs) runs="$2"; shift 2 ;;
+        --memory) memory="$2"; shift 2 ;;
+        --window) window="$2"; shift 2 ;;
+        --plug) plug="$2"; shift 2 ;;
+        -h | --help) usage; exit 0 ;;
+        *) die "unknown argument: $1 (see --help)" ;;
+    esac
+done
+for v in "$runs" "$memory" "$window" "$plug"; do
+    [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "--runs, --memory, --window and --plug take positive integers"
+done
+((window % 128 == 0)) || die "--window must be a multiple of 128 (MiB)"
+((plug % 2 == 0 && plug <= window)) || die "--plug must be a multiple of 2 and at most --window"
+((window != memory)) || die "--window must differ from --memory"
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+bench_prepare
+[[ -f /usr/share/seabios/bios-256k.bin ]] ||
+    die "/usr/share/seabios/bios-256k.bin not found (Debian package seabios), QEMU's q35 needs it"
+image="$GUEST_CACHE/guest-virtio-mem-idle.cpio.gz"
+"$RESOURCES_DIR/build-initramfs.sh" --out "$image" --module virtio_pci \
+    --extra "$RESOURCES_DIR/guest/virtio-mem-idle.sh:/guest-test.sh"
+
+script="$GUEST_CACHE/bench/virtio-mem.sh"
+mkdir -p "$(dirname "$script")"
+cmdline="console=ttyS0 reboot=k panic=-1 noxsave quiet memhp_default_state=online_movable vmembench.plug_mib=$plug"
+cat >"$script" <<SCRIPT
+#!/bin/sh
+# In the L1: each VMM in turn boots the guest, plugs, lets it use the memory, unplugs.
+MEM=$memory
+WIN=$window
+PLUG=$plug
+CPU=\${L1_VMM_CPU:-0}
+now() { cut -d' ' -f1 /proc/uptime; }
+since() { awk "BEGIN { printf \"%.3f\", \$(now) - \$1 }"; }
+shmem_mib() { awk '/^RssShmem/ { printf "%.1f", \$2 / 1024 }' /proc/\$1/status; }
+# wait_marker FILE MARKER: until the guest console FILE shows MARKER (\$pid: the VMM).
+wait_marker() {
+    n=0
+    until grep -q "\$2" \$1 2>/dev/null; do
+        sleep 0.2
+        n=\$((n + 1))
+        kill -0 \$pid 2>/dev/null || { echo "BENCH-ERROR the VMM exited before the guest printed \$2"; cat \$1; return 1; }
+        grep -q -E 'GUEST-TIMEOUT|GUEST-FILL-FAILED' \$1 && { echo "BENCH-ERROR the guest gave up"; cat \$1; return 1; }
+        [ \$n -lt 1500 ] || { echo "BENCH-ERROR the guest never printed \$2"; cat \$1; return 1; }
+    done
+}
+# until_equal WANT CMD...: polls CMD every 50 ms until it prints WANT.
+until_equal() {
+    want=\$1
+    shift
+    n=0
+    until [ "\$("\$@")" = "\$want" ]; do
+        sleep 0.05
+        n=\$((n + 1))
+        [ \$n -lt 6000 ] || { echo "BENCH-ERROR stuck waiting for \$want"; return 1; }
+    done
+}
+# poll_cost CMD...: seconds one call of CMD takes (mean of 10), the
+# resolution of the plugged-size polling.
+poll_cost() {
+    t=\$(now)
+    i=0
+    while [ \$i -lt 10 ]; do
+        "\$@" >/dev/null
+        i=\$((i + 1))
+    done
+    awk "BEGIN { printf \"%.3f\", (\$(now) - \$t) / 10 }"
+}
+# report NAME: one result line from the variables the runs set.
+report() {
+    echo "BENCH \$1 run=\$run plug_s=\$plug_s unplug_s=\$unplug_s" \\
+        "shmem_before_mib=\$s0 shmem_used_mib=\$s1 shmem_after_mib=\$s2" \\
+        "window_before_mib=\$w0 window_used_mib=\$w1 window_after_mib=\$w2 filled_mib=\$filled poll_s=\$poll_s" \\
+        "plug_request_s=\$plug_req_s unplug_request_s=\$unplug_req_s"
+}
+# guest_notes NAME FILE: the guest kernel's complaints (it boots quiet, so
+# only warnings and worse reach the console). This VMM has no PCI, so its
+# guest's "PCI: Fatal: No config space access function found" is left out.
+guest_notes() {
+    grep -v -E '^(GUEST-|\\[ *[0-9.]+\\] (tsc|clocksource|kvm-clock|PCI: Fatal: No config space))' \$2 | grep -E '^\\[' | head -20 | sed "s/^/BENCH-GUEST \$1 run=\$run /"
+}
+filled_mib() { grep -o 'GUEST-USED round=1 .*filled_mib=[0-9]*' \$1 | grep -o '[0-9]*\$'; }
+
+vmm_get() { /bin/vmmctl --sock /tmp/api.sock GET /memory | grep -o "\"\$1\": [0-9]*" | head -1 | grep -o '[0-9]*\$'; }
+bench_vmm() {
+    rm -f /tmp/api.sock /tmp/serial.vmm
+    taskset -c \$CPU /bin/vmm --kernel /guest/vmlinux --initrd /guest/virtio-mem-idle.cpio.gz \\
+        --memory \${MEM}M --mem-backend memfd --virtio-mem \${WIN}M --cmdline "$cmdline" \\
+        --serial file:/tmp/serial.vmm --api-sock /tmp/api.sock 2>/tmp/vmm.err &
+    pid=\$!
+    wait_marker /tmp/serial.vmm GUEST-READY || return 1
+    sleep 2
+    s0=\$(shmem_mib \$pid)
+    w0=\$(vmm_get host_allocated_mib)
+    poll_s=\$(poll_cost vmm_get plugged_mib)
+    t=\$(now)
+    /bin/vmmctl --sock /tmp/api.sock PUT /memory "{\"requested_mib\": \$PLUG}" >/dev/null
+    plug_req_s=\$(since \$t)
+    until_equal \$PLUG vmm_get plugged_mib || return 1
+    plug_s=\$(since \$t)
+    wait_marker /tmp/serial.vmm GUEST-USED || return 1
+    sleep 1
+    s1=\$(shmem_mib \$pid)
+    w1=\$(vmm_get host_allocated_mib)
+    t=\$(now)
+    /bin/vmmctl --sock /tmp/api.sock PUT /memory '{"requested_mib": 0}' >/dev/null
+    unplug_req_s=\$(since \$t)
+    until_equal 0 vmm_get plugged_mib || return 1
+    unplug_s=\$(since \$t)
+    wait_marker /tmp/serial.vmm GUEST-SAW-UNPLUG || return 1
+    sleep 1
+    s2=\$(shmem_mib \$pid)
+    w2=\$(vmm_get host_allocated_mib)
+    filled=\$(filled_mib /tmp/serial.vmm)
+    report vmm
+    guest_notes vmm /tmp/serial.vmm
+    echo "BENCH-VMM-MEMORY run=\$run \$(/bin/vmmctl --sock /tmp/api.sock GET /memory | tr -d '\n ')"
+    kill \$pid
+    wait \$pid 2>/dev/null
+    grep -i -E 'warn|error|panic' /tmp/vmm.err | head -20 | sed 's/^/BENCH-VMM-STDERR /'
+    return 0
+}
+
+qmp() { echo "\$1" >&3; while IFS= read -r reply <&4; do case "\$reply" in *'"event"'*) ;; *) echo "\$reply"; return ;; esac; done; }
+qemu_size() { qmp '{"execute": "qom-get", "arguments": {"path": "/machine/peripheral/vm0", "property": "size"}}' | grep -o '"return": [0-9]*' | grep -o '[0-9]*\$'; }
+qemu_request() { qmp "{\"execute\": \"qom-set\", \"arguments\": {\"path\": \"/machine/peripheral/vm0\", \"property\": \"requested-size\", \"value\": \$((\$1 << 20))}}" >/dev/null; }
+# qemu_window_mib PID: allocated MiB of QEMU's window memfd (the one of the window's size).
+qemu_window_mib() {
+    for f in /proc/\$1/fd/*; do
+        case "\$(readlink \$f)" in
+            *memfd:*)
+                set -- \$(stat -L -c '%s %b %B' \$f)
+                [ "\$1" = \$((WIN << 20)) ] && { awk "BEGIN { printf \"%d\", \$2 * \$3 / 1048576 }"; return; }
+                ;;
+        esac
+    done
+    echo "BENCH-ERROR no memfd of \$WIN MiB in QEMU" >&2
+}
+bench_qemu() {
+    rm -f /tmp/qmp.in /tmp/qmp.out /tmp/serial.qemu
+    mkfifo /tmp/qmp.in /tmp/qmp.out
+    taskset -c \$CPU qemu-system-x86_64 -accel kvm -M q35 -cpu host -m \${MEM}M,maxmem=\$((MEM + WIN))M \\
+        -display none -no-reboot -nodefaults -serial file:/tmp/serial.qemu \\
+        -object memory-backend-memfd,id=mem,size=\${MEM}M,share=on -machine memory-backend=mem \\
+        -object memory-backend-memfd,id=vmem0,size=\${WIN}M,share=on \\
+        -device virtio-mem-pci,id=vm0,memdev=vmem0,block-size=2M,requested-size=0 \\
+        -chardev pipe,id=qmp,path=/tmp/qmp -mon chardev=qmp,mode=control \\
+        -kernel /guest/vmlinux -initrd /guest/virtio-mem-idle.cpio.gz -append "$cmdline" 2>/tmp/qemu.err &
+    pid=\$!
+    exec 3>/tmp/qmp.in 4</tmp/qmp.out
+    read -r greeting <&4
+    qmp '{"execute": "qmp_capabilities"}' >/dev/null
+    wait_marker /tmp/serial.qemu GUEST-READY || return 1
+    sleep 2
+    s0=\$(shmem_mib \$pid)
+    w0=\$(qemu_window_mib \$pid)
+    poll_s=\$(poll_cost qemu_size)
+    t=\$(now)
+    qemu_request \$PLUG
+    plug_req_s=\$(since \$t)
+    until_equal \$((PLUG << 20)) qemu_size || return 1
+    plug_s=\$(since \$t)
+    wait_marker /tmp/serial.qemu GUEST-USED || return 1
+    sleep 1
+    s1=\$(shmem_mib \$pid)
+    w1=\$(qemu_window_mib \$pid)
+    t=\$(now)
+    qemu_request 0
+    unplug_req_s=\$(since \$t)
+    until_equal 0 qemu_size || return 1
+    unplug_s=\$(since \$t)
+    wait_marker /tmp/serial.qemu GUEST-SAW-UNPLUG || return 1
+    sleep 1
+    s2=\$(shmem_mib \$pid)
+    w2=\$(qemu_window_mib \$pid)
+    filled=\$(filled_mib /tmp/serial.qemu)
+    report qemu
+    guest_notes qemu /tmp/serial.qemu
+    qmp '{"execute": "quit"}' >/dev/null
+    exec 3>&- 4<&-
+    wait \$pid 2>/dev/null
+    return 0
+}
+
+echo "BENCH-L1 cpus=\$(grep -c ^processor /proc/cpuinfo) qemu=\$(qemu-system-x86_64 --version | head -1 | tr ' ' _)"
+run=1
+while [ \$run -le $runs ]; do
+    bench_vmm || { tail -5 /tmp/vmm.err; exit 1; }
+    bench_qemu || { tail -5 /tmp/qemu.err; exit 1; }
+    run=\$((run + 1))
+done
+SCRIPT
+# q35 boots through SeaBIOS, which Debian keeps outside /usr/share/qemu.
+bench_run_l1 virtio-mem "$script" --add "$image:/guest/virtio-mem-idle.cpio.gz" \
+    --add /usr/share/seabios/bios-256k.bin:/usr/share/seabios/
+
+mkdir -p "$REPO_ROOT/target/bench"
+python3 - "$GUEST_CACHE/bench/virtio-mem.log" "$memory" "$window" "$plug" \
+    "$load_before" "$(cut -d' ' -f1-3 /proc/loadavg)" \
+    "$REPO_ROOT/target/bench/virtio-mem.json" <<'PY'
+import datetime, json, re, statistics, sys
+log, memory, window, plug, load_before, load_after, out_path = sys.argv[1:8]
+memory, window, plug = int(memory), int(window), int(plug)
+pat = re.compile(r"BENCH (\w+) run=\d+ plug_s=([\d.]+) unplug_s=([\d.]+) "
+                 r"shmem_before_mib=([\d.]+) shmem_used_mib=([\d.]+) shmem_after_mib=([\d.]+) "
+                 r"window_before_mib=(\d+) window_used_mib=(\d+) window_after_mib=(\d+) filled_mib=(\d+) "
+                 r"poll_s=([\d.]+) plug_request_s=([\d.]+) unplug_request_s=([\d.]+)")
+runs = {"vmm": [], "qemu": []}
+problems = []
+counters = []
+qemu_version = None
+for line in open(log, errors="replace"):
+    m = pat.search(line)
+    if m and m.group(1) in runs:
+        p, u, s0, s1, s2, w0, w1, w2, filled, poll, preq, ureq = map(float, m.groups()[1:])
+        runs[m.group(1)].append({
+            "plug_s": p, "unplug_s": u,
+            "plug_mib_s": plug / p if p else None, "unplug_mib_s": plug / u if u else None,
+            "shmem_before_mib": s0, "shmem_used_mib": s1, "shmem_after_mib": s2,
+            "window_before_mib": w0, "window_used_mib": w1, "window_after_mib": w2,
+            "guest_filled_mib": filled, "poll_s": poll,
+            "plug_request_s": preq, "unplug_request_s": ureq,
+            "returned_pct": 100 * (w1 - w2) / (w1 - w0) if w1 > w0 else None,
+            "returned_shmem_mib": s1 - s2,
+            "returned_shmem_pct": 100 * (s1 - s2) / (s1 - s0) if s1 > s0 else None,
+        })
+    elif "BENCH-VMM-MEMORY" in line:
+        counters.append(json.loads(line.split(" ", 2)[2]).get("counters"))
+    elif re.search(r"BENCH-(ERROR|VMM-STDERR|GUEST)", line):
+        problems.append(line.strip())
+    elif "BENCH-L1" in line:
+        qemu_version = line.split("qemu=")[-1].strip().replace("_", " ")
+if not runs["vmm"] or not runs["qemu"]:
+    sys.exit(f"bench-virtio-mem: a VMM did not complete a run; see {log}")
+
+
+def med(rows, field):
+    vals = [r[field] for r in rows if r[field] is not None]
+    return statistics.median(vals) if vals else None
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+fields = list(runs["vmm"][0])
+m = {k: {f: med(v, f) for f in fields} for k, v in runs.items()}
+out = {
+    "vmm_plug_s": m["vmm"]["plug_s"],
+    "vmm_unplug_s": m["vmm"]["unplug_s"],
+    "qemu_plug_s": m["qemu"]["plug_s"],
+    "qemu_unplug_s": m["qemu"]["unplug_s"],
+    "returned_pct": m["vmm"]["returned_pct"],
+    "qemu_returned_pct": m["qemu"]["returned_pct"],
+    "returned_shmem_pct": m["vmm"]["returned_shmem_pct"],
+    "qemu_returned_shmem_pct": m["qemu"]["returned_shmem_pct"],
+    "vmm_poll_s": m["vmm"]["poll_s"],
+    "qemu_poll_s": m["qemu"]["poll_s"],
+    "plug_time_ratio": ratio(m["vmm"]["plug_s"], m["qemu"]["plug_s"]),
+    "unplug_time_ratio": ratio(m["vmm"]["unplug_s"], m["qemu"]["unplug_s"]),
+    **{f"{k}_{f}_runs": [r[f] for r in runs[k]] for k in runs
+       for f in ("plug_s", "unplug_s", "returned_pct", "returned_shmem_pct", "poll_s",
+                 "plug_request_s", "unplug_request_s")},
+    "run_count": min(len(runs["vmm"]), len(runs["qemu"])),
+    "medians": m,
+    "memory_mib": memory, "window_mib": window, "plug_mib": plug, "block_size_mib": 2,
+    "qemu": (qemu_version or "qemu-system-x86_64") +
+            ": -M q35, virtio-mem-pci, memory-backend-memfd share=on (boot RAM and window)",
+    "returned_pct_method": "drop of the window memfd's allocated bytes (st_blocks) after unplug, "
+                           "as a share of what plug + guest use added",
+    "returned_shmem_pct_method": "the same from the VMM process's RssShmem",
+    "host_loadavg_before": load_before, "host_loadavg_after": load_after,
+    "date": datetime.date.today().isoformat(),
+    "vmm_counters_runs": counters,
+    "problems": problems,
+    "runs": runs,
+}
+with open(out_path, "w") as f:
+    json.dump(out, f, indent=2)
+
+
+def fmt(v, spec):
+    return format(v, spec) if v is not None else "-"
+
+
+print(f"{'':6} {'plug s':>7} {'MiB/s':>6} {'unplug s':>9} {'MiB/s':>6} {'request s':>10} {'poll s':>7}"
+      f" {'window back MiB':>16} {'%':>6} {'RssShmem back MiB':>18} {'%':>6}")
+for k in ("vmm", "qemu"):
+    r = m[k]
+    print(f"{k:6} {r['plug_s']:>7.2f} {fmt(r['plug_mib_s'], '>6.0f')} {r['unplug_s']:>9.2f}"
+          f" {fmt(r['unplug_mib_s'], '>6.0f')} {r['plug_request_s']:>10.3f} {r['poll_s']:>7.3f}"
+          f" {r['window_used_mib'] - r['window_after_mib']:>16.0f} {fmt(r['returned_pct'], '>6.1f')}"
+          f" {r['returned_shmem_mib']:>18.1f} {fmt(r['returned_shmem_pct'], '>6.1f')}")
+print("per run (plug s / unplug s / window returned %):")
+for k in ("vmm", "qemu"):
+    print(f"  {k:5} " + "   ".join(
+        f"{r['plug_s']:.2f} / {r['unplug_s']:.2f} / {fmt(r['returned_pct'], '.1f')}" for r in runs[k]))
+print(f"vmm/qemu time: plug {fmt(out['plug_time_ratio'], '.2f')}x,"
+      f" unplug {fmt(out['unplug_time_ratio'], '.2f')}x"
+      f"   (medians of {len(runs['vmm'])}; host load {load_before} -> {load_after})   -> {out_path}")
+for p in problems:
+    print("note:", p)
+PY
