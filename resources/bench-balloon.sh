@@ -105,20 +105,7 @@ bench_vmm() {
     return 0
 }
 
-# qmp CMD: sends CMD and prints its reply; events go to /tmp/qmp.events.
-qmp() { echo "\$1" >&3; while IFS= read -r reply <&4; do case "\$reply" in *'"event"'*) echo "\$reply" >>/tmp/qmp.events ;; *) echo "\$reply"; return ;; esac; done; }
-# qemu_timing PHASE: QEMU's BALLOON_CHANGE events since the request, as
-# seconds.microseconds and actual bytes. QEMU sends at most one a second
-# (with the latest timestamp), so wait for the last one first.
-qemu_timing() {
-    sleep 1.2
-    qmp '{"execute": "query-balloon"}' >/dev/null
-    sed -n 's/.*"seconds": \([0-9]*\), "microseconds": \([0-9]*\).*"BALLOON_CHANGE".*"actual": \([0-9]*\).*/\1 \2 \3/p' /tmp/qmp.events |
-        while read -r sec usec actual; do
-            echo "BENCH-EVENT qemu run=\$run phase=\$1 ts=\$sec.\$(printf %06d \$usec) actual=\$actual"
-        done
-    : >/tmp/qmp.events
-}
+$(bench_l1_qmp_helpers)
 qemu_actual() { qmp '{"execute": "query-balloon"}' | grep -o '"actual": [0-9]*' | awk '{ print (\$2 / 1048576) }'; }
 bench_qemu() {
     rm -f /tmp/qmp.in /tmp/qmp.out /tmp/serial.qemu
@@ -139,14 +126,14 @@ bench_qemu() {
     qmp "{\"execute\": \"balloon\", \"arguments\": {\"value\": \$(((MEM - INFLATE) << 20))}}" >/dev/null
     until_equal \$((MEM - INFLATE)) qemu_actual || return 1
     inflate_s=\$(since \$t)
-    qemu_timing inflate
+    qmp_events BALLOON_CHANGE actual qemu inflate
     sleep 1
     after=\$(shmem_mib \$pid)
     t=\$(now)
     qmp "{\"execute\": \"balloon\", \"arguments\": {\"value\": \$((MEM << 20))}}" >/dev/null
     until_equal \$MEM qemu_actual || return 1
     deflate_s=\$(since \$t)
-    qemu_timing deflate
+    qmp_events BALLOON_CHANGE actual qemu deflate
     echo "BENCH qemu run=\$run inflate_s=\$inflate_s deflate_s=\$deflate_s shmem_before_mib=\$before shmem_after_mib=\$after"
     qmp '{"execute": "quit"}' >/dev/null
     exec 3>&- 4<&-

@@ -35,3 +35,25 @@ bench_run_l1() {
     "$RESOURCES_DIR/run-l1.sh" --initrd "$dir/l1-$name.cpio.gz" --timeout 1500 \
         --log "$dir/$name.log" >&2
 }
+
+# bench_l1_qmp_helpers: shell functions for the L1 scripts that drive QEMU
+# over a QMP pipe (fds 3 and 4): `qmp CMD` sends CMD and prints its reply,
+# keeping events in /tmp/qmp.events; `qmp_events NAME FIELD VMM PHASE`
+# prints every NAME event since the file was last cleared as
+# "BENCH-EVENT VMM run=$run phase=PHASE ts=SECONDS actual=FIELD-VALUE" and
+# clears it. QEMU sends some events at most once a second (with the latest
+# timestamp), so qmp_events waits for the last one first.
+bench_l1_qmp_helpers() {
+    cat <<'SH'
+qmp() { echo "$1" >&3; while IFS= read -r reply <&4; do case "$reply" in *'"event"'*) echo "$reply" >>/tmp/qmp.events ;; *) echo "$reply"; return ;; esac; done; }
+qmp_events() {
+    sleep 1.2
+    qmp '{"execute": "query-status"}' >/dev/null
+    sed -n "s/.*\"seconds\": \([0-9]*\), \"microseconds\": \([0-9]*\).*\"$1\".*\"$2\": \([0-9]*\).*/\1 \2 \3/p" /tmp/qmp.events |
+        while read -r sec usec value; do
+            echo "BENCH-EVENT $3 run=$run phase=$4 ts=$sec.$(printf %06d "$usec") actual=$value"
+        done
+    : >/tmp/qmp.events
+}
+SH
+}

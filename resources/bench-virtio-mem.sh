@@ -12,6 +12,10 @@
 #     what the request itself took and what one poll costs. This VMM is
 #     asked by a fresh vmmctl process each time, QEMU over a QMP pipe that
 #     is already open, so the times lean against this VMM by about a poll;
+#   - the same, timed by each VMM itself, free of polling: from the first
+#     change of the plugged size to the one that reached the request (this
+#     VMM's GET /memory last_resize; QEMU's MEMORY_DEVICE_SIZE_CHANGE event
+#     timestamps);
 #   - host memory returned: of what plug + use allocated on the host, the
 #     share the unplug gives back, read two ways for both VMMs: the window
 #     memfd's allocated bytes (st_blocks; GET /memory host_allocated_mib for
@@ -128,7 +132,11 @@ guest_notes() {
 }
 filled_mib() { grep -o 'GUEST-USED round=1 .*filled_mib=[0-9]*' \$1 | grep -o '[0-9]*\$'; }
 
-vmm_get() { /bin/vmmctl --sock /tmp/api.sock GET /memory | grep -o "\"\$1\": [0-9]*" | head -1 | grep -o '[0-9]*\$'; }
+vmm_get() { /bin/vmmctl --sock /tmp/api.sock GET /memory | grep -o "\"\$1\": [0-9.]*" | head -1 | grep -o '[0-9.]*\$'; }
+# vmm_timing PHASE: the device's own timing of the last resize.
+vmm_timing() {
+    echo "BENCH-TIMING vmm run=\$run phase=\$1 first_ms=\$(vmm_get first_change_ms) settled_ms=\$(vmm_get settled_ms)"
+}
 bench_vmm() {
     rm -f /tmp/api.sock /tmp/serial.vmm
     taskset -c \$CPU /bin/vmm --kernel /guest/vmlinux --initrd /guest/virtio-mem-idle.cpio.gz \\
@@ -145,6 +153,7 @@ bench_vmm() {
     plug_req_s=\$(since \$t)
     until_equal \$PLUG vmm_get plugged_mib || return 1
     plug_s=\$(since \$t)
+    vmm_timing plug
     wait_marker /tmp/serial.vmm GUEST-USED || return 1
     sleep 1
     s1=\$(shmem_mib \$pid)
@@ -154,6 +163,7 @@ bench_vmm() {
     unplug_req_s=\$(since \$t)
     until_equal 0 vmm_get plugged_mib || return 1
     unplug_s=\$(since \$t)
+    vmm_timing unplug
     wait_marker /tmp/serial.vmm GUEST-SAW-UNPLUG || return 1
     sleep 1
     s2=\$(shmem_mib \$pid)
@@ -168,7 +178,7 @@ bench_vmm() {
     return 0
 }
 
-qmp() { echo "\$1" >&3; while IFS= read -r reply <&4; do case "\$reply" in *'"event"'*) ;; *) echo "\$reply"; return ;; esac; done; }
+$(bench_l1_qmp_helpers)
 qemu_size() { qmp '{"execute": "qom-get", "arguments": {"path": "/machine/peripheral/vm0", "property": "size"}}' | grep -o '"return": [0-9]*' | grep -o '[0-9]*\$'; }
 qemu_request() { qmp "{\"execute\": \"qom-set\", \"arguments\": {\"path\": \"/machine/peripheral/vm0\", \"property\": \"requested-size\", \"value\": \$((\$1 << 20))}}" >/dev/null; }
 # qemu_window_mib PID: allocated MiB of QEMU's window memfd (the one of the window's size).
@@ -202,20 +212,24 @@ bench_qemu() {
     s0=\$(shmem_mib \$pid)
     w0=\$(qemu_window_mib \$pid)
     poll_s=\$(poll_cost qemu_size)
+    : >/tmp/qmp.events
     t=\$(now)
     qemu_request \$PLUG
     plug_req_s=\$(since \$t)
     until_equal \$((PLUG << 20)) qemu_size || return 1
     plug_s=\$(since \$t)
+    qmp_events MEMORY_DEVICE_SIZE_CHANGE size qemu plug
     wait_marker /tmp/serial.qemu GUEST-USED || return 1
     sleep 1
     s1=\$(shmem_mib \$pid)
     w1=\$(qemu_window_mib \$pid)
+    : >/tmp/qmp.events
     t=\$(now)
     qemu_request 0
     unplug_req_s=\$(since \$t)
     until_equal 0 qemu_size || return 1
     unplug_s=\$(since \$t)
+    qmp_events MEMORY_DEVICE_SIZE_CHANGE size qemu unplug
     wait_marker /tmp/serial.qemu GUEST-SAW-UNPLUG || return 1
     sleep 1
     s2=\$(shmem_mib \$pid)
@@ -280,6 +294,28 @@ for line in open(log, errors="replace"):
 if not runs["vmm"] or not runs["qemu"]:
     sys.exit(f"bench-virtio-mem: a VMM did not complete a run; see {log}")
 
+# Each VMM's own clock: first change of the plugged size to the one that
+# reached the request.
+targets = {"plug": plug << 20, "unplug": 0}
+timing = re.compile(r"BENCH-TIMING vmm run=(\d+) phase=(\w+) first_ms=([\d.]+) settled_ms=([\d.]+)")
+event = re.compile(r"BENCH-EVENT qemu run=(\d+) phase=(\w+) ts=([\d.]+) actual=(\d+)")
+guest = {"vmm": {}, "qemu": {}}
+events = {}
+for line in open(log, errors="replace"):
+    if t := timing.search(line):
+        guest["vmm"][(int(t[1]), t[2])] = (float(t[4]) - float(t[3])) / 1e3
+    elif e := event.search(line):
+        events.setdefault((int(e[1]), e[2]), []).append((float(e[3]), int(e[4])))
+for (run, phase), evs in events.items():
+    evs.sort()
+    done = [ts for ts, size in evs if size == targets[phase]]
+    if done:
+        guest["qemu"][(run, phase)] = done[0] - evs[0][0]
+for k in runs:
+    for i, r in enumerate(runs[k], start=1):
+        for phase in ("plug", "unplug"):
+            r[f"{phase}_device_s"] = guest[k].get((i, phase))
+
 
 def med(rows, field):
     vals = [r[field] for r in rows if r[field] is not None]
@@ -305,6 +341,15 @@ out = {
     "qemu_poll_s": m["qemu"]["poll_s"],
     "plug_time_ratio": ratio(m["vmm"]["plug_s"], m["qemu"]["plug_s"]),
     "unplug_time_ratio": ratio(m["vmm"]["unplug_s"], m["qemu"]["unplug_s"]),
+    "vmm_plug_device_s": m["vmm"]["plug_device_s"],
+    "vmm_unplug_device_s": m["vmm"]["unplug_device_s"],
+    "qemu_plug_device_s": m["qemu"]["plug_device_s"],
+    "qemu_unplug_device_s": m["qemu"]["unplug_device_s"],
+    "plug_device_time_ratio": ratio(m["vmm"]["plug_device_s"], m["qemu"]["plug_device_s"]),
+    "unplug_device_time_ratio": ratio(m["vmm"]["unplug_device_s"], m["qemu"]["unplug_device_s"]),
+    "device_s_method": "first change of the plugged size to the one reaching the request, "
+                       "on each VMM's clock (GET /memory last_resize; QEMU "
+                       "MEMORY_DEVICE_SIZE_CHANGE timestamps)",
     **{f"{k}_{f}_runs": [r[f] for r in runs[k]] for k in runs
        for f in ("plug_s", "unplug_s", "returned_pct", "returned_shmem_pct", "poll_s",
                  "plug_request_s", "unplug_request_s")},
@@ -345,6 +390,11 @@ for k in ("vmm", "qemu"):
 print(f"vmm/qemu time: plug {fmt(out['plug_time_ratio'], '.2f')}x,"
       f" unplug {fmt(out['unplug_time_ratio'], '.2f')}x"
       f"   (medians of {len(runs['vmm'])}; host load {load_before} -> {load_after})   -> {out_path}")
+print("first to last plugged-size change, each VMM's own clock:")
+for k in ("vmm", "qemu"):
+    print(f"  {k:5} plug {fmt(m[k]['plug_device_s'], '.3f')} s, unplug {fmt(m[k]['unplug_device_s'], '.3f')} s")
+print(f"vmm/qemu time: plug {fmt(out['plug_device_time_ratio'], '.2f')}x,"
+      f" unplug {fmt(out['unplug_device_time_ratio'], '.2f')}x")
 for p in problems:
     print("note:", p)
 PY

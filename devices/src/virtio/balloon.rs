@@ -18,6 +18,7 @@ use guest_mem::GuestMemoryAtomic;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
+use super::resize_timer::ResizeTimer;
 use super::{ActivateError, Interrupt, VirtioDevice};
 
 /// The virtio device ID of the balloon.
@@ -90,48 +91,21 @@ pub struct BalloonState {
     /// Counters.
     pub counters: BalloonCounters,
     /// How the guest followed the last target change.
-    pub resize: Mutex<ResizeTiming>,
-}
-
-/// When the guest's `actual` moved after the last target change, timed by
-/// the device: the guest's own pace, free of how (and how often) a client
-/// polls.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ResizeTiming {
-    /// When the target was set.
-    pub requested: Option<std::time::Instant>,
-    /// From the request to the guest's first `actual` update.
-    pub first_change: Option<std::time::Duration>,
-    /// From the request to the `actual` update that reached the target.
-    pub settled: Option<std::time::Duration>,
-    /// `actual` updates since the request.
-    pub updates: u32,
+    pub resize: ResizeTimer,
 }
 
 impl BalloonState {
     /// Sets the target and starts timing the guest's response.
     pub fn set_target(&self, pages: u32) {
         self.target_pages.store(pages, Ordering::Relaxed);
-        *self.resize.lock().unwrap_or_else(|p| p.into_inner()) = ResizeTiming {
-            requested: Some(std::time::Instant::now()),
-            ..ResizeTiming::default()
-        };
+        self.resize.start();
     }
 
     /// Records the guest's `actual`.
     pub fn set_actual(&self, pages: u32) {
         let previous = self.actual_pages.swap(pages, Ordering::Relaxed);
-        let mut t = self.resize.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(at) = t.requested else {
-            return;
-        };
-        if pages != previous {
-            t.updates += 1;
-            t.first_change.get_or_insert(at.elapsed());
-        }
-        if pages == self.target_pages.load(Ordering::Relaxed) && t.settled.is_none() {
-            t.settled = Some(at.elapsed());
-        }
+        let reached = pages == self.target_pages.load(Ordering::Relaxed);
+        self.resize.observe(pages != previous, reached);
     }
 }
 
@@ -654,31 +628,6 @@ mod tests {
         r.backing()
             .has_data(r.file_range(off, BALLOON_PAGE))
             .unwrap()
-    }
-
-    #[test]
-    fn the_guests_response_to_a_target_is_timed() {
-        let s = BalloonState::default();
-        s.set_actual(3); // before any request: nothing to time
-        assert_eq!(s.resize.lock().unwrap().requested, None);
-        s.set_target(10);
-        s.set_actual(3); // unchanged: not an update
-        s.set_actual(6);
-        let t = *s.resize.lock().unwrap();
-        assert_eq!((t.updates, t.settled), (1, None));
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        s.set_actual(10);
-        s.set_actual(10);
-        let t = *s.resize.lock().unwrap();
-        assert_eq!(t.updates, 2);
-        let (first, settled) = (t.first_change.unwrap(), t.settled.unwrap());
-        assert!(
-            settled >= first + std::time::Duration::from_millis(2),
-            "{t:?}"
-        );
-        // A new target starts a new measurement.
-        s.set_target(0);
-        assert_eq!(s.resize.lock().unwrap().updates, 0);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use guest_mem::GuestMemoryAtomic;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace};
 
+use super::resize_timer::ResizeTimer;
 use super::{ActivateError, Interrupt, VirtioDevice};
 
 /// The virtio device ID of virtio-mem.
@@ -132,6 +133,16 @@ pub struct MemState {
     pub plugged_size: AtomicU64,
     /// Counters.
     pub counters: MemCounters,
+    /// How the guest followed the last change of the requested size.
+    pub resize: ResizeTimer,
+}
+
+impl MemState {
+    /// Asks for `bytes` plugged and starts timing the guest's response.
+    pub fn request(&self, bytes: u64) {
+        self.requested_size.store(bytes, Ordering::Relaxed);
+        self.resize.start();
+    }
 }
 
 /// The virtio-mem device.
@@ -215,7 +226,9 @@ impl VirtioMem {
     }
 
     fn set_plugged_bytes(&self, v: u64) {
-        self.state.plugged_size.store(v, Ordering::Relaxed);
+        let previous = self.state.plugged_size.swap(v, Ordering::Relaxed);
+        let reached = v == self.state.requested_size.load(Ordering::Relaxed);
+        self.state.resize.observe(v != previous, reached);
     }
 
     /// End of the last plugged block, in bytes from the window's start.
@@ -527,8 +540,10 @@ mod tests {
             resp::NACK,
             "nothing requested"
         );
-        d.state().requested_size.store(8 * MIB, Ordering::Relaxed);
+        d.state().request(8 * MIB);
         assert_eq!(ask(&mut d, req::PLUG, 2, 2).0, resp::ACK);
+        let t = d.state().resize.get();
+        assert_eq!((t.updates, t.settled), (1, None), "half way: not settled");
         assert_eq!(
             file_size(&mem),
             8 * MIB,
@@ -546,6 +561,9 @@ mod tests {
             "past the request"
         );
         assert_eq!(ask(&mut d, req::PLUG, 0, 2).0, resp::ACK);
+        let t = d.state().resize.get();
+        assert_eq!(t.updates, 2);
+        assert!(t.settled.is_some() && t.settled >= t.first_change, "{t:?}");
         // The devices' view of memory includes the plugged blocks.
         let ram = mem.memory().memory();
         ram.write_obj(0xabu8, GuestAddress(block(3))).unwrap();

@@ -3,6 +3,7 @@
 pub mod balloon;
 pub mod mem;
 pub mod mmio;
+pub mod resize_timer;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use devices::virtio::balloon::{BalloonState, BALLOON_PAGE, STAT_NAMES};
 use devices::virtio::mem::{MemState, BLOCK_SIZE};
 use devices::virtio::mmio::MmioTransport;
+use devices::virtio::resize_timer::ResizeTimer;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use guest_mem::backend::HotplugBackend;
 use guest_mem::GuestMem;
@@ -28,6 +29,18 @@ fn config_changed(transport: &Mutex<MmioTransport>) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .config_changed();
+}
+
+/// How the guest followed the last target change, on the device's clock
+/// (milliseconds from the request; null until it happened).
+fn resize_json(timer: &ResizeTimer) -> Value {
+    let t = timer.get();
+    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    json!({
+        "first_change_ms": ms(t.first_change),
+        "settled_ms": ms(t.settled),
+        "updates": t.updates,
+    })
 }
 
 /// The VMM side of the balloon: its shared state and its transport.
@@ -70,8 +83,6 @@ impl BalloonHandle {
             })
             .collect();
         let c = &s.counters;
-        let r = *s.resize.lock().unwrap_or_else(|p| p.into_inner());
-        let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1e3);
         json!({
             "driver_active": active,
             "target_mib": mib(target),
@@ -79,11 +90,7 @@ impl BalloonHandle {
             "target_pages": target,
             "actual_pages": actual,
             "guest_stats": stats,
-            "last_resize": {
-                "first_change_ms": ms(r.first_change),
-                "settled_ms": ms(r.settled),
-                "updates": r.updates,
-            },
+            "last_resize": resize_json(&s.resize),
             "counters": {
                 "inflated_pages": c.inflated_pages.load(Ordering::Relaxed),
                 "deflated_pages": c.deflated_pages.load(Ordering::Relaxed),
@@ -115,7 +122,7 @@ pub struct HotplugHandle {
 impl HotplugHandle {
     /// Asks the guest to have `bytes` plugged.
     pub fn set_requested(&self, bytes: u64) {
-        self.state.requested_size.store(bytes, Ordering::Relaxed);
+        self.state.request(bytes);
         config_changed(&self.transport);
     }
 
@@ -139,6 +146,7 @@ impl HotplugHandle {
             "plugged_mib": s.plugged_size.load(Ordering::Relaxed) >> 20,
             "backing_file_mib": self.window.backed_size() >> 20,
             "host_allocated_mib": self.window.allocated_bytes() >> 20,
+            "last_resize": resize_json(&s.resize),
             "counters": {
                 "plugs": c.plugs.load(Ordering::Relaxed),
                 "unplugs": c.unplugs.load(Ordering::Relaxed),
