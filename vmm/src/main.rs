@@ -12,6 +12,7 @@ const PAYLOAD_LOAD: u64 = 0x10_0000;
 
 fn run(args: Args) -> Result<ExitCode, String> {
     let serial = args.serial_out()?;
+    let start = std::time::Instant::now();
     let mut vm = Vm::new(VmConfig {
         memory: args.memory,
         vcpus: args.vcpus,
@@ -26,9 +27,15 @@ fn run(args: Args) -> Result<ExitCode, String> {
         api_socket: args.api_sock.clone(),
     })
     .map_err(|e| e.to_string())?;
+    let created = start.elapsed();
     if let Some(kernel) = &args.kernel {
         vm.boot_linux(kernel, args.initrd.as_deref(), &args.cmdline)
             .map_err(|e| e.to_string())?;
+        log::info!(
+            "VM created in {:.1} ms, kernel and initramfs placed in {:.1} ms",
+            created.as_secs_f64() * 1e3,
+            (start.elapsed() - created).as_secs_f64() * 1e3
+        );
     } else if let Some(payload) = &args.payload {
         let image = std::fs::read(payload)
             .map_err(|e| format!("reading payload {}: {e}", payload.display()))?;
