@@ -8,8 +8,9 @@
 
 /// GDT for the boot vCPU state.
 pub const BOOT_GDT: u64 = 0x500;
-/// IDT (empty) for the boot vCPU state.
-pub const BOOT_IDT: u64 = 0x520;
+/// IDT (empty) for the boot vCPU state: past the payload GDT, which runs
+/// to 0x538 (five entries and a 16-byte TSS descriptor).
+pub const BOOT_IDT: u64 = 0x580;
 /// Linux `boot_params` (the zero page).
 pub const ZERO_PAGE: u64 = 0x7000;
 /// Initial stack pointer.
