@@ -151,9 +151,11 @@ SCRIPT
 bench_run_l1 balloon "$script" --add "$image:/guest/balloon-idle.cpio.gz"
 
 mkdir -p "$REPO_ROOT/target/bench"
-python3 - "$GUEST_CACHE/bench/balloon.log" "$memory" "$inflate" \
+BENCH_LIB_DIR="$RESOURCES_DIR" PYTHONDONTWRITEBYTECODE=1 python3 - "$GUEST_CACHE/bench/balloon.log" "$memory" "$inflate" \
     "$REPO_ROOT/target/bench/balloon.json" <<'PY'
-import json, re, statistics, sys
+import json, os, re, statistics, sys
+sys.path.insert(0, os.environ["BENCH_LIB_DIR"])
+import bench_timing  # noqa: E402
 log, memory, inflate, out_path = sys.argv[1:5]
 inflate = int(inflate)
 pat = re.compile(r"BENCH (\w+) run=\d+ inflate_s=([\d.]+) deflate_s=([\d.]+) "
@@ -175,20 +177,7 @@ if not runs["vmm"] or not runs["qemu"]:
 # that reached the target.
 memory_b = int(memory) << 20
 targets = {"inflate": memory_b - (inflate << 20), "deflate": memory_b}
-timing = re.compile(r"BENCH-TIMING vmm run=(\d+) phase=(\w+) first_ms=([\d.]+) settled_ms=([\d.]+)")
-event = re.compile(r"BENCH-EVENT qemu run=(\d+) phase=(\w+) ts=([\d.]+) actual=(\d+)")
-guest = {"vmm": {}, "qemu": {}}
-events = {}
-for line in open(log, errors="replace"):
-    if m := timing.search(line):
-        guest["vmm"][(int(m[1]), m[2])] = (float(m[4]) - float(m[3])) / 1e3
-    elif m := event.search(line):
-        events.setdefault((int(m[1]), m[2]), []).append((float(m[3]), int(m[4])))
-for (run, phase), evs in events.items():
-    evs.sort()
-    done = [t for t, a in evs if a == targets[phase]]
-    if done:
-        guest["qemu"][(run, phase)] = done[0] - evs[0][0]
+guest = bench_timing.first_to_settled(log, targets)
 for k in runs:
     for i, r in enumerate(runs[k], start=1):
         for phase in ("inflate", "deflate"):

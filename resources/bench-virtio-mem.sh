@@ -256,10 +256,12 @@ bench_run_l1 virtio-mem "$script" --add "$image:/guest/virtio-mem-idle.cpio.gz" 
     --add /usr/share/seabios/bios-256k.bin:/usr/share/seabios/
 
 mkdir -p "$REPO_ROOT/target/bench"
-python3 - "$GUEST_CACHE/bench/virtio-mem.log" "$memory" "$window" "$plug" \
+BENCH_LIB_DIR="$RESOURCES_DIR" PYTHONDONTWRITEBYTECODE=1 python3 - "$GUEST_CACHE/bench/virtio-mem.log" "$memory" "$window" "$plug" \
     "$load_before" "$(cut -d' ' -f1-3 /proc/loadavg)" \
     "$REPO_ROOT/target/bench/virtio-mem.json" <<'PY'
-import datetime, json, re, statistics, sys
+import datetime, json, os, re, statistics, sys
+sys.path.insert(0, os.environ["BENCH_LIB_DIR"])
+import bench_timing  # noqa: E402
 log, memory, window, plug, load_before, load_after, out_path = sys.argv[1:8]
 memory, window, plug = int(memory), int(window), int(plug)
 pat = re.compile(r"BENCH (\w+) run=\d+ plug_s=([\d.]+) unplug_s=([\d.]+) "
@@ -297,20 +299,7 @@ if not runs["vmm"] or not runs["qemu"]:
 # Each VMM's own clock: first change of the plugged size to the one that
 # reached the request.
 targets = {"plug": plug << 20, "unplug": 0}
-timing = re.compile(r"BENCH-TIMING vmm run=(\d+) phase=(\w+) first_ms=([\d.]+) settled_ms=([\d.]+)")
-event = re.compile(r"BENCH-EVENT qemu run=(\d+) phase=(\w+) ts=([\d.]+) actual=(\d+)")
-guest = {"vmm": {}, "qemu": {}}
-events = {}
-for line in open(log, errors="replace"):
-    if t := timing.search(line):
-        guest["vmm"][(int(t[1]), t[2])] = (float(t[4]) - float(t[3])) / 1e3
-    elif e := event.search(line):
-        events.setdefault((int(e[1]), e[2]), []).append((float(e[3]), int(e[4])))
-for (run, phase), evs in events.items():
-    evs.sort()
-    done = [ts for ts, size in evs if size == targets[phase]]
-    if done:
-        guest["qemu"][(run, phase)] = done[0] - evs[0][0]
+guest = bench_timing.first_to_settled(log, targets)
 for k in runs:
     for i, r in enumerate(runs[k], start=1):
         for phase in ("plug", "unplug"):
