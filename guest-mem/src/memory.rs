@@ -365,6 +365,28 @@ impl GuestMem {
     /// the file; the new tail reads zero.
     ///
     /// Only a region that ends its backing file can be resized.
+    ///
+    /// ```
+    /// use guest_mem::{GuestMem, RegionConfig};
+    /// use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    ///
+    /// // A hotplug window at 4 GiB that may grow to 64 MiB, 16 MiB plugged.
+    /// let mut window = RegionConfig::new(4 << 30, 16 << 20);
+    /// window.max_size = Some(64 << 20);
+    /// let mem = GuestMem::builder()
+    ///     .region(RegionConfig::new(0, 2 << 20))
+    ///     .region(window)
+    ///     .build()?;
+    /// let top = GuestAddress((4 << 30) + (8 << 20));
+    /// mem.memory().memory().write_obj(0xabu8, top).unwrap();
+    ///
+    /// mem.resize(1, 4 << 20)?; // unplug: the file is truncated
+    /// assert!(mem.memory().memory().read_obj::<u8>(top).is_err());
+    /// mem.resize(1, 32 << 20)?; // plug again: the new memory reads zero
+    /// assert_eq!(mem.memory().memory().read_obj::<u8>(top).unwrap(), 0);
+    /// assert!(mem.resize(1, 128 << 20).is_err()); // past max_size
+    /// # Ok::<(), guest_mem::Error>(())
+    /// ```
     pub fn resize(&self, index: usize, new_size: u64) -> Result<()> {
         let _serial = self.resize.lock().unwrap_or_else(|e| e.into_inner());
         let region = self

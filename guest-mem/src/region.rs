@@ -20,6 +20,37 @@ use crate::source::PageSource;
 use crate::{Error, Result};
 
 /// Where a region's contents come from on first touch.
+///
+/// A memory image restored lazily: each page is read from the image the
+/// first time the guest (or the VMM) touches it.
+///
+/// ```
+/// use std::io::Write;
+/// use std::sync::Arc;
+/// use guest_mem::{FileSource, GuestMem, RegionConfig, RegionSource};
+/// use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+///
+/// # let dir = std::env::temp_dir().join(format!("guest-mem-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// # let image = dir.join("ram.img");
+/// // An image of 2 MiB whose page 3 holds a marker.
+/// let mut f = std::fs::File::create(&image).unwrap();
+/// f.write_all(&vec![0u8; 3 * 4096]).unwrap();
+/// f.write_all(b"saved state").unwrap();
+/// f.set_len(2 << 20).unwrap();
+///
+/// let mut ram = RegionConfig::new(0, 2 << 20);
+/// ram.source = Some(RegionSource {
+///     source: Arc::new(FileSource::open(&image).unwrap()),
+///     offset: 0,
+/// });
+/// let mem = GuestMem::builder().region(ram).build()?;
+/// let mut buf = [0u8; 11];
+/// mem.memory().memory().read_slice(&mut buf, GuestAddress(3 * 4096)).unwrap();
+/// assert_eq!(&buf, b"saved state");
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), guest_mem::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct RegionSource {
     /// The source of page contents.
