@@ -27,7 +27,7 @@
 //!   sample need not retry (a *spurious* retry with one counter per file).
 //!   When the log has been overrun, the check falls back to "retry".
 //!
-//! This module only uses [`crate::sync`], so that the model checker can
+//! This module only uses `crate::sync`, so that the model checker can
 //! compile it against its own atomics and locks (see `tests/model_check.rs`).
 
 use crate::sync::{AtomicU64, Ordering, RwLock, RwLockReadGuard};
