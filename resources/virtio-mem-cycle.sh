@@ -6,13 +6,16 @@
 # /dev/kvm can run the guest: inside the L1 or on a host with vmx/svm.
 # POSIX sh, so busybox runs it.
 #
-# Environment: VMM, VMMCTL, KERNEL, INITRD (paths), MEMORY_MIB (512),
+# Environment: VMM, VMMCTL, KERNEL, INITRD (paths), MEM_BACKEND (memfd, or
+# hugetlbfs: huge pages for boot RAM and the window are reserved here),
+# MEMORY_MIB (512),
 # WINDOW_MIB (512), PLUG_MIB (256), VMM_CPU (CPU to pin the VMM to).
 VMM=${VMM:-/bin/vmm}
 VMMCTL=${VMMCTL:-/bin/vmmctl}
 KERNEL=${KERNEL:-/guest/vmlinux}
 INITRD=${INITRD:-/guest/virtio-mem.cpio.gz}
 MEMORY_MIB=${MEMORY_MIB:-512}
+MEM_BACKEND=${MEM_BACKEND:-memfd}
 WINDOW_MIB=${WINDOW_MIB:-512}
 PLUG_MIB=${PLUG_MIB:-256}
 VMM_CPU=${VMM_CPU:-${L1_VMM_CPU:-}}
@@ -24,7 +27,12 @@ field() { "$VMMCTL" --sock "$sock" GET "$1" | grep -o "\"$2\": [0-9]*" | head -1
 pin=""
 [ -n "$VMM_CPU" ] && pin="taskset -c $VMM_CPU"
 
-$pin "$VMM" --kernel "$KERNEL" --initrd "$INITRD" --memory "${MEMORY_MIB}M" \
+if [ "$MEM_BACKEND" = hugetlbfs ]; then
+    pages=$(((MEMORY_MIB + WINDOW_MIB) / 2))
+    echo $pages >/proc/sys/vm/nr_hugepages
+    echo "HUGE-PAGES reserved=$(cat /proc/sys/vm/nr_hugepages) wanted=$pages"
+fi
+$pin "$VMM" --kernel "$KERNEL" --initrd "$INITRD" --memory "${MEMORY_MIB}M" --mem-backend "$MEM_BACKEND" \
     --virtio-mem "${WINDOW_MIB}M" --api-sock "$sock" --serial "file:$serial" --stats \
     --cmdline "console=ttyS0 reboot=k panic=-1 noxsave memhp_default_state=online_movable" &
 vmm=$!

@@ -2,27 +2,42 @@
 //! nested L1: plug 256 MiB and check the guest's MemTotal rose and the
 //! memory holds data, unplug and check MemTotal fell and the window's
 //! backing file was truncated away, then unplug again while the guest
-//! faults in fresh memory.
+//! faults in fresh memory. Once on memfd memory, once on hugetlbfs (boot
+//! RAM and window in 2 MiB huge pages, the virtio-mem block size).
 
 use integration_tests::l1::{guest_image_with, l1_unavailable, repo_root, run_l1};
 
-const L1: &str = r#"#!/bin/sh
-VMMCTL=/bin/vmmctl MEMORY_MIB=512 WINDOW_MIB=512 PLUG_MIB=256 sh /guest/virtio-mem-cycle.sh
-"#;
-
 #[test]
 fn virtio_mem_plugs_and_unplugs_256_mib_under_a_workload() {
+    cycle("memfd");
+}
+
+#[test]
+fn virtio_mem_on_hugetlbfs_plugs_and_unplugs_whole_huge_pages() {
+    cycle("hugetlbfs");
+}
+
+/// One L1 at a time: they share the guest image and two TCG L1s on this
+/// machine's two cores would only slow each other down.
+static ONE_L1: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn cycle(backend: &str) {
+    let _one = ONE_L1.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(why) = l1_unavailable() {
         eprintln!("skipped: {why}");
         return;
     }
+    let script = format!(
+        "#!/bin/sh\nMEM_BACKEND={backend} VMMCTL=/bin/vmmctl MEMORY_MIB=512 WINDOW_MIB=512 \
+         PLUG_MIB=256 sh /guest/virtio-mem-cycle.sh\n"
+    );
     let image = guest_image_with("virtio-mem", "resources/guest/virtio-mem-workload.sh")
         .expect("building the virtio-mem guest initramfs");
     let vmmctl = integration_tests::l1::vmm_binary()
         .unwrap()
         .with_file_name("vmmctl");
     let out = run_l1(
-        "virtio-mem",
+        &format!("virtio-mem-{backend}"),
         &[
             (image, "/guest/virtio-mem.cpio.gz"),
             (vmmctl, "/bin/vmmctl"),
@@ -31,12 +46,20 @@ fn virtio_mem_plugs_and_unplugs_256_mib_under_a_workload() {
                 "/guest/virtio-mem-cycle.sh",
             ),
         ],
-        L1,
+        &script,
         600,
     )
     .expect("running the L1");
     let fail = |what: &str| -> ! { out.fail(what) };
     out.assert_script_ok();
+    let kind = if backend == "hugetlbfs" {
+        "(Hugetlbfs,"
+    } else {
+        "(Memfd,"
+    };
+    if !out.log.contains(kind) {
+        fail(&format!("the VMM did not report {kind} guest RAM"));
+    }
     let num = |marker: &str, key: &str| -> u64 {
         out.value(marker, key)
             .and_then(|v| v.parse().ok())
