@@ -47,9 +47,7 @@ cat >"$script" <<SCRIPT
 MEM=$memory
 INFLATE=$inflate
 CPU=\${L1_VMM_CPU:-0}
-now() { cut -d' ' -f1 /proc/uptime; }
-since() { awk "BEGIN { printf \"%.3f\", \$(now) - \$1 }"; }
-shmem_mib() { awk '/^RssShmem/ { printf "%.1f", \$2 / 1024 }' /proc/\$1/status; }
+$(bench_l1_helpers)
 wait_ready() {
     n=0
     until grep -q GUEST-READY \$1 2>/dev/null; do
@@ -58,17 +56,6 @@ wait_ready() {
         [ \$n -lt 1500 ] || { echo "BENCH-ERROR the guest never got ready"; cat \$1; return 1; }
     done
     sleep 2
-}
-# until_equal WANT CMD...: polls CMD every 50 ms until it prints WANT.
-until_equal() {
-    want=\$1
-    shift
-    n=0
-    until [ "\$("\$@")" = "\$want" ]; do
-        sleep 0.05
-        n=\$((n + 1))
-        [ \$n -lt 6000 ] || { echo "BENCH-ERROR stuck waiting for \$want"; return 1; }
-    done
 }
 
 vmm_actual() { /bin/vmmctl --sock /tmp/api.sock GET /balloon | grep -o '"actual_mib": [0-9]*' | grep -o '[0-9]*\$'; }
@@ -107,7 +94,6 @@ bench_vmm() {
     return 0
 }
 
-$(bench_l1_qmp_helpers)
 qemu_actual() { qmp '{"execute": "query-balloon"}' | grep -o '"actual": [0-9]*' | awk '{ print (\$2 / 1048576) }'; }
 bench_qemu() {
     rm -f /tmp/qmp.in /tmp/qmp.out /tmp/serial.qemu

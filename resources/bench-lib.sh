@@ -36,15 +36,31 @@ bench_run_l1() {
         --log "$dir/$name.log" >&2
 }
 
-# bench_l1_qmp_helpers: shell functions for the L1 scripts that drive QEMU
-# over a QMP pipe (fds 3 and 4): `qmp CMD` sends CMD and prints its reply,
-# keeping events in /tmp/qmp.events; `qmp_events NAME FIELD VMM PHASE`
-# prints every NAME event since the file was last cleared as
-# "BENCH-EVENT VMM run=$run phase=PHASE ts=SECONDS actual=FIELD-VALUE" and
-# clears it. QEMU sends some events at most once a second (with the latest
-# timestamp), so qmp_events waits for the last one first.
-bench_l1_qmp_helpers() {
+# bench_l1_helpers: shell functions for the L1 scripts of the benchmarks.
+# `now` is the L1's uptime (10 ms steps), `since T` the seconds since T,
+# `shmem_mib PID` a process's RssShmem, `until_equal WANT CMD...` polls CMD
+# every 50 ms until it prints WANT. For QEMU driven over a QMP pipe (fds 3
+# and 4): `qmp CMD` sends CMD and prints its reply, keeping events in
+# /tmp/qmp.events; `qmp_events NAME FIELD VMM PHASE` prints every NAME
+# event since the file was last cleared as "BENCH-EVENT VMM run=$run
+# phase=PHASE ts=SECONDS actual=FIELD-VALUE" and clears it. QEMU sends some
+# events at most once a second (with the latest timestamp), so qmp_events
+# waits for the last one first.
+bench_l1_helpers() {
     cat <<'SH'
+now() { cut -d' ' -f1 /proc/uptime; }
+since() { awk "BEGIN { printf \"%.3f\", $(now) - $1 }"; }
+shmem_mib() { awk '/^RssShmem/ { printf "%.1f", $2 / 1024 }' /proc/$1/status; }
+until_equal() {
+    want=$1
+    shift
+    n=0
+    until [ "$("$@")" = "$want" ]; do
+        sleep 0.05
+        n=$((n + 1))
+        [ $n -lt 6000 ] || { echo "BENCH-ERROR stuck waiting for $want"; return 1; }
+    done
+}
 qmp() { echo "$1" >&3; while IFS= read -r reply <&4; do case "$reply" in *'"event"'*) echo "$reply" >>/tmp/qmp.events ;; *) echo "$reply"; return ;; esac; done; }
 qmp_events() {
     sleep 1.2

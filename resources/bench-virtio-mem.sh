@@ -81,9 +81,7 @@ MEM=$memory
 WIN=$window
 PLUG=$plug
 CPU=\${L1_VMM_CPU:-0}
-now() { cut -d' ' -f1 /proc/uptime; }
-since() { awk "BEGIN { printf \"%.3f\", \$(now) - \$1 }"; }
-shmem_mib() { awk '/^RssShmem/ { printf "%.1f", \$2 / 1024 }' /proc/\$1/status; }
+$(bench_l1_helpers)
 # wait_marker FILE MARKER: until the guest console FILE shows MARKER (\$pid: the VMM).
 wait_marker() {
     n=0
@@ -93,17 +91,6 @@ wait_marker() {
         kill -0 \$pid 2>/dev/null || { echo "BENCH-ERROR the VMM exited before the guest printed \$2"; cat \$1; return 1; }
         grep -q -E 'GUEST-TIMEOUT|GUEST-FILL-FAILED' \$1 && { echo "BENCH-ERROR the guest gave up"; cat \$1; return 1; }
         [ \$n -lt 1500 ] || { echo "BENCH-ERROR the guest never printed \$2"; cat \$1; return 1; }
-    done
-}
-# until_equal WANT CMD...: polls CMD every 50 ms until it prints WANT.
-until_equal() {
-    want=\$1
-    shift
-    n=0
-    until [ "\$("\$@")" = "\$want" ]; do
-        sleep 0.05
-        n=\$((n + 1))
-        [ \$n -lt 6000 ] || { echo "BENCH-ERROR stuck waiting for \$want"; return 1; }
     done
 }
 # poll_cost CMD...: seconds one call of CMD takes (mean of 10), the
@@ -178,7 +165,6 @@ bench_vmm() {
     return 0
 }
 
-$(bench_l1_qmp_helpers)
 qemu_size() { qmp '{"execute": "qom-get", "arguments": {"path": "/machine/peripheral/vm0", "property": "size"}}' | grep -o '"return": [0-9]*' | grep -o '[0-9]*\$'; }
 qemu_request() { qmp "{\"execute\": \"qom-set\", \"arguments\": {\"path\": \"/machine/peripheral/vm0\", \"property\": \"requested-size\", \"value\": \$((\$1 << 20))}}" >/dev/null; }
 # qemu_window_mib PID: allocated MiB of QEMU's window memfd (the one of the window's size).
