@@ -181,6 +181,19 @@ fn body_json(req: &Request) -> Result<Value, Response> {
         .map_err(|e| Response::error(400, format!("the body is not valid JSON: {e}")))
 }
 
+/// The body's `{"KEY": N}`, N a non-negative integer; otherwise a 400.
+fn u64_field(req: &Request, key: &str) -> Result<u64, Response> {
+    body_json(req)?
+        .get(key)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| {
+            Response::error(
+                400,
+                format!("expected {{\"{key}\": N}} with N a non-negative integer"),
+            )
+        })
+}
+
 /// Answers one request.
 pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
     match (req.method.as_str(), req.path.trim_end_matches('/')) {
@@ -217,15 +230,9 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
             let Some(b) = &ctx.balloon else {
                 return Response::error(404, "this VM has no balloon (start it with --balloon)");
             };
-            let v = match body_json(req) {
-                Ok(v) => v,
+            let mib = match u64_field(req, "target_mib") {
+                Ok(mib) => mib,
                 Err(r) => return r,
-            };
-            let Some(mib) = v.get("target_mib").and_then(Value::as_u64) else {
-                return Response::error(
-                    400,
-                    "expected {\"target_mib\": N} with N a non-negative integer",
-                );
             };
             let max = ctx.memory >> 20;
             if mib > max {
@@ -245,15 +252,9 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
             let Some(h) = &ctx.hotplug else {
                 return Response::error(404, NO_HOTPLUG);
             };
-            let v = match body_json(req) {
-                Ok(v) => v,
+            let mib = match u64_field(req, "requested_mib") {
+                Ok(mib) => mib,
                 Err(r) => return r,
-            };
-            let Some(mib) = v.get("requested_mib").and_then(Value::as_u64) else {
-                return Response::error(
-                    400,
-                    "expected {\"requested_mib\": N} with N a non-negative integer",
-                );
             };
             let window = h.window.window().1;
             let bytes = mib.saturating_mul(1 << 20);
