@@ -37,9 +37,7 @@ fn with_the_recheck_nothing_is_lost_or_stray() {
         return;
     }
     let v = run(&config(false));
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("stress.json"), v.to_json()).unwrap();
+    stress::write_json(&stress::bench_json("stress.json"), &v.to_json()).unwrap();
     assert!(v.passed(), "{}", v.table());
     // The run exercised what it claims to: every kind of operation, and
     // faults that raced with invalidations (the re-check made them retry).

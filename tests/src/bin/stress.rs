@@ -47,16 +47,8 @@ struct Args {
     json: Option<PathBuf>,
 }
 
-fn default_json(name: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    root.join("target").join("bench").join(name)
-}
-
-fn write(path: &PathBuf, text: &str) -> Result<(), String> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    }
-    std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+fn write(path: &std::path::Path, text: &str) -> Result<(), String> {
+    stress::write_json(path, text)?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }
@@ -105,12 +97,12 @@ fn main() -> ExitCode {
         compare(
             &cfg,
             a.json
-                .unwrap_or_else(|| default_json("stress-recheck.json")),
+                .unwrap_or_else(|| stress::bench_json("stress-recheck.json")),
         )
     } else {
         run_one(&cfg).and_then(|v| {
             write(
-                &a.json.unwrap_or_else(|| default_json("stress.json")),
+                &a.json.unwrap_or_else(|| stress::bench_json("stress.json")),
                 &v.to_json(),
             )?;
             Ok(v.passed())

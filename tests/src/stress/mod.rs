@@ -14,6 +14,7 @@ pub mod layout;
 pub mod payload;
 mod verdict;
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -222,6 +223,20 @@ pub fn run(cfg: &StressConfig) -> Result<Verdict, String> {
         seconds,
         bad_exits: reasons,
     })
+}
+
+/// Where the benchmarks keep their JSON: `target/bench/NAME` in the
+/// repository, beside what the L1 benchmarks write.
+pub fn bench_json(name: &str) -> PathBuf {
+    crate::l1::repo_root().join("target/bench").join(name)
+}
+
+/// Writes `text` to `path`, creating its directory.
+pub fn write_json(path: &Path, text: &str) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// splitmix64: spreads a seed into well-mixed generator states.

@@ -511,15 +511,14 @@ fn balloon_ops(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
         a.mov(rcx, layout.balloon_mmio)?;
         a.mov(dword_ptr(rcx + reg::ACTUAL), eax)
     };
-    let collect = |a: &mut CodeAssembler, next: CodeLabel| -> Result<(), IcedError> {
+    // Appends page r11's frame number to this vCPU's PFN buffer (rsi entries).
+    let collect = |a: &mut CodeAssembler| -> Result<(), IcedError> {
         a.mov(rax, r11)?;
         a.shr(rax, 12)?;
         a.mov(rcx, r15)?;
         a.shl(rcx, 8)?;
         a.mov(dword_ptr(rcx + rsi * 4 + c(PFN_BUF)), eax)?;
-        a.inc(esi)?;
-        let _ = next;
-        Ok(())
+        a.inc(esi)
     };
 
     // inflate: chunk rax; every own page not in the balloon goes in.
@@ -531,7 +530,7 @@ fn balloon_ops(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
         for_own_pages(a, layout, &layout.ram, |a, next| {
             a.cmp(dword_ptr(r9), state::TAKING)?;
             a.jae(next)?;
-            collect(a, next)
+            collect(a)
         })?;
         a.pop(rax)?;
         a.test(esi, esi)?;
@@ -565,7 +564,7 @@ fn balloon_ops(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
         for_own_pages(a, layout, &layout.ram, |a, next| {
             a.cmp(dword_ptr(r9), state::BALLOONED)?;
             a.jne(next)?;
-            collect(a, next)?;
+            collect(a)?;
             a.mov(dword_ptr(r9), state::TAKING)
         })?;
         a.pop(rax)?;
@@ -609,7 +608,7 @@ fn balloon_ops(a: &mut CodeAssembler, l: &mut Labels, layout: &Layout) -> Result
             a.jae(next)?;
             a.cmp(esi, u32::from(QUEUE_SIZE))?;
             a.jae(next)?;
-            collect(a, next)?;
+            collect(a)?;
             a.mov(dword_ptr(r9), state::TAKING)
         })?;
         a.pop(rax)?;
