@@ -179,25 +179,25 @@ pub struct PayloadArgs {
     pub args: [u64; 6],
 }
 
-/// A payload vCPU's state: long mode, all of `[0, map_end)` identity-mapped
-/// with 2 MiB pages, at CPL3 with IOPL 3 (port I/O exits to the VMM) or at
-/// CPL0. Every vCPU is made runnable at once (no INIT/SIPI).
-pub fn setup_payload<M: Bytes<GuestAddress, E = GuestMemoryError>>(
-    vcpu: &VcpuFd,
+/// The payload GDT: null, kernel code and data, user code and data, TSS.
+const PAYLOAD_GDT: [u64; 6] = [
+    0,
+    gdt::KERNEL_CODE64,
+    gdt::KERNEL_DATA,
+    gdt::USER_CODE64,
+    gdt::USER_DATA,
+    gdt::tss(PAYLOAD_TSS as u32, TSS_LIMIT),
+];
+
+/// What every payload vCPU shares in guest memory, written once: the GDT,
+/// the TSS and page tables identity-mapping all of `[0, map_end)` with
+/// 2 MiB pages (user-accessible for CPL3).
+pub fn setup_payload_memory<M: Bytes<GuestAddress, E = GuestMemoryError>>(
     mem: &M,
     map_end: u64,
     cpl3: bool,
-    start: &PayloadArgs,
 ) -> Result<(), VcpuError> {
-    let table = [
-        0,
-        gdt::KERNEL_CODE64,
-        gdt::KERNEL_DATA,
-        gdt::USER_CODE64,
-        gdt::USER_DATA,
-        gdt::tss(PAYLOAD_TSS as u32, TSS_LIMIT),
-    ];
-    write_gdt(mem, &table)?;
+    write_gdt(mem, &PAYLOAD_GDT)?;
     // The TSS itself, whatever guest memory held before: zero stacks and an
     // I/O permission bitmap that allows every port. KVM on this host checks
     // the bitmap for CPL3 `in`/`out` even at IOPL 3.
@@ -206,6 +206,14 @@ pub fn setup_payload<M: Bytes<GuestAddress, E = GuestMemoryError>>(
     tss[TSS_LIMIT as usize] = 0xff; // the bitmap's terminating byte
     mem.write_slice(&tss, GuestAddress(PAYLOAD_TSS))?;
     identity_map(mem, PML4, map_end, cpl3)?;
+    Ok(())
+}
+
+/// A payload vCPU's state over [`setup_payload_memory`]: long mode, at CPL3
+/// with IOPL 3 (port I/O exits to the VMM) or at CPL0. Every vCPU is made
+/// runnable at once (no INIT/SIPI).
+pub fn setup_payload(vcpu: &VcpuFd, cpl3: bool, start: &PayloadArgs) -> Result<(), VcpuError> {
+    let table = PAYLOAD_GDT;
     let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let (code, data) = if cpl3 {
         (segment(3, table[3], 3), segment(4, table[4], 3))

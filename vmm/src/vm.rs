@@ -565,8 +565,9 @@ impl Vm {
         }
         mem.write_slice(image, GuestAddress(load_addr))
             .map_err(BootError::Memory)?;
+        vcpu::setup_payload_memory(&*mem, map_end, cpl3)?;
         for (id, v) in self.vcpus.iter().enumerate() {
-            vcpu::setup_payload(v, &*mem, map_end, cpl3, &args(id as u8))?;
+            vcpu::setup_payload(v, cpl3, &args(id as u8))?;
         }
         self.payload = true;
         Ok(())
