@@ -21,7 +21,7 @@
 # insmods irqbypass, kvm, kvm_amd; waits until the kernel RNG is initialised
 # (getrandom() blocks on a fresh L1); pins itself to CPU 0 (children inherit
 # that: start the VMM with `taskset -c "$L1_VMM_CPU" ...`, exported as 1);
-# prints `L1-READY`; runs `sh /l1-script.sh` from /; prints
+# keeps an idle KVM VM open when /bin/vmm is in the image; prints `L1-READY`; runs `sh /l1-script.sh` from /; prints
 # `L1-EXIT-CODE=<n>`; then `poweroff -f`. Without --script, the code is 0.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -91,6 +91,21 @@ if taskset -p 1 $$ >/dev/null 2>&1; then
     [ "$ncpu" -lt 2 ] || L1_VMM_CPU=1
 else
     echo "L1: warning: taskset failed; not pinned"
+fi
+
+# Keep one KVM VM alive for the L1's lifetime (a halted one-instruction
+# guest under /bin/vmm, when the image has it). KVM enables and disables
+# SVM on every CPU by IPI when the first VM is created and the last one
+# destroyed; under TCG that IPI now and then never completes, and the
+# thread closing the VM spins in kvm_destroy_vm -> on_each_cpu for minutes
+# (soft lockup). With a VM always open, the VMMs under test never make
+# that IPI.
+if [ -x /bin/vmm ]; then
+    printf '\364\353\375' >/tmp/hold.bin # hlt; jmp back to the hlt
+    /bin/vmm --payload /tmp/hold.bin --payload-cpl0 --memory 16M --serial none \
+        >/tmp/kvm-hold.log 2>&1 &
+    sleep 0.5
+    kill -0 $! 2>/dev/null || { echo "L1: warning: the KVM holder exited:"; cat /tmp/kvm-hold.log; }
 fi
 
 echo "L1-READY uptime=$(uptime_s) cpus=$ncpu"
