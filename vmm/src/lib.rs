@@ -8,6 +8,7 @@ pub mod boot;
 pub mod cli;
 pub mod cpuid;
 pub mod exit;
+pub mod exit_profile;
 pub mod layout;
 pub mod vcpu;
 pub mod virtio;

@@ -11,6 +11,7 @@ use vmm::{Vm, VmConfig};
 const PAYLOAD_LOAD: u64 = 0x10_0000;
 
 fn run(args: Args) -> Result<ExitCode, String> {
+    log::debug!("vmm started");
     let serial = args.serial_out()?;
     let start = std::time::Instant::now();
     let mut vm = Vm::new(VmConfig {
@@ -77,6 +78,7 @@ fn main() -> ExitCode {
     // stderr; RUST_LOG=info (or debug) shows more.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_target(true)
+        .format_timestamp_micros()
         .init();
     let args = Args::parse();
     match run(args) {

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use kvm_bindings::{
     kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_MP_STATE_RUNNABLE,
@@ -14,6 +15,7 @@ use crate::boot::gdt::{self, segment};
 use crate::boot::paging::identity_map;
 use crate::cpuid::configure_vcpu_cpuid;
 use crate::exit::ExitReason;
+use crate::exit_profile::{ExitKind, ExitProfile};
 use crate::layout::*;
 use devices::bus::Bus;
 
@@ -296,12 +298,22 @@ pub struct VcpuContext {
 
 /// Runs the vCPU until the guest stops it or the VM stops; returns why.
 pub fn run(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> ExitReason {
+    let mut profile = ExitProfile::default();
+    let reason = run_loop(vcpu, ctx, &mut profile);
+    log::debug!("vCPU {}: {profile}", ctx.id);
+    reason
+}
+
+fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> ExitReason {
     let id = ctx.id;
+    log::debug!("vCPU {id} entering the guest");
     loop {
         if ctx.stop.load(Ordering::Acquire) {
             return ExitReason::Stopped;
         }
-        match vcpu.run() {
+        let exit = vcpu.run();
+        let since = Instant::now();
+        match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if port == PAYLOAD_EXIT_PORT {
                     let code = read_u32(data);
@@ -321,15 +333,19 @@ pub fn run(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> ExitReason {
                     continue;
                 }
                 ctx.pio.write(u64::from(port), data);
+                profile.record(ExitKind::PioOut, u64::from(port), since);
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 ctx.pio.read(u64::from(port), data);
+                profile.record(ExitKind::PioIn, u64::from(port), since);
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 ctx.mmio.read(addr, data);
+                profile.record(ExitKind::MmioRead, addr, since);
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 ctx.mmio.write(addr, data);
+                profile.record(ExitKind::MmioWrite, addr, since);
             }
             Ok(VcpuExit::Hlt) => return ExitReason::Halted { vcpu: id },
             Ok(VcpuExit::Shutdown) => {
@@ -357,6 +373,7 @@ pub fn run(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> ExitReason {
                 ));
             }
             Ok(other) => {
+                profile.record(ExitKind::Other, 0, since);
                 log::debug!("vCPU {id}: unhandled exit {other:?}");
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}

@@ -139,7 +139,13 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
             Installed::RetryAsMissing => minor = false,
         }
     }
-    stats.fault_latency.record(start.elapsed());
+    let took = start.elapsed();
+    stats.fault_latency.record(took);
+    log::trace!(
+        "fault region {} offset {offset:#x} served in {:.0} us",
+        region.index(),
+        took.as_secs_f64() * 1e6
+    );
 }
 
 fn fetch(
