@@ -35,6 +35,7 @@ pub mod backing;
 mod error;
 pub mod fault;
 pub mod generation;
+pub mod image;
 mod memory;
 pub mod pagemap;
 pub mod region;

@@ -8,6 +8,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
+use guest_mem::image::ImageFile;
+
 use guest_mem::{Backing, BackingFile, FaultConfig, GuestMem, RegionConfig};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -503,12 +505,16 @@ impl Vm {
     ) -> Result<(), VmError> {
         let guard = self.mem.memory();
         let mem = guard.memory();
-        let k = linux::load_kernel(&*mem, kernel)?;
+        // The images go into the backing file's page cache, not through the
+        // fault-managed mapping (see guest_mem::image).
+        let image = |f| ImageFile::new(&self.mem, f);
+        let k = linux::load_kernel(&*mem, kernel, image)?;
         let low_end = self.ram_size.min(MMIO_GAP_START);
         let initrd = match initrd {
             Some(p) => Some(linux::load_initrd(
                 &*mem,
                 p,
+                image,
                 low_end,
                 k.end,
                 k.setup_header.map(|h| h.initrd_addr_max),

@@ -2,14 +2,14 @@
 //! e820 map that matches the guest-memory layout (64-bit boot protocol).
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::{bzimage::BzImage, load_cmdline, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, ReadVolatile};
 
 use super::BootError;
 use crate::layout::*;
@@ -44,12 +44,22 @@ fn ram_bytes<M: GuestMemoryBackend>(mem: &M) -> u64 {
     mem.iter().map(vm_memory::GuestMemoryRegion::len).sum()
 }
 
-/// Loads an x86-64 ELF `vmlinux` or a `bzImage` into guest memory.
-pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::ReadKernel {
+/// Loads an x86-64 ELF `vmlinux` or a `bzImage` into guest memory, reading
+/// the file through `reader` (a plain `File`, or a reader that places the
+/// bytes some cheaper way, such as `guest_mem::image::ImageFile`).
+pub fn load_kernel<M, R>(
+    mem: &M,
+    path: &Path,
+    reader: impl FnOnce(File) -> R,
+) -> Result<LoadedKernel, BootError>
+where
+    M: GuestMemoryBackend,
+    R: Read + ReadVolatile + Seek,
+{
+    let mut file = reader(File::open(path).map_err(|source| BootError::ReadKernel {
         path: path.to_path_buf(),
         source,
-    })?;
+    })?);
     let mut magic = [0u8; 4];
     let n = file
         .read(&mut magic)
@@ -111,20 +121,25 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<Loaded
     })
 }
 
-/// Loads the initramfs as high as the kernel allows in low RAM; returns
-/// (address, size).
-pub fn load_initrd<M: GuestMemoryBackend>(
+/// Loads the initramfs as high as the kernel allows in low RAM, reading it
+/// through `reader` (see [`load_kernel`]); returns (address, size).
+pub fn load_initrd<M, R>(
     mem: &M,
     path: &Path,
+    reader: impl FnOnce(File) -> R,
     low_ram_end: u64,
     kernel_end: u64,
     addr_max: Option<u32>,
-) -> Result<(u64, u64), BootError> {
+) -> Result<(u64, u64), BootError>
+where
+    M: GuestMemoryBackend,
+    R: ReadVolatile,
+{
     let err = |reason: String| BootError::Initrd {
         path: path.to_path_buf(),
         reason,
     };
-    let mut file = File::open(path).map_err(|e| err(e.to_string()))?;
+    let file = File::open(path).map_err(|e| err(e.to_string()))?;
     let size = file.metadata().map_err(|e| err(e.to_string()))?.len();
     if size == 0 {
         return Err(err("the file is empty".into()));
@@ -139,6 +154,7 @@ pub fn load_initrd<M: GuestMemoryBackend>(
                 "{size} bytes do not fit between the kernel's end {kernel_end:#x} and {limit:#x}"
             ))
         })?;
+    let mut file = reader(file);
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| err(format!("loading into guest memory: {e}")))?;
     Ok((addr, size))
@@ -231,6 +247,10 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
     }
 
+    fn plain(f: File) -> File {
+        f
+    }
+
     fn file_with(bytes: &[u8]) -> tempfile::TempPath {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(bytes).unwrap();
@@ -282,20 +302,24 @@ mod tests {
     fn malformed_kernels_are_rejected_with_reasons() {
         let m = mem(64 << 20);
         let short = file_with(b"\x7fE");
-        let e = load_kernel(&m, &short).unwrap_err().to_string();
+        let e = load_kernel(&m, &short, plain).unwrap_err().to_string();
         assert!(e.contains("too short"), "{e}");
 
         // An ELF header cut off after the magic.
         let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
         elf.resize(20, 0);
-        let e = load_kernel(&m, &file_with(&elf)).unwrap_err().to_string();
+        let e = load_kernel(&m, &file_with(&elf), plain)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ELF"), "{e}");
 
         // A 32-bit ELF (wrong class) and a non-x86 machine.
         let mut elf32 = vec![0u8; 64];
         elf32[..4].copy_from_slice(b"\x7fELF");
         elf32[4] = 1;
-        let e = load_kernel(&m, &file_with(&elf32)).unwrap_err().to_string();
+        let e = load_kernel(&m, &file_with(&elf32), plain)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ELF"), "{e}");
         let mut arm = vec![0u8; 64];
         arm[..4].copy_from_slice(b"\x7fELF");
@@ -303,15 +327,19 @@ mod tests {
         arm[5] = 1;
         arm[6] = 1;
         arm[18] = 183; // EM_AARCH64
-        let e = load_kernel(&m, &file_with(&arm)).unwrap_err().to_string();
+        let e = load_kernel(&m, &file_with(&arm), plain)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ELF"), "{e}");
 
         // Not a bzImage: no HdrS magic.
         let junk = vec![0x55u8; 8192];
-        let e = load_kernel(&m, &file_with(&junk)).unwrap_err().to_string();
+        let e = load_kernel(&m, &file_with(&junk), plain)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bzImage"), "{e}");
 
-        let e = load_kernel(&m, Path::new("/nonexistent/vmlinux"))
+        let e = load_kernel(&m, Path::new("/nonexistent/vmlinux"), plain)
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/vmlinux"), "{e}");
@@ -326,7 +354,9 @@ mod tests {
         img[0x202..0x206].copy_from_slice(b"HdrS");
         img[0x206..0x208].copy_from_slice(&0x0205u16.to_le_bytes());
         img[0x211] = 1; // loadflags: LOADED_HIGH
-        let e = load_kernel(&m, &file_with(&img)).unwrap_err().to_string();
+        let e = load_kernel(&m, &file_with(&img), plain)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("too old") || e.contains("bzImage"), "{e}");
     }
 
@@ -334,17 +364,17 @@ mod tests {
     fn initrd_goes_high_and_must_fit() {
         let m = mem(64 << 20);
         let f = file_with(&[7u8; 10000]);
-        let (addr, size) = load_initrd(&m, &f, 64 << 20, 0x200_0000, None).unwrap();
+        let (addr, size) = load_initrd(&m, &f, plain, 64 << 20, 0x200_0000, None).unwrap();
         assert_eq!(size, 10000);
         assert_eq!(addr % 4096, 0);
         assert!(addr + size <= 64 << 20 && addr >= 0x200_0000);
         let big = file_with(&vec![1u8; 3 << 20]);
-        let e = load_initrd(&m, &big, 4 << 20, 0x200_0000, None)
+        let e = load_initrd(&m, &big, plain, 4 << 20, 0x200_0000, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("do not fit"), "{e}");
         let empty = file_with(&[]);
-        assert!(load_initrd(&m, &empty, 64 << 20, 0, None).is_err());
+        assert!(load_initrd(&m, &empty, plain, 64 << 20, 0, None).is_err());
     }
 
     #[test]

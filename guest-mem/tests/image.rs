@@ -1,0 +1,122 @@
+//! Boot images placed with `ImageFile` land in guest memory byte for byte:
+//! through the backing file (no fault served) where the region is a shared
+//! mapping of a writable file, through the mapping elsewhere.
+
+mod common;
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::PathBuf;
+
+use common::PAGE;
+use guest_mem::image::ImageFile;
+use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use guest_mem::{GuestMem, RegionConfig};
+
+/// A file of `len` bytes with a position-dependent pattern, in `dir`.
+fn image_in(dir: &str, tag: &str, len: usize) -> (File, Vec<u8>) {
+    let path = PathBuf::from(dir).join(format!("guest-mem-image-{tag}-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8 | 1).collect();
+    f.write_all(&bytes).unwrap();
+    (f, bytes)
+}
+
+/// Loads `len` bytes of `file` from `file_off` at `gpa`, as linux-loader
+/// does for a segment; returns (spliced, read) byte counts.
+fn load(mem: &GuestMem, file: File, file_off: u64, gpa: u64, len: usize) -> (u64, u64) {
+    let mut image = ImageFile::new(mem, file);
+    image.seek(SeekFrom::Start(file_off)).unwrap();
+    mem.memory()
+        .memory()
+        .read_exact_volatile_from(GuestAddress(gpa), &mut image, len)
+        .unwrap();
+    (image.spliced_bytes(), image.read_bytes())
+}
+
+fn guest_bytes(mem: &GuestMem, gpa: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    mem.memory()
+        .memory()
+        .read_slice(&mut out, GuestAddress(gpa))
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_memfd_region_is_filled_through_the_file_without_faults() {
+    for dir in ["/dev/shm", &std::env::temp_dir().to_string_lossy()] {
+        let mem = GuestMem::builder()
+            .region(RegionConfig::new(0, 1024 * PAGE))
+            .build()
+            .unwrap();
+        assert!(mem.userfault_enabled());
+        // Unaligned start and length, several splice rounds (over 1 MiB).
+        let len = 3 * (1 << 20) + 123;
+        let (file, bytes) = image_in(dir, "memfd", len + 4096);
+        let (spliced, read) = load(&mem, file, 100, 5 * PAGE + 17, len);
+        assert_eq!((spliced, read), (len as u64, 0), "source in {dir}");
+        assert_eq!(mem.stats().faults, 0, "placing the image served no fault");
+        assert_eq!(guest_bytes(&mem, 5 * PAGE + 17, len), bytes[100..100 + len]);
+        // Around it the guest sees zeros, as on any fresh page.
+        assert_eq!(guest_bytes(&mem, 5 * PAGE, 17), vec![0; 17]);
+        let end = 5 * PAGE + 17 + len as u64;
+        assert_eq!(guest_bytes(&mem, end, 64), vec![0; 64]);
+    }
+}
+
+#[test]
+fn an_image_spanning_two_regions_lands_in_both() {
+    let mem = GuestMem::builder()
+        .region(RegionConfig::new(0, 64 * PAGE))
+        .region(RegionConfig::new(64 * PAGE, 64 * PAGE))
+        .build()
+        .unwrap();
+    let len = 20 * PAGE as usize;
+    let (file, bytes) = image_in("/dev/shm", "span", len);
+    let (spliced, _) = load(&mem, file, 0, 54 * PAGE, len);
+    assert_eq!(spliced, len as u64);
+    assert_eq!(guest_bytes(&mem, 54 * PAGE, len), bytes);
+}
+
+#[test]
+fn a_private_mapping_is_filled_through_the_mapping_and_its_file_left_alone() {
+    let mut rc = RegionConfig::new(0, 256 * PAGE);
+    rc.private = true;
+    let mem = GuestMem::builder().region(rc).build().unwrap();
+    let len = 8 * PAGE as usize;
+    let (file, bytes) = image_in("/dev/shm", "private", len);
+    let (spliced, read) = load(&mem, file, 0, 16 * PAGE, len);
+    assert_eq!((spliced, read), (0, len as u64));
+    assert_eq!(guest_bytes(&mem, 16 * PAGE, len), bytes);
+    // The file under a copy-on-write mapping must not change.
+    let r = &mem.regions()[0];
+    let file_range = r.file_range(16 * PAGE, len as u64);
+    assert!(!r.backing().has_data(file_range).unwrap());
+}
+
+#[test]
+fn an_image_past_the_end_of_its_file_is_an_error_not_a_hang() {
+    let mem = GuestMem::builder()
+        .region(RegionConfig::new(0, 64 * PAGE))
+        .build()
+        .unwrap();
+    let (file, _) = image_in("/dev/shm", "short", 1000);
+    let mut image = ImageFile::new(&mem, file);
+    image.rewind().unwrap();
+    let r = mem
+        .memory()
+        .memory()
+        .read_exact_volatile_from(GuestAddress(0), &mut image, 4000);
+    assert!(
+        r.is_err(),
+        "reading 4000 bytes of a 1000-byte file must fail"
+    );
+}
