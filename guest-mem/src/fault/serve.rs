@@ -35,7 +35,10 @@ impl Scratch {
 
     fn zeros(&mut self, len: usize) -> &[u8] {
         if self.zeros.len() < len {
-            self.zeros.resize(len, 0);
+            // A fresh zeroed allocation (calloc: untouched pages that read
+            // as the shared zero page), not resize(), which writes every
+            // byte and keeps a 2 MiB huge-page buffer resident.
+            self.zeros = vec![0; len];
         }
         &self.zeros[..len]
     }
