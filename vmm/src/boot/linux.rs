@@ -298,6 +298,59 @@ mod tests {
         assert_eq!(total, EBDA_START + (512 << 20) - HIMEM_START);
     }
 
+    /// A minimal x86-64 ELF kernel: one PT_LOAD of `payload` at `paddr`,
+    /// entered there.
+    fn elf_kernel(paddr: u64, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 0x1000];
+        f[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[24..32].copy_from_slice(&paddr.to_le_bytes()); // e_entry
+        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        f[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let ph = &mut f[64..120];
+        ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+        ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
+        ph[16..24].copy_from_slice(&paddr.to_le_bytes()); // p_vaddr
+        ph[24..32].copy_from_slice(&paddr.to_le_bytes()); // p_paddr
+        let len = payload.len() as u64;
+        ph[32..40].copy_from_slice(&len.to_le_bytes()); // p_filesz
+        ph[40..48].copy_from_slice(&len.to_le_bytes()); // p_memsz
+        ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes()); // p_align
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn a_kernel_goes_into_the_backing_file_without_serving_faults() {
+        use guest_mem::image::ImageFile;
+        use guest_mem::{GuestMem, RegionConfig};
+        use vm_memory::GuestAddressSpace;
+
+        let gm = GuestMem::builder()
+            .region(RegionConfig::new(0, 16 << 20))
+            .build()
+            .unwrap();
+        let payload: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 251) as u8 | 1).collect();
+        let path = file_with(&elf_kernel(0x20_0000, &payload));
+        let mem = gm.memory();
+        let k = load_kernel(&*mem.memory(), &path, |f| ImageFile::new(&gm, f)).unwrap();
+        assert_eq!(k.entry, GuestAddress(0x20_0000));
+        assert_eq!(k.end, 0x20_0000 + payload.len() as u64);
+        if gm.userfault_enabled() {
+            assert_eq!(gm.stats().faults, 0, "placed through the memfd");
+        }
+        let mut back = vec![0u8; payload.len()];
+        mem.memory()
+            .read_slice(&mut back, GuestAddress(0x20_0000))
+            .unwrap();
+        assert_eq!(back, payload);
+    }
+
     #[test]
     fn malformed_kernels_are_rejected_with_reasons() {
         let m = mem(64 << 20);
