@@ -524,6 +524,27 @@ mod tests {
         mem.regions()[1].backing().size()
     }
 
+    /// Activates `d` with one mock queue at 1 MiB of `ram` (the boot RAM of
+    /// `mem`), 4 MiB allowed to be plugged.
+    fn with_queue<'a>(
+        d: &mut VirtioMem,
+        mem: &GuestMem,
+        ram: &'a guest_mem::GuestMemory,
+    ) -> (MockSplitQueue<'a, guest_mem::GuestMemory>, Arc<Interrupt>) {
+        d.state().requested_size.store(4 * MIB, Ordering::Relaxed);
+        let q = MockSplitQueue::create(ram, GuestAddress(MIB), 16);
+        let mut queue: Queue = q.create_queue().unwrap();
+        queue.set_ready(true);
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        d.ack_features(d.features());
+        d.activate(mem.memory(), irq.clone(), vec![queue]).unwrap();
+        (q, irq)
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
     fn has_data(mem: &GuestMem, block_index: u64) -> bool {
         let r = &mem.regions()[1];
         r.backing()
@@ -655,22 +676,13 @@ mod tests {
         let ram_guard = mem.memory().memory();
         let ram = &*ram_guard;
         let mut d = device(&mem);
-        d.state().requested_size.store(4 * MIB, Ordering::Relaxed);
-        let q = MockSplitQueue::create(ram, GuestAddress(MIB), 16);
-        let mut queue: Queue = q.create_queue().unwrap();
-        queue.set_ready(true);
-        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        d.ack_features(d.features());
-        d.activate(mem.memory(), irq.clone(), vec![queue]).unwrap();
+        let (q, irq) = with_queue(&mut d, &mem, ram);
         let (req_at, resp_at) = (4 * MIB, 5 * MIB);
         ram.write_obj(
             MemRequest::new(req::PLUG, block(0), 2),
             GuestAddress(req_at),
         )
         .unwrap();
-        let desc = |addr: u64, len: u32, flags: u16, next: u16| {
-            RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-        };
         // A good request, then one whose "response" buffer is read-only,
         // then one with a 3-byte request.
         q.build_multiple_desc_chains(&[
@@ -700,20 +712,12 @@ mod tests {
         let ram_guard = mem.memory().memory();
         let ram = &*ram_guard;
         let mut d = device(&mem);
-        d.state().requested_size.store(4 * MIB, Ordering::Relaxed);
-        let q = MockSplitQueue::create(ram, GuestAddress(MIB), 16);
-        let mut queue: Queue = q.create_queue().unwrap();
-        queue.set_ready(true);
-        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        d.activate(mem.memory(), irq, vec![queue]).unwrap();
+        let (q, _irq) = with_queue(&mut d, &mem, ram);
         ram.write_obj(
             MemRequest::new(req::PLUG, block(0), 2),
             GuestAddress(4 * MIB),
         )
         .unwrap();
-        let desc = |addr: u64, len: u32, flags: u16, next: u16| {
-            RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-        };
         // A valid plug whose response buffer is read-only, then one whose
         // writable buffer is too short.
         q.build_multiple_desc_chains(&[
