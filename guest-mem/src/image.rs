@@ -20,7 +20,7 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice};
 
 use crate::backing::BackingKind;
-use crate::GuestMem;
+use crate::{GuestMem, Region};
 
 /// Bytes moved per splice round trip (the pipe is grown to this if it can be).
 const CHUNK: usize = 1 << 20;
@@ -91,19 +91,15 @@ impl<'m> ImageFile<'m> {
         self.read
     }
 
-    /// The backing file descriptor and file offset for `len` bytes of guest
-    /// memory at host address `ptr`, when they can be written through it.
-    fn destination(&self, ptr: u64, len: u64) -> Option<(RawFd, u64)> {
-        let region = self.mem.regions().iter().find(|r| r.contains_host(ptr))?;
+    /// The region and region offset of `len` bytes of guest memory at host
+    /// address `ptr`, when they can be written through the backing file.
+    fn destination(&self, ptr: u64, len: u64) -> Option<(&'m Region, u64)> {
+        let mem: &'m GuestMem = self.mem;
+        let region = mem.regions().iter().find(|r| r.contains_host(ptr))?;
         let offset = ptr - region.host_addr();
         let kind = region.backing().kind();
         let writable = !region.is_private() && kind != BackingKind::Hugetlbfs;
-        (writable && offset.checked_add(len)? <= region.plugged_size()).then(|| {
-            (
-                region.backing().file().as_raw_fd(),
-                region.file_offset() + offset,
-            )
-        })
+        (writable && offset.checked_add(len)? <= region.plugged_size()).then_some((region, offset))
     }
 
     fn pipe(&mut self) -> io::Result<(RawFd, RawFd, usize)> {
@@ -222,7 +218,9 @@ impl ReadVolatile for ImageFile<'_> {
             .splice_ok
             .then(|| self.destination(ptr, len as u64))
             .flatten();
-        if let Some((fd, off)) = dst {
+        if let Some((region, offset)) = dst {
+            let fd = region.backing().file().as_raw_fd();
+            let off = region.file_offset() + offset;
             // Fill the whole slice, as one read(2) of a regular file would:
             // vm-memory's GuestMemory takes a short count for an error.
             let mut done = 0;
@@ -244,6 +242,12 @@ impl ReadVolatile for ImageFile<'_> {
                 Ok(n) => {
                     buf.bitmap().mark_dirty(0, n);
                     self.spliced += n as u64;
+                    // Those pages hold contents now, as if the guest had
+                    // written them: no longer owed zero, and readahead may
+                    // run over them again.
+                    let page = region.page_size();
+                    let end = (offset + n as u64).div_ceil(page);
+                    region.discarded.clear_range(offset / page, end);
                     return Ok(n);
                 }
                 Err(e) if splice_unsupported(&e) => {

@@ -120,3 +120,23 @@ fn an_image_past_the_end_of_its_file_is_an_error_not_a_hang() {
         "reading 4000 bytes of a 1000-byte file must fail"
     );
 }
+
+#[test]
+fn pages_given_back_hold_the_image_once_it_is_loaded_over_them() {
+    let mem = GuestMem::builder()
+        .region(RegionConfig::new(0, 256 * PAGE))
+        .build()
+        .unwrap();
+    mem.discard(GuestAddress(32 * PAGE), 64 * PAGE).unwrap();
+    let r = &mem.regions()[0];
+    assert!(r.is_discarded(40 * PAGE));
+    let len = 8 * PAGE as usize + 10;
+    let (file, bytes) = image_in("/dev/shm", "discarded", len);
+    let (spliced, _) = load(&mem, file, 0, 40 * PAGE, len);
+    assert_eq!(spliced, len as u64);
+    // Every page the image touched, the partial last one included, now
+    // holds contents; the rest of the discarded range is still owed zero.
+    assert!((40..49).all(|p| !r.is_discarded(p * PAGE)));
+    assert!(r.is_discarded(39 * PAGE) && r.is_discarded(49 * PAGE));
+    assert_eq!(guest_bytes(&mem, 40 * PAGE, len), bytes);
+}
