@@ -1,7 +1,9 @@
 //! Fault service benchmark: what serving first touches in userspace costs
 //! next to the kernel's own demand faulting, what the truncate-generation
 //! re-check adds, how often the per-file and the range-log retry policies
-//! drop fetched contents under a discard stream, and how fast discards are.
+//! drop fetched contents under a discard stream, how fast discards are, and
+//! what placing a boot image through the backing file (`ImageFile`) saves
+//! over writing it through the fault-managed mapping.
 //!
 //! Run with `cargo bench -p guest-mem`. Prints a table on stdout, progress on
 //! stderr, and writes `target/bench/guest-mem.json` (under `CARGO_TARGET_DIR`
@@ -13,6 +15,7 @@
 
 use std::fmt::Write as _;
 use std::fs::File;
+use std::io::Seek;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::FromRawFd;
 use std::path::PathBuf;
@@ -22,9 +25,10 @@ use std::thread;
 use std::time::Instant;
 
 use guest_mem::generation::{FileRange, TruncateGen};
+use guest_mem::image::ImageFile;
 use guest_mem::source::PageSource;
 use guest_mem::stats::StatsSnapshot;
-use guest_mem::vm_memory::GuestAddress;
+use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use guest_mem::{
     FaultConfig, FaultMode, FileSource, GuestMem, Readahead, RegionConfig, RegionSource,
     RetryPolicy,
@@ -159,6 +163,41 @@ fn build(
         "fault mode not as requested"
     );
     mem
+}
+
+/// How a boot image gets into guest memory.
+#[derive(Clone, Copy, Debug)]
+enum Placement {
+    /// `ImageFile`: spliced into the backing memfd (userfaultfd on).
+    ImageFile,
+    /// A plain read through the mapping, faults served by userfaultfd.
+    MappingUffd,
+    /// A plain read through the mapping, the kernel's demand faults.
+    MappingKernel,
+}
+
+/// Places the `len`-byte `image` at guest-physical 0 of a fresh region the
+/// way `how` says; returns (seconds, faults served by the handler).
+fn place_image(image: &File, len: u64, how: Placement) -> (f64, u64) {
+    let mode = match how {
+        Placement::MappingKernel => FaultMode::Kernel,
+        _ => FaultMode::Userfault,
+    };
+    let mem = build(len, mode, Readahead::default(), None, |_| {});
+    let mut file = image.try_clone().expect("duplicating the image fd");
+    file.rewind().expect("rewinding the image");
+    let guard = mem.memory();
+    let ram = guard.memory();
+    let start = Instant::now();
+    match how {
+        Placement::ImageFile => {
+            let mut reader = ImageFile::new(&mem, file);
+            ram.read_exact_volatile_from(GuestAddress(0), &mut reader, len as usize)
+        }
+        _ => ram.read_exact_volatile_from(GuestAddress(0), &mut file, len as usize),
+    }
+    .expect("placing the image");
+    (start.elapsed().as_secs_f64(), mem.stats().faults)
 }
 
 /// Writes one byte at the start of every page of `[offset, offset + len)`
@@ -899,6 +938,39 @@ fn main() {
     }
     let (discard_4k, discard_2m) = (median(&d4k), median(&d2m));
 
+    // 6: placing a boot image (the size of a distribution kernel).
+    let image_bytes = sized(scale, 48, 4);
+    let image = memfd("bench-kernel");
+    {
+        let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+        let mut at = 0;
+        while at < image_bytes {
+            image.write_all_at(&chunk, at).expect("filling the image");
+            at += MIB;
+        }
+    }
+    let placements = [
+        Placement::ImageFile,
+        Placement::MappingUffd,
+        Placement::MappingKernel,
+    ];
+    let mut place_s = vec![Vec::new(); placements.len()];
+    let mut place_faults = vec![0u64; placements.len()];
+    for rep in 0..REPS {
+        for (i, how) in placements.iter().enumerate() {
+            let (secs, faults) = place_image(&image, image_bytes, *how);
+            place_s[i].push(secs);
+            place_faults[i] = faults;
+            eprintln!(
+                "[bench] rep {}/{REPS} place a {} MiB image ({how:?}): {:.1} ms, {faults} faults",
+                rep + 1,
+                image_bytes / MIB,
+                secs * 1e3
+            );
+        }
+    }
+    let place_ms: Vec<f64> = place_s.iter().map(|v| median(v) * 1e3).collect();
+
     // ---- report -----------------------------------------------------------
     let kernel_us = by_key("kernel").us_per_page();
     let mut t = String::new();
@@ -1030,6 +1102,20 @@ fn main() {
         4096.0 / (discard_4k * GIB) * 1e6,
         discard_2m
     );
+    let _ = writeln!(
+        t,
+        "\nplacing a {} MiB boot image: through the backing file (ImageFile) {:.1} ms, \
+         {} faults; through the mapping with userfaultfd {:.1} ms, {} faults ({:.2}x the \
+         time); through the mapping with kernel faults {:.1} ms ({:.2}x)",
+        image_bytes / MIB,
+        place_ms[0],
+        place_faults[0],
+        place_ms[1],
+        place_faults[1],
+        place_ms[1] / place_ms[0],
+        place_ms[2],
+        place_ms[2] / place_ms[0]
+    );
     let best = ["zero_2m", "file_2m", "zero_adaptive", "file_adaptive"]
         .iter()
         .map(|k| (*k, by_key(k).us_per_page()))
@@ -1139,6 +1225,21 @@ fn main() {
         (
             "discard_gib_s",
             obj([("4k", num(discard_4k)), ("2m", num(discard_2m))]),
+        ),
+        (
+            "image_placement",
+            obj([
+                ("image_bytes", Json::Int(image_bytes)),
+                ("image_file_ms", num(place_ms[0])),
+                ("mapping_uffd_ms", num(place_ms[1])),
+                ("mapping_kernel_ms", num(place_ms[2])),
+                ("image_file_faults", Json::Int(place_faults[0])),
+                ("mapping_uffd_faults", Json::Int(place_faults[1])),
+                (
+                    "mapping_uffd_over_image_file",
+                    num(place_ms[1] / place_ms[0]),
+                ),
+            ]),
         ),
         ("elapsed_s", num(started.elapsed().as_secs_f64())),
     ]);
