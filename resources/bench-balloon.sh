@@ -48,15 +48,8 @@ MEM=$memory
 INFLATE=$inflate
 CPU=\${L1_VMM_CPU:-0}
 $(bench_l1_helpers)
-wait_ready() {
-    n=0
-    until grep -q GUEST-READY \$1 2>/dev/null; do
-        sleep 0.2
-        n=\$((n + 1))
-        [ \$n -lt 1500 ] || { echo "BENCH-ERROR the guest never got ready"; cat \$1; return 1; }
-    done
-    sleep 2
-}
+# wait_ready FILE: the guest printed GUEST-READY; give it a moment to settle.
+wait_ready() { wait_marker \$1 GUEST-READY && sleep 2; }
 
 vmm_actual() { /bin/vmmctl --sock /tmp/api.sock GET /balloon | grep -o '"actual_mib": [0-9]*' | grep -o '[0-9]*\$'; }
 # vmm_timing PHASE: the device's own timing of the last resize.

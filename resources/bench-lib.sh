@@ -39,7 +39,10 @@ bench_run_l1() {
 # bench_l1_helpers: shell functions for the L1 scripts of the benchmarks.
 # `now` is the L1's uptime (10 ms steps), `since T` the seconds since T,
 # `shmem_mib PID` a process's RssShmem, `until_equal WANT CMD...` polls CMD
-# every 50 ms until it prints WANT. For QEMU driven over a QMP pipe (fds 3
+# every 50 ms until it prints WANT, `wait_marker FILE MARKER` waits until
+# the guest console FILE shows MARKER (giving up if the VMM, $pid, exits, the
+# guest reports GUEST-TIMEOUT or GUEST-FILL-FAILED, or 5 minutes pass).
+# For QEMU driven over a QMP pipe (fds 3
 # and 4): `qmp CMD` sends CMD and prints its reply, keeping events in
 # /tmp/qmp.events; `qmp_events NAME FIELD VMM PHASE` prints every NAME
 # event since the file was last cleared as "BENCH-EVENT VMM run=$run
@@ -59,6 +62,16 @@ until_equal() {
         sleep 0.05
         n=$((n + 1))
         [ $n -lt 6000 ] || { echo "BENCH-ERROR stuck waiting for $want"; return 1; }
+    done
+}
+wait_marker() {
+    n=0
+    until grep -q "$2" $1 2>/dev/null; do
+        sleep 0.2
+        n=$((n + 1))
+        kill -0 $pid 2>/dev/null || { echo "BENCH-ERROR the VMM exited before the guest printed $2"; cat $1; return 1; }
+        grep -q -E 'GUEST-TIMEOUT|GUEST-FILL-FAILED' $1 && { echo "BENCH-ERROR the guest gave up"; cat $1; return 1; }
+        [ $n -lt 1500 ] || { echo "BENCH-ERROR the guest never printed $2"; cat $1; return 1; }
     done
 }
 qmp() { echo "$1" >&3; while IFS= read -r reply <&4; do case "$reply" in *'"event"'*) echo "$reply" >>/tmp/qmp.events ;; *) echo "$reply"; return ;; esac; done; }

@@ -82,17 +82,6 @@ WIN=$window
 PLUG=$plug
 CPU=\${L1_VMM_CPU:-0}
 $(bench_l1_helpers)
-# wait_marker FILE MARKER: until the guest console FILE shows MARKER (\$pid: the VMM).
-wait_marker() {
-    n=0
-    until grep -q "\$2" \$1 2>/dev/null; do
-        sleep 0.2
-        n=\$((n + 1))
-        kill -0 \$pid 2>/dev/null || { echo "BENCH-ERROR the VMM exited before the guest printed \$2"; cat \$1; return 1; }
-        grep -q -E 'GUEST-TIMEOUT|GUEST-FILL-FAILED' \$1 && { echo "BENCH-ERROR the guest gave up"; cat \$1; return 1; }
-        [ \$n -lt 1500 ] || { echo "BENCH-ERROR the guest never printed \$2"; cat \$1; return 1; }
-    done
-}
 # poll_cost CMD...: seconds one call of CMD takes (mean of 10), the
 # resolution of the plugged-size polling.
 poll_cost() {
