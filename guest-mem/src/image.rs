@@ -193,6 +193,16 @@ fn splice_unsupported(e: &io::Error) -> bool {
     )
 }
 
+impl Drop for ImageFile<'_> {
+    fn drop(&mut self) {
+        log::debug!(
+            "image placed: {} bytes through the backing file, {} read",
+            self.spliced,
+            self.read
+        );
+    }
+}
+
 impl Read for ImageFile<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.file.read(buf)?;
