@@ -17,23 +17,36 @@ pub enum ExitKind {
     Other,
 }
 
+/// Distinct (kind, port or address) keys kept; the guest chooses the
+/// addresses it touches, so exits at further keys are only counted in all.
+pub const MAX_KEYS: usize = 256;
+
 /// Exit counts per (kind, port or address), and the time spent handling them.
 #[derive(Default)]
 pub struct ExitProfile {
     counts: HashMap<(ExitKind, u64), u64>,
+    /// Exits at keys beyond the first [`MAX_KEYS`].
+    elsewhere: u64,
     handling: Duration,
 }
 
 impl ExitProfile {
     /// Counts one exit; `since` is when KVM_RUN returned.
     pub fn record(&mut self, kind: ExitKind, key: u64, since: Instant) {
-        *self.counts.entry((kind, key)).or_default() += 1;
+        let full = self.counts.len() >= MAX_KEYS;
+        match self.counts.get_mut(&(kind, key)) {
+            Some(n) => *n += 1,
+            None if full => self.elsewhere += 1,
+            None => {
+                self.counts.insert((kind, key), 1);
+            }
+        }
         self.handling += since.elapsed();
     }
 
     /// Total exits recorded.
     pub fn total(&self) -> u64 {
-        self.counts.values().sum()
+        self.counts.values().sum::<u64>() + self.elsewhere
     }
 }
 
@@ -49,6 +62,9 @@ impl fmt::Display for ExitProfile {
         )?;
         for ((kind, key), n) in rows.iter().take(12) {
             write!(f, "; {kind:?} {key:#x}: {n}")?;
+        }
+        if self.elsewhere > 0 {
+            write!(f, "; at {MAX_KEYS}+ other places: {}", self.elsewhere)?;
         }
         Ok(())
     }
@@ -72,5 +88,20 @@ mod tests {
         let out = s.find("PioOut 0x3f8: 3").expect("port row");
         let mmio = s.find("MmioRead 0xd0000000: 1").expect("mmio row");
         assert!(out < mmio, "{s}");
+    }
+
+    #[test]
+    fn a_guest_touching_endless_addresses_cannot_grow_it() {
+        let mut p = ExitProfile::default();
+        let now = Instant::now();
+        for addr in 0..10 * MAX_KEYS as u64 {
+            p.record(ExitKind::MmioWrite, 0xe000_0000 + addr * 8, now);
+        }
+        // A key seen before the cap still counts on its own row.
+        p.record(ExitKind::MmioWrite, 0xe000_0000, now);
+        assert_eq!(p.counts.len(), MAX_KEYS);
+        assert_eq!(p.total(), 10 * MAX_KEYS as u64 + 1);
+        assert_eq!(p.counts[&(ExitKind::MmioWrite, 0xe000_0000)], 2);
+        assert!(p.to_string().contains("other places: 2304"), "{p}");
     }
 }
