@@ -22,8 +22,10 @@ pub enum ExitKind {
 pub const MAX_KEYS: usize = 256;
 
 /// Exit counts per (kind, port or address), and the time spent handling them.
+/// A profile made disabled costs nothing per exit: no clock read, no count.
 #[derive(Default)]
 pub struct ExitProfile {
+    enabled: bool,
     counts: HashMap<(ExitKind, u64), u64>,
     /// Exits at keys beyond the first [`MAX_KEYS`].
     elsewhere: u64,
@@ -31,8 +33,30 @@ pub struct ExitProfile {
 }
 
 impl ExitProfile {
-    /// Counts one exit; `since` is when KVM_RUN returned.
-    pub fn record(&mut self, kind: ExitKind, key: u64, since: Instant) {
+    /// A profile that counts exits if `enabled`.
+    pub fn new(enabled: bool) -> Self {
+        ExitProfile {
+            enabled,
+            ..ExitProfile::default()
+        }
+    }
+
+    /// Whether exits are counted.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The time KVM_RUN returned, for [`record`](Self::record), when enabled.
+    pub fn clock(&self) -> Option<Instant> {
+        self.enabled.then(Instant::now)
+    }
+
+    /// Counts one exit; `since` is what [`clock`](Self::clock) gave when
+    /// KVM_RUN returned (nothing is counted without it).
+    pub fn record(&mut self, kind: ExitKind, key: u64, since: Option<Instant>) {
+        let Some(since) = since else {
+            return;
+        };
         let full = self.counts.len() >= MAX_KEYS;
         match self.counts.get_mut(&(kind, key)) {
             Some(n) => *n += 1,
@@ -76,8 +100,8 @@ mod tests {
 
     #[test]
     fn counts_per_kind_and_key_most_frequent_first() {
-        let mut p = ExitProfile::default();
-        let now = Instant::now();
+        let mut p = ExitProfile::new(true);
+        let now = p.clock();
         for _ in 0..3 {
             p.record(ExitKind::PioOut, 0x3f8, now);
         }
@@ -92,8 +116,8 @@ mod tests {
 
     #[test]
     fn a_guest_touching_endless_addresses_cannot_grow_it() {
-        let mut p = ExitProfile::default();
-        let now = Instant::now();
+        let mut p = ExitProfile::new(true);
+        let now = p.clock();
         for addr in 0..10 * MAX_KEYS as u64 {
             p.record(ExitKind::MmioWrite, 0xe000_0000 + addr * 8, now);
         }
@@ -103,5 +127,14 @@ mod tests {
         assert_eq!(p.total(), 10 * MAX_KEYS as u64 + 1);
         assert_eq!(p.counts[&(ExitKind::MmioWrite, 0xe000_0000)], 2);
         assert!(p.to_string().contains("other places: 2304"), "{p}");
+    }
+
+    #[test]
+    fn a_disabled_profile_counts_nothing() {
+        let mut p = ExitProfile::new(false);
+        let now = p.clock();
+        assert!(now.is_none());
+        p.record(ExitKind::PioOut, 0x3f8, now);
+        assert_eq!(p.total(), 0);
     }
 }

@@ -2,7 +2,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use kvm_bindings::{
     kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_MP_STATE_RUNNABLE,
@@ -298,9 +297,11 @@ pub struct VcpuContext {
 
 /// Runs the vCPU until the guest stops it or the VM stops; returns why.
 pub fn run(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> ExitReason {
-    let mut profile = ExitProfile::default();
+    let mut profile = ExitProfile::new(log::log_enabled!(log::Level::Debug));
     let reason = run_loop(vcpu, ctx, &mut profile);
-    log::debug!("vCPU {}: {profile}", ctx.id);
+    if profile.enabled() {
+        log::debug!("vCPU {}: {profile}", ctx.id);
+    }
     reason
 }
 
@@ -312,7 +313,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
             return ExitReason::Stopped;
         }
         let exit = vcpu.run();
-        let since = Instant::now();
+        let since = profile.clock();
         match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if port == PAYLOAD_EXIT_PORT {
