@@ -120,16 +120,21 @@ fn memfd(name: &str) -> File {
     unsafe { File::from_raw_fd(fd) }
 }
 
-/// A memory image of `len` bytes, every byte [`SOURCE_BYTE`], in a memfd.
-fn file_source(len: u64) -> Arc<FileSource> {
-    let f = memfd("bench-image");
-    let chunk = vec![SOURCE_BYTE; MIB as usize];
+/// A memfd of `len` bytes, every MiB of it a copy of `chunk` (1 MiB).
+fn filled_memfd(name: &str, len: u64, chunk: &[u8]) -> File {
+    let f = memfd(name);
     let mut at = 0;
     while at < len {
-        let n = (len - at).min(MIB) as usize;
+        let n = (len - at).min(chunk.len() as u64) as usize;
         f.write_all_at(&chunk[..n], at).expect("filling the image");
         at += n as u64;
     }
+    f
+}
+
+/// A memory image of `len` bytes, every byte [`SOURCE_BYTE`], in a memfd.
+fn file_source(len: u64) -> Arc<FileSource> {
+    let f = filled_memfd("bench-image", len, &vec![SOURCE_BYTE; MIB as usize]);
     Arc::new(FileSource::from_file(f).expect("opening the image"))
 }
 
@@ -940,15 +945,8 @@ fn main() {
 
     // 6: placing a boot image (the size of a distribution kernel).
     let image_bytes = sized(scale, 48, 4);
-    let image = memfd("bench-kernel");
-    {
-        let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
-        let mut at = 0;
-        while at < image_bytes {
-            image.write_all_at(&chunk, at).expect("filling the image");
-            at += MIB;
-        }
-    }
+    let pattern: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+    let image = filled_memfd("bench-kernel", image_bytes, &pattern);
     let placements = [
         Placement::ImageFile,
         Placement::MappingUffd,
