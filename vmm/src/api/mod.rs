@@ -392,12 +392,7 @@ mod tests {
         let balloon = with_balloon.then(|| {
             let dev = Balloon::new(mem.clone(), BalloonConfig::default());
             let state = dev.state();
-            let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-            let transport = Arc::new(Mutex::new(MmioTransport::new(
-                Box::new(dev),
-                mem.memory(),
-                irq,
-            )));
+            let transport = transport(Box::new(dev), &mem);
             BalloonHandle { state, transport }
         });
         ApiContext {
@@ -408,6 +403,15 @@ mod tests {
             balloon,
             hotplug: None,
         }
+    }
+
+    /// `dev` behind a virtio-mmio transport, as the VMM attaches it.
+    fn transport(
+        dev: Box<dyn devices::virtio::VirtioDevice>,
+        mem: &GuestMem,
+    ) -> Arc<Mutex<MmioTransport>> {
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        Arc::new(Mutex::new(MmioTransport::new(dev, mem.memory(), irq)))
     }
 
     fn req(method: &str, path: &str, body: &str) -> Request {
@@ -478,12 +482,7 @@ mod tests {
         let window = Arc::new(HotplugRegion::new(mem.clone(), 1).unwrap());
         let dev = VirtioMem::new(window.clone()).unwrap();
         let state = dev.state();
-        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
-            Box::new(dev),
-            mem.memory(),
-            irq,
-        )));
+        let transport = transport(Box::new(dev), &mem);
         let c = ApiContext {
             hotplug: Some(HotplugHandle {
                 state: state.clone(),
