@@ -276,22 +276,6 @@ impl TouchRun {
     }
 }
 
-/// The counters once the handler has finished its bookkeeping. It wakes the
-/// faulting thread from inside the install ioctl and counts the installed
-/// pages and the latency only afterwards, so a snapshot taken right after
-/// the last touch can miss the last fault.
-fn settled_stats(mem: &GuestMem, pages: u64) -> StatsSnapshot {
-    let deadline = Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        let s = mem.stats();
-        let settled = s.pages_installed >= pages && s.fault_latency.count >= s.faults;
-        if settled || Instant::now() > deadline {
-            return s;
-        }
-        thread::sleep(std::time::Duration::from_micros(200));
-    }
-}
-
 fn first_touch(
     cfg: &TouchCfg,
     source: &Arc<FileSource>,
@@ -310,7 +294,7 @@ fn first_touch(
     let secs = start.elapsed().as_secs_f64();
     let pages = cfg.bytes / page;
     let stats = if cfg.mode == FaultMode::Userfault {
-        settled_stats(&mem, pages)
+        mem.settled_stats(std::time::Duration::from_secs(2))
     } else {
         mem.stats()
     };
@@ -539,7 +523,7 @@ fn discard_stream(
         done.store(true, Ordering::Release);
         (secs, discarder.join().expect("discarder panicked"))
     });
-    let stats = settled_stats(&mem, half / page);
+    let stats = mem.settled_stats(std::time::Duration::from_secs(2));
     assert_eq!(
         stats.pages_installed,
         half / page,

@@ -300,6 +300,37 @@ impl GuestMem {
         self.stats.snapshot()
     }
 
+    /// A copy of the counters once the handler has finished accounting for
+    /// every fault it has begun, waiting at most `timeout`. The faulting
+    /// thread is woken by the install itself, before the handler counts the
+    /// pages and the latency, so [`stats`](Self::stats) read right after a
+    /// first touch can still miss them.
+    ///
+    /// ```
+    /// use guest_mem::{GuestMem, RegionConfig};
+    /// use std::time::Duration;
+    /// use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    ///
+    /// let mem = GuestMem::builder().region(RegionConfig::new(0, 2 << 20)).build()?;
+    /// mem.memory().memory().write_obj(1u8, GuestAddress(0)).unwrap();
+    /// let s = mem.settled_stats(Duration::from_secs(1));
+    /// assert_eq!(s.fault_latency.count + s.unknown_address, s.faults);
+    /// # Ok::<(), guest_mem::Error>(())
+    /// ```
+    pub fn settled_stats(&self, timeout: std::time::Duration) -> StatsSnapshot {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let s = self.stats.snapshot();
+            // Every fault ends by recording its latency, but one at an
+            // address outside every region, which is counted there instead.
+            let settled = s.fault_latency.count + s.unknown_address >= s.faults;
+            if settled || std::time::Instant::now() >= deadline {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+
     /// The region holding a guest-physical address and the offset in it,
     /// within the plugged size.
     pub fn find(&self, gpa: GuestAddress) -> Option<(&Arc<Region>, u64)> {

@@ -69,7 +69,7 @@ fn huge_pages_are_faulted_in_discarded_and_resized_whole() {
     assert_eq!(r.page_size(), HUGE);
     if mem.userfault_enabled() {
         // One fault per huge page touched, each installing a whole page.
-        let s = mem.stats();
+        let s = mem.settled_stats(std::time::Duration::from_secs(5));
         assert_eq!(s.pages_installed, 3, "{s}");
     }
     assert_eq!(mem.allocated_bytes(), 3 * HUGE);
