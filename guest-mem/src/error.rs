@@ -137,6 +137,10 @@ pub enum Error {
     /// An inconsistent configuration.
     #[error("{0}")]
     Config(String),
+    /// A shrink was asked for by a thread that holds a
+    /// [`MemoryGuard`](crate::access::MemoryGuard): it would wait on itself.
+    #[error("cannot shrink guest memory while this thread holds a guard on it")]
+    MemoryInUse,
 }
 
 /// This crate's result type.

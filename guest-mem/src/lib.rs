@@ -30,6 +30,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod backend;
 pub mod backing;
 mod error;
@@ -43,6 +44,7 @@ pub mod source;
 pub mod stats;
 mod sync;
 
+pub use access::{DeviceMemory, MemoryGuard};
 pub use backing::{BackingFile, BackingKind};
 pub use error::{Error, Result};
 pub use fault::{FaultConfig, FaultMode, Readahead};

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
+use crate::access::{AccessGate, DeviceMemory};
 use crate::backing::BackingFile;
 use crate::fault::{regions_support_userfault, FaultConfig, FaultHandler, FaultMode};
 use crate::region::{GuestMemory, GuestMemoryAtomic, Region, RegionSource};
@@ -139,6 +140,7 @@ impl GuestMemBuilder {
             config: self.fault,
             handler,
             resize: Mutex::new(()),
+            gate: Arc::new(AccessGate::default()),
         })
     }
 }
@@ -247,6 +249,8 @@ pub struct GuestMem {
     config: FaultConfig,
     handler: Option<FaultHandler>,
     resize: Mutex<()>,
+    /// Device accesses against shrinks (see [`crate::access`]).
+    gate: Arc<AccessGate>,
 }
 
 impl std::fmt::Debug for GuestMem {
@@ -268,6 +272,14 @@ impl GuestMem {
     /// Swapped when a region is resized.
     pub fn memory(&self) -> GuestMemoryAtomic {
         self.memory.clone()
+    }
+
+    /// The guest memory for device models: like [`memory`](Self::memory),
+    /// but each snapshot holds off shrinks until dropped, so a device on
+    /// one thread never touches memory that an unplug on another thread
+    /// truncated (see [`crate::access`]).
+    pub fn device_memory(&self) -> DeviceMemory {
+        DeviceMemory::new(self.memory.clone(), self.gate.clone())
     }
 
     /// The regions, in the order they were added.
@@ -391,11 +403,15 @@ impl GuestMem {
     /// Plugs or unplugs the tail of region `index` so that `new_size` bytes
     /// are plugged. Shrinking truncates the backing file as one invalidation
     /// (a fault that fetched meanwhile retries and finds the page out of
-    /// range); the devices' memory map is swapped before the truncation so
-    /// that new device accesses cannot reach past the end. Growing extends
-    /// the file; the new tail reads zero.
+    /// range); it waits for device accesses in progress
+    /// ([`device_memory`](Self::device_memory) guards) to end, and swaps the
+    /// devices' memory map before the truncation, so that no device access
+    /// can reach past the end. Growing extends the file; the new tail reads
+    /// zero.
     ///
-    /// Only a region that ends its backing file can be resized.
+    /// Only a region that ends its backing file can be resized. A thread
+    /// that holds a device-memory guard cannot shrink
+    /// ([`Error::MemoryInUse`]).
     ///
     /// ```
     /// use guest_mem::{GuestMem, RegionConfig};
@@ -453,11 +469,17 @@ impl GuestMem {
         let old = region.plugged_size();
         let target = region.file_offset() + new_size;
         if new_size < old {
-            backing.shrink(target, || {
-                region.discarded.set_range(new_size / page, old / page);
-                region.zap_private(new_size, old - new_size);
-                self.swap_memory(Some((index, new_size)));
-            })?;
+            // No device access may be in progress past the new end: the
+            // map is swapped inside, before the file is truncated.
+            self.gate
+                .exclusive(|| {
+                    backing.shrink(target, || {
+                        region.discarded.set_range(new_size / page, old / page);
+                        region.zap_private(new_size, old - new_size);
+                        self.swap_memory(Some((index, new_size)));
+                    })
+                })
+                .ok_or(Error::MemoryInUse)??;
             self.stats.shrinks.fetch_add(1, Relaxed);
             self.stats
                 .bytes_truncated
