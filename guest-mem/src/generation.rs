@@ -181,9 +181,17 @@ impl TruncateGen {
         let number = start / 2 + 1;
         log.ranges[(number % LOG_CAPACITY as u64) as usize] = range;
         self.seq.store(start + 1, Ordering::Release);
-        let result = invalidate();
-        self.seq.store(start + 2, Ordering::Release);
-        result
+        // Even again however `invalidate` ends: a panic in it (guest-mem is
+        // a library; the caller may catch it) must not leave the count odd,
+        // which would make every later fault wait forever in `sample`.
+        struct Close<'a>(&'a AtomicU64, u64);
+        impl Drop for Close<'_> {
+            fn drop(&mut self) {
+                self.0.store(self.1, Ordering::Release);
+            }
+        }
+        let _close = Close(&self.seq, start + 2);
+        invalidate()
     }
 
     /// Takes the install lock shared: while it is held no invalidation of this

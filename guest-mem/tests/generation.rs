@@ -59,3 +59,33 @@ fn count_is_odd_inside_and_even_after() {
     assert_eq!(g.current(), 2);
     assert_eq!(g.invalidations(), 1);
 }
+
+/// A panic inside an invalidation (the caller caught it) leaves the count
+/// even and the log consistent: later faults sample without waiting, and
+/// see the invalidation as one that happened.
+#[test]
+fn a_panicking_invalidation_still_ends() {
+    let g = std::sync::Arc::new(TruncateGen::new());
+    let s = g.sample();
+    let g2 = g.clone();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        g2.invalidate(FileRange::new(0, 4096), || panic!("punch failed"))
+    }));
+    assert!(caught.is_err());
+    assert_eq!(g.current() % 2, 0, "count left odd");
+    // sample() would spin forever on an odd count; run it on a thread and
+    // give it a second.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let g3 = g.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(g3.sample());
+    });
+    let after = rx
+        .recv_timeout(std::time::Duration::from_secs(1))
+        .expect("sample returns after a panicked invalidation");
+    assert_eq!(after.value(), 2);
+    assert_eq!(
+        g.lock_install().recheck(s, FileRange::new(0, 4096)),
+        Verdict::Overlapped
+    );
+}
