@@ -4,5 +4,6 @@
 //! eventfds the VMM wires to the guest.
 
 pub mod bus;
+pub mod guest_log;
 pub mod legacy;
 pub mod virtio;

@@ -8,7 +8,7 @@ use devices::bus::{Bus, SharedDevice};
 use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::{Interrupt, VirtioDevice};
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use guest_mem::GuestMemoryAtomic;
+use guest_mem::DeviceMemory;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -35,7 +35,7 @@ impl VirtioSlot {
     pub fn attach(
         index: u32,
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryAtomic,
+        mem: DeviceMemory,
         vm: &VmFd,
         mmio: &mut Bus,
     ) -> Result<VirtioSlot, VmError> {
@@ -67,6 +67,15 @@ impl VirtioSlot {
                 })?;
             queue_evts.push(evt);
         }
+        let clones = queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io("eventfd"))?;
+        transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_notify_events(clones);
         let shared: SharedDevice = transport.clone();
         mmio.insert(shared, base, VIRTIO_MMIO_SIZE)
             .map_err(|e| VmError::Config(e.to_string()))?;
@@ -107,6 +116,7 @@ impl MutEventSubscriber for VirtioSlot {
         let q = events.data();
         if let Some(evt) = self.queue_evts.get(q as usize) {
             let _ = evt.read();
+            // Work left over re-arms the eventfd: served on a later turn.
             self.transport
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

@@ -409,8 +409,13 @@ impl Vm {
         let mut virtio = Vec::new();
         // Each virtio device gets the next MMIO window and GSI.
         let mut attach = |device: Box<dyn VirtioDevice>| {
-            let slot =
-                VirtioSlot::attach(virtio.len() as u32, device, mem.memory(), &fd, &mut mmio)?;
+            let slot = VirtioSlot::attach(
+                virtio.len() as u32,
+                device,
+                mem.device_memory(),
+                &fd,
+                &mut mmio,
+            )?;
             let transport = slot.transport.clone();
             virtio.push(slot);
             Ok::<_, VmError>(transport)

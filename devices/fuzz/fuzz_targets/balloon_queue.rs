@@ -94,21 +94,23 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let image = &data[HEADER + notifies..];
-    let ram = mem.memory();
-    ram.memory()
+    mem.memory()
+        .memory()
         .write_slice(&image[..image.len().min(MIB as usize)], GuestAddress(0))
         .expect("image fits in the first region");
 
     let irq = Arc::new(Interrupt::new(
         EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
     ));
-    if balloon.activate(ram, irq, queues).is_err() {
+    if balloon.activate(mem.device_memory(), irq, queues).is_err() {
         return;
     }
     for &q in order {
         match q % 5 {
             4 => balloon.refresh(),
-            i => balloon.process_queue(usize::from(i)),
+            i => {
+                balloon.process_queue(usize::from(i));
+            }
         }
     }
     let c = &balloon.state().counters;

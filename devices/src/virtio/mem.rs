@@ -14,13 +14,18 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use guest_mem::backend::HotplugBackend;
-use guest_mem::GuestMemoryAtomic;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{ByteValued, GuestAddressSpace};
+use std::mem::size_of;
 
+use guest_mem::backend::HotplugBackend;
+use guest_mem::{DeviceMemory, GuestMemory};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestAddressSpace};
+
+use super::chain::{pop_head, read_chain, Budget, Progress};
 use super::resize_timer::ResizeTimer;
-use super::{ActivateError, Interrupt, VirtioDevice};
+use super::{signal_used, ActivateError, Interrupt, VirtioDevice};
+use crate::guest_log::refuse;
 
 /// The virtio device ID of virtio-mem.
 pub const VIRTIO_ID_MEM: u32 = 24;
@@ -29,6 +34,8 @@ pub const VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE: u32 = 1;
 /// Block size: 2 MiB, the smallest the Linux driver handles on x86.
 pub const BLOCK_SIZE: u64 = 2 << 20;
 const QUEUE_SIZE: u16 = 128;
+/// Most descriptors in a request chain (Linux sends two).
+const MAX_DESCS_PER_CHAIN: usize = 8;
 
 /// Request types.
 pub mod req {
@@ -122,6 +129,11 @@ pub struct MemCounters {
     pub rejected_chains: AtomicU64,
     /// Backend operations (grow, discard, truncate) that failed.
     pub backend_errors: AtomicU64,
+    /// Unplug requests refused because they would take away the memory the
+    /// device answers in (the response buffer or the queue itself).
+    pub self_unplug_refused: AtomicU64,
+    /// Notifications on queues the device does not use.
+    pub unused_queue_notifies: AtomicU64,
 }
 
 /// State the VMM shares with the device.
@@ -153,7 +165,7 @@ pub struct VirtioMem {
     region_size: u64,
     /// One entry per block: plugged or not.
     plugged: Vec<bool>,
-    mem: Option<GuestMemoryAtomic>,
+    mem: Option<DeviceMemory>,
     interrupt: Option<Arc<Interrupt>>,
     queue: Option<Queue>,
 }
@@ -240,14 +252,10 @@ impl VirtioMem {
     }
 
     fn backend_failed(&self, what: &str, e: guest_mem::Error) -> u16 {
-        let n = self
-            .state
-            .counters
-            .backend_errors
-            .fetch_add(1, Ordering::Relaxed);
-        if n < 16 {
-            log::error!("virtio-mem: {what}: {e}");
-        }
+        refuse(
+            &self.state.counters.backend_errors,
+            format_args!("virtio-mem: {what}: {e}"),
+        );
         resp::ERROR
     }
 
@@ -325,6 +333,17 @@ impl VirtioMem {
         }
     }
 
+    fn refused(&self, r: &MemRequest, kind: u16) {
+        let (addr, nb) = (r.addr, r.nb_blocks);
+        refuse(
+            &self.state.counters.refused,
+            format_args!(
+                "virtio-mem: answering {kind} to request {} for {nb} blocks at {addr:#x}",
+                r.kind
+            ),
+        );
+    }
+
     /// Carries out one request; returns the response.
     pub fn handle(&mut self, r: &MemRequest) -> MemResponse {
         let (addr, nb) = (r.addr, r.nb_blocks);
@@ -345,14 +364,7 @@ impl VirtioMem {
                 c.unplugs.fetch_add(1, Ordering::Relaxed);
             }
             (resp::ACK, _) => {}
-            _ => {
-                if c.refused.fetch_add(1, Ordering::Relaxed) < 16 {
-                    log::warn!(
-                        "virtio-mem: answering {kind} to request {} for {nb} blocks at {addr:#x}",
-                        r.kind
-                    );
-                }
-            }
+            _ => self.refused(r, kind),
         }
         MemResponse {
             kind,
@@ -362,60 +374,152 @@ impl VirtioMem {
     }
 
     fn reject_chain(&self, why: std::fmt::Arguments<'_>) {
-        let n = self
-            .state
-            .counters
-            .rejected_chains
-            .fetch_add(1, Ordering::Relaxed);
-        if n < 16 {
-            log::warn!("virtio-mem: refusing a descriptor chain: {why}");
+        refuse(
+            &self.state.counters.rejected_chains,
+            format_args!("virtio-mem: refusing a descriptor chain: {why}"),
+        );
+    }
+
+    /// The request and where its response goes, from one chain: a
+    /// device-readable request, then a device-writable buffer with room for
+    /// the response.
+    fn parse_chain(
+        &self,
+        mem: &GuestMemory,
+        descs: &[Descriptor],
+    ) -> Option<(MemRequest, GuestAddress)> {
+        let split = descs.iter().position(Descriptor::is_write_only);
+        let (readable, writable) = descs.split_at(split.unwrap_or(descs.len()));
+        let Some(req_desc) = readable.first() else {
+            self.reject_chain(format_args!("no request"));
+            return None;
+        };
+        let Some(resp_desc) = writable.first() else {
+            self.reject_chain(format_args!("no response buffer"));
+            return None;
+        };
+        if (req_desc.len() as usize) < size_of::<MemRequest>() {
+            self.reject_chain(format_args!("a request of {} bytes", req_desc.len()));
+            return None;
+        }
+        // No room for the answer: refuse before acting, so that the driver
+        // never misses the outcome of a plug or an unplug.
+        if (resp_desc.len() as usize) < size_of::<MemResponse>() {
+            self.reject_chain(format_args!(
+                "{} writable bytes for a response",
+                resp_desc.len()
+            ));
+            return None;
+        }
+        match mem.read_obj::<MemRequest>(req_desc.addr()) {
+            Ok(r) => Some((r, resp_desc.addr())),
+            Err(e) => {
+                self.reject_chain(format_args!("reading the request: {e}"));
+                None
+            }
         }
     }
 
-    fn process_requests(&mut self) {
-        let (Some(mem), Some(mut queue)) =
-            (self.mem.as_ref().map(|m| m.memory()), self.queue.take())
-        else {
-            return;
+    /// Whether an unplug of `r` would take away the memory the device is
+    /// about to answer in: the response buffer or the queue's rings.
+    fn unplugs_own_buffers(&self, r: &MemRequest, resp: GuestAddress, queue: &Queue) -> bool {
+        let range = match r.kind {
+            req::UNPLUG_ALL => Some((self.addr, self.region_size)),
+            req::UNPLUG => self.blocks(r.addr, r.nb_blocks).map(|b| {
+                (
+                    self.addr + b.start as u64 * BLOCK_SIZE,
+                    b.len() as u64 * BLOCK_SIZE,
+                )
+            }),
+            _ => None,
         };
-        let mut notify = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
-            let mut used = 0u32;
-            match (chain.clone().reader(&*mem), chain.writer(&*mem)) {
-                // No room for the answer: refuse before acting, so that the
-                // driver never misses the outcome of a plug or an unplug.
-                (Ok(_), Ok(writer))
-                    if writer.available_bytes() < std::mem::size_of::<MemResponse>() =>
-                {
-                    self.reject_chain(format_args!(
-                        "{} writable bytes for a response",
-                        writer.available_bytes()
-                    ))
+        let Some((start, len)) = range else {
+            return false;
+        };
+        let end = start + len;
+        let size = u64::from(queue.size());
+        let touched = [
+            (resp.0, size_of::<MemResponse>() as u64),
+            (queue.desc_table(), 16 * size),
+            (queue.avail_ring(), 6 + 2 * size),
+            (queue.used_ring(), 6 + 8 * size),
+        ];
+        touched
+            .iter()
+            .any(|&(a, l)| a < end && a.saturating_add(l) > start)
+    }
+
+    /// Serves the request queue: each chain is read, carried out, answered
+    /// and returned before the next, within one notification's budget.
+    ///
+    /// No memory guard is held while a request runs (an unplug shrinks the
+    /// window, which waits for every guard), and the answer is written
+    /// against the memory as it is afterwards. A request that would unplug
+    /// the memory its own answer or the queue lives in is answered ERROR.
+    fn process_requests(&mut self) -> Progress {
+        let (Some(dm), Some(mut queue)) = (self.mem.clone(), self.queue.take()) else {
+            return Progress::Done;
+        };
+        let mut budget = Budget::new(&queue);
+        let mut returned = false;
+        let progress = loop {
+            if budget.spent() {
+                break Progress::MoreWork;
+            }
+            let mem = dm.memory();
+            let head = match pop_head(&mut queue, &*mem) {
+                Ok(Some(head)) => head,
+                Ok(None) => break Progress::Done,
+                Err(e) => {
+                    self.reject_chain(format_args!("{e}"));
+                    break Progress::Done;
                 }
-                (Ok(mut reader), Ok(mut writer)) => match reader.read_obj::<MemRequest>() {
-                    Ok(r) => {
-                        let answer = self.handle(&r);
-                        match writer.write_obj(answer) {
-                            Ok(()) => used = std::mem::size_of::<MemResponse>() as u32,
-                            Err(e) => self.reject_chain(format_args!("writing the response: {e}")),
-                        }
+            };
+            let request = match read_chain(&*mem, &queue, head, MAX_DESCS_PER_CHAIN) {
+                Ok(descs) => {
+                    budget.spend(descs.len());
+                    self.parse_chain(&mem, &descs)
+                }
+                Err(e) => {
+                    budget.spend(1);
+                    self.reject_chain(format_args!("{e}"));
+                    None
+                }
+            };
+            let mut used = 0u32;
+            if let Some((r, resp)) = request {
+                let answer = if self.unplugs_own_buffers(&r, resp, &queue) {
+                    self.state
+                        .counters
+                        .self_unplug_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.refused(&r, resp::ERROR);
+                    MemResponse {
+                        kind: resp::ERROR,
+                        ..Default::default()
                     }
-                    Err(e) => self.reject_chain(format_args!("reading the request: {e}")),
-                },
-                (Err(e), _) | (_, Err(e)) => self.reject_chain(format_args!("{e}")),
+                } else {
+                    drop(mem);
+                    self.handle(&r)
+                };
+                let mem = dm.memory();
+                match mem.write_obj(answer, resp) {
+                    Ok(()) => used = size_of::<MemResponse>() as u32,
+                    Err(e) => self.reject_chain(format_args!("writing the response: {e}")),
+                }
             }
-            if let Err(e) = queue.add_used(&*mem, head, used) {
-                log::warn!("virtio-mem: add_used: {e}");
+            let mem = dm.memory();
+            match queue.add_used(&*mem, head, used) {
+                Ok(()) => returned = true,
+                Err(e) => self.reject_chain(format_args!("returning {head}: {e}")),
             }
-            notify = true;
-        }
-        if notify && queue.needs_notification(&*mem).unwrap_or(true) {
-            if let Some(i) = &self.interrupt {
-                i.raise(Interrupt::VRING);
-            }
+        };
+        if returned {
+            let mem = dm.memory();
+            signal_used(&mut queue, &*mem, self.interrupt.as_deref());
         }
         self.queue = Some(queue);
+        progress
     }
 }
 
@@ -443,7 +547,7 @@ impl VirtioDevice for VirtioMem {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!(
+        crate::guest_warn!(
             "virtio-mem: ignoring config write at {offset} of {} bytes (read-only)",
             data.len()
         );
@@ -451,7 +555,7 @@ impl VirtioDevice for VirtioMem {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryAtomic,
+        mem: DeviceMemory,
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
@@ -464,11 +568,15 @@ impl VirtioDevice for VirtioMem {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize) {
+    fn process_queue(&mut self, index: usize) -> Progress {
         if index == 0 {
-            self.process_requests();
+            self.process_requests()
         } else {
-            log::warn!("virtio-mem: notification on unused queue {index}");
+            refuse(
+                &self.state.counters.unused_queue_notifies,
+                format_args!("virtio-mem: notification on unused queue {index}"),
+            );
+            Progress::Done
         }
     }
 
@@ -537,7 +645,8 @@ mod tests {
         queue.set_ready(true);
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         d.ack_features(d.features());
-        d.activate(mem.memory(), irq.clone(), vec![queue]).unwrap();
+        d.activate(mem.device_memory(), irq.clone(), vec![queue])
+            .unwrap();
         (q, irq)
     }
 
@@ -734,5 +843,160 @@ mod tests {
         );
         assert_eq!(d.state().plugged_size.load(Ordering::Relaxed), 0);
         assert_eq!(file_size(&mem), 0, "nothing was plugged");
+    }
+
+    /// A device with blocks 0..3 of the window plugged, and a map of
+    /// memory that includes them.
+    fn plugged(
+        mem: &Arc<GuestMem>,
+    ) -> (
+        VirtioMem,
+        vm_memory::GuestMemoryLoadGuard<guest_mem::GuestMemory>,
+    ) {
+        let mut d = device(mem);
+        d.state().requested_size.store(8 * MIB, Ordering::Relaxed);
+        assert_eq!(ask(&mut d, req::PLUG, 0, 3).0, resp::ACK);
+        (d, mem.memory().memory())
+    }
+
+    fn run_request(
+        d: &mut VirtioMem,
+        mem: &Arc<GuestMem>,
+        ram: &guest_mem::GuestMemory,
+        queue_at: u64,
+        r: MemRequest,
+        resp_at: u64,
+    ) -> u32 {
+        let q = MockSplitQueue::create(ram, GuestAddress(queue_at), 16);
+        let mut queue: Queue = q.create_queue().unwrap();
+        queue.set_ready(true);
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        d.activate(mem.device_memory(), irq, vec![queue]).unwrap();
+        let req_at = 4 * MIB;
+        ram.write_obj(r, GuestAddress(req_at)).unwrap();
+        q.build_desc_chain(&[desc(req_at, 24, 1, 1), desc(resp_at, 10, 2, 0)])
+            .unwrap();
+        d.process_queue(0);
+        let refused = d
+            .state()
+            .counters
+            .self_unplug_refused
+            .load(Ordering::Relaxed);
+        d.reset();
+        refused as u32
+    }
+
+    /// The guest puts the answer to an unplug in the very block it unplugs
+    /// (the window's tail, so the file would be truncated under the
+    /// write): the device answers ERROR and keeps the block, instead of
+    /// writing past the end of the file (SIGBUS).
+    #[test]
+    fn unplugging_the_block_that_holds_the_answer_is_refused() {
+        let mem = memory();
+        let (mut d, ram) = plugged(&mem);
+        let resp_at = block(2) + 4096;
+        let refused = run_request(
+            &mut d,
+            &mem,
+            &ram,
+            MIB,
+            MemRequest::new(req::UNPLUG, block(2), 1),
+            resp_at,
+        );
+        assert_eq!(refused, 1);
+        let r: MemResponse = ram.read_obj(GuestAddress(resp_at)).unwrap();
+        assert_eq!(r.kind, resp::ERROR);
+        assert_eq!(file_size(&mem), 3 * BLOCK_SIZE, "nothing unplugged");
+        assert_eq!(
+            d.state().plugged_size.load(Ordering::Relaxed),
+            3 * BLOCK_SIZE
+        );
+        // UNPLUG_ALL takes the whole window, answer included.
+        let refused = run_request(
+            &mut d,
+            &mem,
+            &ram,
+            MIB,
+            MemRequest::new(req::UNPLUG_ALL, 0, 0),
+            resp_at,
+        );
+        assert_eq!(refused, 2);
+        assert_eq!(file_size(&mem), 3 * BLOCK_SIZE);
+        // Unplugging another block, with the answer in boot RAM, works.
+        run_request(
+            &mut d,
+            &mem,
+            &ram,
+            MIB,
+            MemRequest::new(req::UNPLUG, block(2), 1),
+            5 * MIB,
+        );
+        let r: MemResponse = ram.read_obj(GuestAddress(5 * MIB)).unwrap();
+        assert_eq!(r.kind, resp::ACK);
+        assert_eq!(file_size(&mem), 2 * BLOCK_SIZE);
+    }
+
+    /// The same with the queue's rings in the block being unplugged.
+    #[test]
+    fn unplugging_the_block_that_holds_the_queue_is_refused() {
+        let mem = memory();
+        let (mut d, ram) = plugged(&mem);
+        let refused = run_request(
+            &mut d,
+            &mem,
+            &ram,
+            block(2),
+            MemRequest::new(req::UNPLUG, block(2), 1),
+            5 * MIB,
+        );
+        assert_eq!(refused, 1);
+        let r: MemResponse = ram.read_obj(GuestAddress(5 * MIB)).unwrap();
+        assert_eq!(r.kind, resp::ERROR);
+        assert_eq!(file_size(&mem), 3 * BLOCK_SIZE);
+    }
+
+    /// One notification serves at most a queue's worth of chains: a
+    /// driver that keeps the ring full gets the rest on later turns.
+    #[test]
+    fn one_notification_serves_a_bounded_number_of_requests() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut d = device(&mem);
+        // The rings laid out by hand (the mock's overlap past 8 entries).
+        let (table, avail, used) = (MIB, MIB + 0x1000, MIB + 0x2000);
+        let mut queue = Queue::new(16).unwrap();
+        queue.set_desc_table_address(Some(table as u32), Some(0));
+        queue.set_avail_ring_address(Some(avail as u32), Some(0));
+        queue.set_used_ring_address(Some(used as u32), Some(0));
+        queue.set_ready(true);
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        d.activate(mem.device_memory(), irq, vec![queue]).unwrap();
+        let req_at = 4 * MIB;
+        ram.write_obj(
+            MemRequest::new(req::STATE, block(0), 1),
+            GuestAddress(req_at),
+        )
+        .unwrap();
+        ram.write_obj(SplitDescriptor::new(req_at, 24, 1, 1), GuestAddress(table))
+            .unwrap();
+        ram.write_obj(
+            SplitDescriptor::new(5 * MIB, 10, 2, 0),
+            GuestAddress(table + 16),
+        )
+        .unwrap();
+        // Every slot of the avail ring names the same chain, twice over.
+        let used_idx = || ram.read_obj::<u16>(GuestAddress(used + 2)).unwrap();
+        for round in 1..=2u16 {
+            ram.write_obj(16 * round, GuestAddress(avail + 2)).unwrap();
+            assert_eq!(d.process_queue(0), Progress::MoreWork);
+            assert_eq!(used_idx(), 16 * round, "a queue's worth");
+        }
+        assert_eq!(d.process_queue(0), Progress::Done);
+        assert_eq!(used_idx(), 32);
+        assert_eq!(
+            d.state().counters.rejected_chains.load(Ordering::Relaxed),
+            0
+        );
     }
 }

@@ -7,11 +7,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use guest_mem::GuestMemoryAtomic;
+use guest_mem::DeviceMemory;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{Interrupt, Progress, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -70,8 +71,12 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 /// A virtio device behind the MMIO register interface.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryAtomic,
+    mem: DeviceMemory,
     interrupt: Arc<Interrupt>,
+    /// The queues' notification eventfds, written to continue a queue
+    /// whose work was cut at the budget (the event loop comes back to it
+    /// after everything else).
+    notify_evts: Vec<EventFd>,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
@@ -90,7 +95,7 @@ impl MmioTransport {
     /// Puts `device` behind the transport; `interrupt` is its irqfd.
     pub fn new(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryAtomic,
+        mem: DeviceMemory,
         interrupt: Arc<Interrupt>,
     ) -> Self {
         let queues = device
@@ -102,6 +107,7 @@ impl MmioTransport {
             device,
             mem,
             interrupt,
+            notify_evts: Vec::new(),
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
@@ -113,6 +119,12 @@ impl MmioTransport {
             early_notifies: 0,
             rejected: AtomicU64::new(0),
         }
+    }
+
+    /// Sets the eventfds the VMM watches for each queue's notifications,
+    /// so that work cut at a notification's budget is continued there.
+    pub fn set_notify_events(&mut self, evts: Vec<EventFd>) {
+        self.notify_evts = evts;
     }
 
     /// The device behind the transport.
@@ -156,27 +168,39 @@ impl MmioTransport {
     }
 
     /// The driver notified queue `index` (from the ioeventfd, or a trapped
-    /// write to the notify register).
-    pub fn queue_notified(&mut self, index: u32) {
+    /// write to the notify register). Returns whether work is left over.
+    pub fn queue_notified(&mut self, index: u32) -> Progress {
         let i = index as usize;
         if i >= self.queues.len() {
             self.reject(format_args!(
                 "notify of queue {index}, which does not exist"
             ));
         } else if self.activated {
-            self.device.process_queue(i);
+            return self.process(i);
         } else if i < 64 && self.queues[i].ready() {
             self.early_notifies |= 1 << i;
         } else {
             self.reject(format_args!("notify of queue {index} before it is ready"));
         }
+        Progress::Done
+    }
+
+    /// Lets the device process queue `i`; work left over is continued
+    /// through the queue's eventfd, after the event loop's other work.
+    fn process(&mut self, i: usize) -> Progress {
+        let progress = self.device.process_queue(i);
+        if progress == Progress::MoreWork {
+            if let Some(evt) = self.notify_evts.get(i) {
+                if let Err(e) = evt.write(1) {
+                    log::error!("virtio-mmio: re-arming queue {i}: {e}");
+                }
+            }
+        }
+        progress
     }
 
     fn reject(&self, what: std::fmt::Arguments<'_>) {
-        let n = self.rejected.fetch_add(1, Ordering::Relaxed);
-        if n < 16 {
-            log::warn!("virtio-mmio: ignoring {what}");
-        }
+        crate::guest_log::refuse(&self.rejected, format_args!("virtio-mmio: ignoring {what}"));
     }
 
     fn all_features(&self) -> u64 {
@@ -290,7 +314,7 @@ impl MmioTransport {
                 self.activated = true;
                 let early = std::mem::take(&mut self.early_notifies);
                 for i in (0..self.queues.len()).filter(|i| early & (1 << i) != 0) {
-                    self.device.process_queue(i);
+                    self.process(i);
                 }
             }
             Err(e) => {
@@ -351,7 +375,9 @@ impl MmioTransport {
                 }
             }
             reg::QUEUE_SEL => self.queue_sel = v,
-            reg::QUEUE_NOTIFY => self.queue_notified(v),
+            reg::QUEUE_NOTIFY => {
+                self.queue_notified(v);
+            }
             reg::INTERRUPT_ACK => self.interrupt.ack(v),
             reg::STATUS => self.set_status(v),
             reg::QUEUE_NUM
@@ -433,6 +459,7 @@ mod tests {
         processed: Vec<usize>,
         resets: usize,
         config: Vec<u8>,
+        more_work: bool,
     }
 
     struct Dummy(Arc<Mutex<Seen>>);
@@ -466,7 +493,7 @@ mod tests {
         }
         fn activate(
             &mut self,
-            _mem: GuestMemoryAtomic,
+            _mem: DeviceMemory,
             _i: Arc<Interrupt>,
             queues: Vec<Queue>,
         ) -> Result<(), super::super::ActivateError> {
@@ -474,8 +501,14 @@ mod tests {
             self.0.lock().unwrap().activated += 1;
             Ok(())
         }
-        fn process_queue(&mut self, index: usize) {
-            self.0.lock().unwrap().processed.push(index);
+        fn process_queue(&mut self, index: usize) -> Progress {
+            let mut s = self.0.lock().unwrap();
+            s.processed.push(index);
+            if s.more_work {
+                Progress::MoreWork
+            } else {
+                Progress::Done
+            }
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
@@ -490,7 +523,11 @@ mod tests {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         // The atomic map keeps the mappings alive after `mem` goes.
-        let t = MmioTransport::new(Box::new(Dummy(seen.clone())), mem.memory(), irq.clone());
+        let t = MmioTransport::new(
+            Box::new(Dummy(seen.clone())),
+            mem.device_memory(),
+            irq.clone(),
+        );
         (t, seen, irq)
     }
 
@@ -658,5 +695,24 @@ mod tests {
         assert_eq!(r(&mut t, reg::CONFIG_GENERATION), g + 1);
         assert_eq!(irq.status(), 0, "no interrupt before DRIVER_OK");
         w(&mut t, reg::INTERRUPT_ACK, 0);
+    }
+
+    #[test]
+    fn work_left_over_is_continued_through_the_queue_eventfd() {
+        let (mut t, seen, _) = transport();
+        let evts: Vec<_> = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        t.set_notify_events(evts.iter().map(|e| e.try_clone().unwrap()).collect());
+        negotiate(&mut t, 1, 0);
+        setup_queue(&mut t, 0, 0x10000);
+        setup_queue(&mut t, 1, 0x20000);
+        w(&mut t, reg::STATUS, 0xf);
+        assert_eq!(t.queue_notified(1), Progress::Done);
+        assert!(evts[1].read().is_err(), "nothing to continue");
+        seen.lock().unwrap().more_work = true;
+        assert_eq!(t.queue_notified(1), Progress::MoreWork);
+        assert_eq!(evts[1].read().unwrap(), 1, "re-armed");
+        assert!(evts[0].read().is_err());
     }
 }

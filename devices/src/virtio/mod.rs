@@ -1,6 +1,7 @@
 //! Virtio devices over the MMIO transport (virtio 1.x, "modern" only).
 
 pub mod balloon;
+pub mod chain;
 pub mod mem;
 pub mod mmio;
 pub mod resize_timer;
@@ -8,8 +9,11 @@ pub mod resize_timer;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use guest_mem::GuestMemoryAtomic;
-use virtio_queue::Queue;
+use guest_mem::DeviceMemory;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemory;
+
+pub use chain::Progress;
 use vmm_sys_util::eventfd::EventFd;
 
 /// `VIRTIO_F_VERSION_1`: the only mode this transport offers.
@@ -64,6 +68,16 @@ impl Interrupt {
     }
 }
 
+/// Raises a used-buffer interrupt for `queue` unless the driver suppressed
+/// it (an unreadable ring counts as "notify").
+pub fn signal_used<M: GuestMemory>(queue: &mut Queue, mem: &M, interrupt: Option<&Interrupt>) {
+    if queue.needs_notification(mem).unwrap_or(true) {
+        if let Some(i) = interrupt {
+            i.raise(Interrupt::VRING);
+        }
+    }
+}
+
 /// Copies `data.len()` bytes of a device's configuration space from
 /// `offset`; bytes past its end (or an offset that overflows) read zero.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
@@ -94,12 +108,14 @@ pub trait VirtioDevice: Send {
     /// The driver set DRIVER_OK: start using `queues`.
     fn activate(
         &mut self,
-        mem: GuestMemoryAtomic,
+        mem: DeviceMemory,
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError>;
-    /// Processes queue `index` after the driver notified it.
-    fn process_queue(&mut self, index: usize);
+    /// Processes queue `index` after the driver notified it, within a
+    /// bounded budget; [`Progress::MoreWork`] asks to be called again
+    /// (after the event loop has served everything else).
+    fn process_queue(&mut self, index: usize) -> Progress;
     /// The driver reset the device: drop the queues.
     fn reset(&mut self);
     /// The host wants fresh device-reported data (balloon statistics).

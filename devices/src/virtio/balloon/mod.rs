@@ -1,25 +1,37 @@
 //! virtio-balloon: inflate and deflate queues, guest statistics, free page
-//! reporting and deflate-on-OOM.
+//! reporting, page poisoning and deflate-on-OOM.
 //!
 //! Inflated PFNs are validated (inside plugged RAM, not in the MMIO gap),
 //! de-duplicated, coalesced into ranges and given back through
 //! [`MemoryBackend::discard`] — for `guest-mem`, one truncate-generation
-//! invalidation and a punched hole per range. Deflated pages need nothing:
-//! the next touch faults and reads zero. Everything the driver hands over is
-//! hostile: bad PFNs, chains that loop, run past the queue or point outside
-//! memory are rejected and counted, never a panic.
+//! invalidation and a punched hole per range. Where the host gives memory
+//! back in larger units (hugetlbfs), a unit is freed once every balloon page
+//! in it is in the balloon ([`huge_pages`]). Deflated pages need nothing:
+//! the next touch faults and reads zero.
+//!
+//! Everything the driver hands over is hostile. Each chain is read, carried
+//! out and returned before the next is taken, a notification buys a bounded
+//! amount of work ([`chain::Budget`](super::chain::Budget)), and bad PFNs
+//! and malformed chains are refused, counted and logged at a limited rate,
+//! never a panic.
+
+pub mod huge_pages;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use guest_mem::backend::MemoryBackend;
-use guest_mem::GuestMemoryAtomic;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use guest_mem::{DeviceMemory, GuestMemory};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
+use super::chain::{pop_head, read_chain, Budget, Progress};
 use super::resize_timer::ResizeTimer;
-use super::{ActivateError, Interrupt, VirtioDevice};
+use super::{signal_used, ActivateError, Interrupt, VirtioDevice};
+use crate::guest_log::refuse;
+use huge_pages::HugePageTracker;
 
 /// The virtio device ID of the balloon.
 pub const VIRTIO_ID_BALLOON: u32 = 5;
@@ -27,6 +39,8 @@ pub const VIRTIO_ID_BALLOON: u32 = 5;
 pub const VIRTIO_BALLOON_F_STATS_VQ: u32 = 1;
 /// The guest deflates when it runs out of memory.
 pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u32 = 2;
+/// The guest tells the value it fills free pages with (`poison_val`).
+pub const VIRTIO_BALLOON_F_PAGE_POISON: u32 = 4;
 /// The guest reports free pages it does not use.
 pub const VIRTIO_BALLOON_F_REPORTING: u32 = 5;
 /// Balloon pages are 4 KiB whatever the guest's page size.
@@ -34,6 +48,8 @@ pub const BALLOON_PAGE: u64 = 4096;
 const QUEUE_SIZE: u16 = 256;
 /// Most PFNs taken from one descriptor chain (the Linux driver sends 256).
 const MAX_PFNS_PER_CHAIN: usize = 4096;
+/// Most descriptors in a PFN or statistics chain (Linux sends one).
+const MAX_DESCS_PER_PFN_CHAIN: usize = 16;
 const STAT_SIZE: usize = 10;
 
 /// Guest statistics tags (virtio 1.x 5.5.6.3), by name.
@@ -58,16 +74,28 @@ pub struct BalloonCounters {
     pub inflated_pages: AtomicU64,
     /// PFNs taken back by deflates.
     pub deflated_pages: AtomicU64,
-    /// Bytes given back by free page reporting.
+    /// Bytes the guest reported free (free page reporting).
     pub reported_bytes: AtomicU64,
+    /// Bytes actually given back to the host, by inflates and reports: less
+    /// than what the guest gave up where the host frees whole huge pages
+    /// only, or when the guest poisons free pages.
+    pub freed_bytes: AtomicU64,
     /// Discard calls (coalesced ranges).
     pub discards: AtomicU64,
     /// PFNs refused (outside RAM, in the MMIO gap).
     pub rejected_pfns: AtomicU64,
-    /// Descriptor chains refused (bad direction, size, address).
+    /// Descriptor chains refused (bad direction, size, address, length,
+    /// indirect, a broken ring).
     pub rejected_chains: AtomicU64,
+    /// Reported ranges kept because the guest poisons free pages with a
+    /// value other than zero.
+    pub reports_kept_for_poison: AtomicU64,
     /// Discards the memory backend failed.
     pub discard_errors: AtomicU64,
+    /// Notifications on queues the device does not use.
+    pub unused_queue_notifies: AtomicU64,
+    /// Notifications whose work was cut at the budget and continued later.
+    pub yields: AtomicU64,
     /// Inflate notifications serviced.
     pub inflate_batches: AtomicU64,
     /// Time spent servicing them, in microseconds (validation, discards,
@@ -86,6 +114,9 @@ pub struct BalloonState {
     pub target_pages: AtomicU32,
     /// Pages the guest says it holds (config `actual`).
     pub actual_pages: AtomicU32,
+    /// The value the guest fills free pages with (config `poison_val`,
+    /// with `VIRTIO_BALLOON_F_PAGE_POISON`).
+    pub poison_val: AtomicU32,
     /// The guest's last statistics, by tag.
     pub guest_stats: Mutex<BTreeMap<u16, u64>>,
     /// Counters.
@@ -116,7 +147,11 @@ pub struct BalloonConfig {
     /// (`VIRTIO_BALLOON_F_DEFLATE_ON_OOM`).
     pub deflate_on_oom: bool,
     /// Let the guest report free pages for the host to discard
-    /// (`VIRTIO_BALLOON_F_REPORTING`).
+    /// (`VIRTIO_BALLOON_F_REPORTING`). Offered with
+    /// `VIRTIO_BALLOON_F_PAGE_POISON`, so that guests that fill free pages
+    /// (`init_on_free=1`, page poisoning) keep reporting: a discarded page
+    /// reads zero, which is what `init_on_free` wants; reports from a guest
+    /// that poisons with another value are returned without a discard.
     pub free_page_reporting: bool,
 }
 
@@ -130,13 +165,21 @@ impl Default for BalloonConfig {
     }
 }
 
+/// What a chain handler wants done with the chain.
+enum Done {
+    /// Return it to the driver now.
+    Used,
+    /// The device holds on to it (the statistics buffer, the only one).
+    Held,
+}
+
 /// The balloon device.
 pub struct Balloon {
     backend: Arc<dyn MemoryBackend>,
     state: Arc<BalloonState>,
     offered: u64,
     acked: u64,
-    mem: Option<GuestMemoryAtomic>,
+    mem: Option<DeviceMemory>,
     interrupt: Option<Arc<Interrupt>>,
     queues: Vec<Queue>,
     /// Queue index of each role, after feature negotiation.
@@ -144,6 +187,8 @@ pub struct Balloon {
     reporting_queue: Option<usize>,
     /// The stats buffer the guest filled, held until we want fresh numbers.
     stats_head: Option<u16>,
+    /// Balloon pages of units larger than a balloon page (huge pages).
+    huge: HugePageTracker,
 }
 
 impl Balloon {
@@ -152,7 +197,7 @@ impl Balloon {
     pub fn new(backend: Arc<dyn MemoryBackend>, config: BalloonConfig) -> Self {
         let mut offered = 1 << VIRTIO_BALLOON_F_STATS_VQ;
         if config.free_page_reporting {
-            offered |= 1 << VIRTIO_BALLOON_F_REPORTING;
+            offered |= (1 << VIRTIO_BALLOON_F_REPORTING) | (1 << VIRTIO_BALLOON_F_PAGE_POISON);
         }
         if config.deflate_on_oom {
             offered |= 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
@@ -168,6 +213,7 @@ impl Balloon {
             stats_queue: None,
             reporting_queue: None,
             stats_head: None,
+            huge: HugePageTracker::default(),
         }
     }
 
@@ -185,141 +231,159 @@ impl Balloon {
             return;
         };
         if let Err(e) = self.queues[q].add_used(&*mem, head, 0) {
-            log::warn!("balloon: returning the stats buffer: {e}");
+            crate::guest_warn!("balloon: returning the stats buffer: {e}");
         }
-        self.signal(q);
+        signal_used(&mut self.queues[q], &*mem, self.interrupt.as_deref());
     }
 
     fn has(&self, bit: u32) -> bool {
         self.acked & (1 << bit) != 0
     }
 
-    fn signal(&mut self, q: usize) {
-        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
-            return;
-        };
-        let notify = self.queues[q].needs_notification(&*mem).unwrap_or(true);
-        if let (true, Some(i)) = (notify, &self.interrupt) {
-            i.raise(Interrupt::VRING);
-        }
-    }
-
     fn reject_chain(&self, why: std::fmt::Arguments<'_>) {
-        let n = self
-            .state
-            .counters
-            .rejected_chains
-            .fetch_add(1, Ordering::Relaxed);
-        if n < 16 {
-            log::warn!("balloon: refusing a descriptor chain: {why}");
-        }
+        refuse(
+            &self.state.counters.rejected_chains,
+            format_args!("balloon: refusing a descriptor chain: {why}"),
+        );
     }
 
-    /// Reads the PFN arrays of every available chain on queue `q`.
-    fn collect_pfns(&mut self, q: usize) -> Vec<u32> {
-        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
-            return Vec::new();
+    /// Serves queue `q`: each chain is read (at most `max_descs`
+    /// descriptors), handed to `handle` and returned before the next is
+    /// taken, within one notification's budget.
+    fn serve(
+        &mut self,
+        q: usize,
+        max_descs: usize,
+        mut handle: impl FnMut(&mut Self, &GuestMemory, &[Descriptor]) -> Done,
+    ) -> Progress {
+        let Some(dm) = self.mem.clone() else {
+            return Progress::Done;
         };
+        let mut budget = Budget::new(&self.queues[q]);
+        let mut returned = false;
+        let progress = loop {
+            if budget.spent() {
+                self.state.counters.yields.fetch_add(1, Ordering::Relaxed);
+                break Progress::MoreWork;
+            }
+            // Held for one chain only: a shrink elsewhere waits at most that.
+            let mem = dm.memory();
+            let head = match pop_head(&mut self.queues[q], &*mem) {
+                Ok(Some(head)) => head,
+                Ok(None) => break Progress::Done,
+                Err(e) => {
+                    // A broken avail ring: nothing more until the next notify.
+                    self.reject_chain(format_args!("queue {q}: {e}"));
+                    break Progress::Done;
+                }
+            };
+            let done = match read_chain(&*mem, &self.queues[q], head, max_descs) {
+                Ok(descs) => {
+                    budget.spend(descs.len());
+                    handle(self, &mem, &descs)
+                }
+                Err(e) => {
+                    budget.spend(1);
+                    self.reject_chain(format_args!("queue {q}: {e}"));
+                    Done::Used
+                }
+            };
+            match done {
+                Done::Used => match self.queues[q].add_used(&*mem, head, 0) {
+                    Ok(()) => returned = true,
+                    Err(e) => self.reject_chain(format_args!("queue {q}: returning {head}: {e}")),
+                },
+                Done::Held => self.stats_head = Some(head),
+            }
+        };
+        if returned {
+            let mem = dm.memory();
+            signal_used(&mut self.queues[q], &*mem, self.interrupt.as_deref());
+        }
+        progress
+    }
+
+    /// The PFNs of one chain: device-readable buffers of whole PFNs, at most
+    /// [`MAX_PFNS_PER_CHAIN`]. `None` (refused) for anything else.
+    fn read_pfns(&self, mem: &GuestMemory, descs: &[Descriptor]) -> Option<Vec<u32>> {
         let mut pfns = Vec::new();
-        let mut used = Vec::new();
-        let queue = &mut self.queues[q];
-        let chains = match queue.iter(&*mem) {
-            Ok(iter) => iter.collect::<Vec<_>>(),
-            Err(e) => {
-                self.reject_chain(format_args!("queue {q}: {e}"));
-                return pfns;
+        for desc in descs {
+            if desc.is_write_only() || desc.len() % 4 != 0 {
+                self.reject_chain(format_args!(
+                    "PFN buffer of {} bytes, write-only {}",
+                    desc.len(),
+                    desc.is_write_only()
+                ));
+                return None;
             }
-        };
-        for chain in chains {
-            used.push(chain.head_index());
-            let mut taken = 0usize;
-            for desc in chain {
-                if desc.is_write_only() || desc.len() % 4 != 0 {
-                    self.reject_chain(format_args!(
-                        "PFN buffer of {} bytes, write-only {}",
-                        desc.len(),
-                        desc.is_write_only()
-                    ));
-                    break;
-                }
-                let n = (desc.len() / 4) as usize;
-                if taken + n > MAX_PFNS_PER_CHAIN {
-                    self.reject_chain(format_args!("more than {MAX_PFNS_PER_CHAIN} PFNs"));
-                    break;
-                }
-                let mut buf = vec![0u8; n * 4];
-                if let Err(e) = mem.read_slice(&mut buf, desc.addr()) {
-                    self.reject_chain(format_args!("PFNs at {:#x}: {e}", desc.addr().0));
-                    break;
-                }
-                pfns.extend(
-                    buf.chunks_exact(4)
-                        .map(|c| u32::from_le_bytes(c.try_into().expect("4-byte chunk"))),
-                );
-                taken += n;
+            let n = (desc.len() / 4) as usize;
+            if pfns.len() + n > MAX_PFNS_PER_CHAIN {
+                self.reject_chain(format_args!("more than {MAX_PFNS_PER_CHAIN} PFNs"));
+                return None;
             }
+            let mut buf = vec![0u8; n * 4];
+            if let Err(e) = mem.read_slice(&mut buf, desc.addr()) {
+                self.reject_chain(format_args!("PFNs at {:#x}: {e}", desc.addr().0));
+                return None;
+            }
+            pfns.extend(
+                buf.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
         }
-        for head in used {
-            if let Err(e) = self.queues[q].add_used(&*mem, head, 0) {
-                log::warn!("balloon: add_used on queue {q}: {e}");
-            }
-        }
-        pfns
+        Some(pfns)
     }
 
     /// Validates PFNs: in plugged RAM (so never in the MMIO gap), and
-    /// de-duplicated. Returns them sorted.
-    fn valid_pfns(&self, mut pfns: Vec<u32>) -> Vec<u64> {
+    /// de-duplicated. Returns them sorted, each with its discard unit.
+    fn valid_pfns(&self, mut pfns: Vec<u32>) -> Vec<(u64, u64)> {
         pfns.sort_unstable();
         pfns.dedup();
         let mut ok = Vec::with_capacity(pfns.len());
         let mut rejected = 0;
         for pfn in pfns {
-            let gpa = u64::from(pfn) * BALLOON_PAGE;
-            if self.backend.is_ram(GuestAddress(gpa), BALLOON_PAGE) {
-                ok.push(u64::from(pfn));
-            } else {
-                rejected += 1;
+            let gpa = GuestAddress(u64::from(pfn) * BALLOON_PAGE);
+            match self.backend.discard_granularity(gpa) {
+                Some(grain) if self.backend.is_ram(gpa, BALLOON_PAGE) => {
+                    ok.push((u64::from(pfn), grain))
+                }
+                _ => rejected += 1,
             }
         }
         if rejected > 0 {
-            let before = self
-                .state
+            self.state
                 .counters
                 .rejected_pfns
                 .fetch_add(rejected, Ordering::Relaxed);
-            if before < 16 {
-                log::warn!("balloon: refused {rejected} PFNs outside guest RAM");
-            }
+            crate::guest_warn!("balloon: refused {rejected} PFNs outside guest RAM");
         }
         ok
     }
 
-    /// Discards `[gpa, gpa + len)`, keeping only whole units of the
-    /// backend's granularity (huge pages are given back only when the guest
-    /// gave back all of them).
-    fn discard(&self, gpa: u64, len: u64) {
+    /// Discards the whole units of the backend's granularity inside
+    /// `[gpa, gpa + len)`; returns the bytes given back.
+    fn discard(&self, gpa: u64, len: u64) -> u64 {
         let Some(grain) = self.backend.discard_granularity(GuestAddress(gpa)) else {
-            return;
+            return 0;
         };
         let start = gpa.div_ceil(grain) * grain;
-        let end = (gpa + len) / grain * grain;
+        let end = gpa.saturating_add(len) / grain * grain;
         if end <= start {
-            return;
+            return 0;
         }
         match self.backend.discard(GuestAddress(start), end - start) {
             Ok(()) => {
-                self.state.counters.discards.fetch_add(1, Ordering::Relaxed);
+                let c = &self.state.counters;
+                c.discards.fetch_add(1, Ordering::Relaxed);
+                c.freed_bytes.fetch_add(end - start, Ordering::Relaxed);
                 if self.backend.populated(GuestAddress(start), end - start) == Some(true) {
-                    self.state
-                        .counters
-                        .stray_ranges
-                        .fetch_add(1, Ordering::Relaxed);
+                    c.stray_ranges.fetch_add(1, Ordering::Relaxed);
                     log::error!(
                         "balloon: {start:#x}+{:#x} populated right after its discard",
                         end - start
                     );
                 }
+                end - start
             }
             Err(e) => {
                 self.state
@@ -327,110 +391,124 @@ impl Balloon {
                     .discard_errors
                     .fetch_add(1, Ordering::Relaxed);
                 log::error!("balloon: discarding {start:#x}+{:#x}: {e}", end - start);
+                0
             }
         }
     }
 
-    fn inflate(&mut self) {
-        let start = std::time::Instant::now();
-        let pfns = self.collect_pfns(0);
+    fn inflate_chain(&mut self, mem: &GuestMemory, descs: &[Descriptor]) -> Done {
+        let Some(pfns) = self.read_pfns(mem, descs) else {
+            return Done::Used;
+        };
         let pfns = self.valid_pfns(pfns);
         self.state
             .counters
             .inflated_pages
             .fetch_add(pfns.len() as u64, Ordering::Relaxed);
-        for (first, count) in coalesce(&pfns) {
+        // Balloon-page units go back as they come; larger units once every
+        // balloon page in them is in.
+        let mut small = Vec::with_capacity(pfns.len());
+        let mut whole_units = Vec::new();
+        for (pfn, grain) in pfns {
+            if grain <= BALLOON_PAGE {
+                small.push(pfn);
+            } else if let Some(unit) = self.huge.inflate(pfn, grain) {
+                whole_units.push((unit, grain));
+            }
+        }
+        for (first, count) in coalesce(&small) {
             self.discard(first * BALLOON_PAGE, count * BALLOON_PAGE);
         }
-        self.signal(0);
-        let c = &self.state.counters;
-        c.inflate_batches.fetch_add(1, Ordering::Relaxed);
-        c.inflate_us
-            .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        for (unit, grain) in whole_units {
+            self.discard(unit, grain);
+        }
+        Done::Used
     }
 
-    fn deflate(&mut self) {
-        let pfns = self.collect_pfns(1);
+    fn deflate_chain(&mut self, mem: &GuestMemory, descs: &[Descriptor]) -> Done {
+        let Some(pfns) = self.read_pfns(mem, descs) else {
+            return Done::Used;
+        };
         let pfns = self.valid_pfns(pfns);
         self.state
             .counters
             .deflated_pages
             .fetch_add(pfns.len() as u64, Ordering::Relaxed);
-        self.signal(1);
-    }
-
-    fn stats(&mut self, q: usize) {
-        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
-            return;
-        };
-        while let Some(chain) = self.queues[q].pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
-            let mut values = BTreeMap::new();
-            for desc in chain {
-                if desc.is_write_only() {
-                    self.reject_chain(format_args!("write-only stats buffer"));
-                    break;
-                }
-                let len = (desc.len() as usize).min(STAT_SIZE * 64);
-                let mut buf = vec![0u8; len - len % STAT_SIZE];
-                if mem.read_slice(&mut buf, desc.addr()).is_err() {
-                    self.reject_chain(format_args!("stats at {:#x}", desc.addr().0));
-                    break;
-                }
-                for s in buf.chunks_exact(STAT_SIZE) {
-                    let tag = u16::from_le_bytes([s[0], s[1]]);
-                    let val = u64::from_le_bytes(s[2..10].try_into().expect("8 bytes"));
-                    values.insert(tag, val);
-                }
-            }
-            if !values.is_empty() {
-                *self
-                    .state
-                    .guest_stats
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = values;
-            }
-            // Hold the buffer: returning it asks for new numbers.
-            if let Some(old) = self.stats_head.replace(head) {
-                let _ = self.queues[q].add_used(&*mem, old, 0);
+        for (pfn, grain) in pfns {
+            if grain > BALLOON_PAGE {
+                self.huge.deflate(pfn, grain);
             }
         }
+        Done::Used
     }
 
-    fn report(&mut self, q: usize) {
-        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
-            return;
-        };
-        let mut used = Vec::new();
-        let mut ranges = Vec::new();
-        while let Some(chain) = self.queues[q].pop_descriptor_chain(&*mem) {
-            used.push(chain.head_index());
-            for desc in chain {
-                let (gpa, len) = (desc.addr().0, u64::from(desc.len()));
-                if len == 0 || !self.backend.is_ram(GuestAddress(gpa), len) {
-                    self.state
-                        .counters
-                        .rejected_pfns
-                        .fetch_add(len.div_ceil(BALLOON_PAGE).max(1), Ordering::Relaxed);
-                    continue;
-                }
-                ranges.push((gpa, len));
+    fn stats_chain(&mut self, q: usize, mem: &GuestMemory, descs: &[Descriptor]) -> Done {
+        let mut values = BTreeMap::new();
+        for desc in descs {
+            if desc.is_write_only() {
+                self.reject_chain(format_args!("write-only stats buffer"));
+                return Done::Used;
+            }
+            let len = (desc.len() as usize).min(STAT_SIZE * 64);
+            let mut buf = vec![0u8; len - len % STAT_SIZE];
+            if mem.read_slice(&mut buf, desc.addr()).is_err() {
+                self.reject_chain(format_args!("stats at {:#x}", desc.addr().0));
+                return Done::Used;
+            }
+            for s in buf.chunks_exact(STAT_SIZE) {
+                let tag = u16::from_le_bytes([s[0], s[1]]);
+                let mut val = [0u8; 8];
+                val.copy_from_slice(&s[2..10]);
+                values.insert(tag, u64::from_le_bytes(val));
             }
         }
-        for (gpa, len) in ranges {
-            self.discard(gpa, len);
+        if !values.is_empty() {
+            *self
+                .state
+                .guest_stats
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = values;
+        }
+        // Hold the buffer: returning it asks for new numbers. A driver that
+        // queues several gets the older ones back.
+        if let Some(old) = self.stats_head.take() {
+            match self.queues[q].add_used(mem, old, 0) {
+                Ok(()) => signal_used(&mut self.queues[q], mem, self.interrupt.as_deref()),
+                Err(e) => self.reject_chain(format_args!("returning stats buffer {old}: {e}")),
+            }
+        }
+        Done::Held
+    }
+
+    fn report_chain(&mut self, descs: &[Descriptor]) -> Done {
+        let poisoned = self.has(VIRTIO_BALLOON_F_PAGE_POISON)
+            && self.state.poison_val.load(Ordering::Relaxed) != 0;
+        for desc in descs {
+            let (gpa, len) = (desc.addr().0, u64::from(desc.len()));
+            if len == 0 || !self.backend.is_ram(GuestAddress(gpa), len) {
+                self.state
+                    .counters
+                    .rejected_pfns
+                    .fetch_add(len.div_ceil(BALLOON_PAGE).max(1), Ordering::Relaxed);
+                continue;
+            }
             self.state
                 .counters
                 .reported_bytes
                 .fetch_add(len, Ordering::Relaxed);
+            if poisoned {
+                // A discarded page would read zero, not the guest's poison.
+                self.state
+                    .counters
+                    .reports_kept_for_poison
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.discard(gpa, len);
         }
-        for head in used {
-            let _ = self.queues[q].add_used(&*mem, head, 0);
-        }
-        self.signal(q);
+        Done::Used
     }
 }
-
 /// Sorted, distinct PFNs as (first, count) runs.
 pub fn coalesce(pfns: &[u64]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -467,6 +545,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // num_pages, actual, free_page_hint_cmd_id (not offered), poison_val.
         let mut config = [0u8; 16];
         config[0..4].copy_from_slice(
             &self
@@ -482,25 +561,30 @@ impl VirtioDevice for Balloon {
                 .load(Ordering::Relaxed)
                 .to_le_bytes(),
         );
+        config[12..16]
+            .copy_from_slice(&self.state.poison_val.load(Ordering::Relaxed).to_le_bytes());
         super::read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // Only `actual` (bytes 4..8) is the driver's to write.
-        if offset == 4 && data.len() == 4 {
-            let v = u32::from_le_bytes(data.try_into().expect("4 bytes"));
-            self.state.set_actual(v);
-        } else {
-            log::debug!(
+        // `actual` (bytes 4..8) and, with PAGE_POISON, `poison_val`
+        // (12..16) are the driver's to write.
+        let value = <[u8; 4]>::try_from(data).map(u32::from_le_bytes);
+        match (offset, value) {
+            (4, Ok(v)) => self.state.set_actual(v),
+            (12, Ok(v)) if self.has(VIRTIO_BALLOON_F_PAGE_POISON) => {
+                self.state.poison_val.store(v, Ordering::Relaxed)
+            }
+            _ => crate::guest_warn!(
                 "balloon: ignoring config write at {offset} of {} bytes",
                 data.len()
-            );
+            ),
         }
     }
 
     fn activate(
         &mut self,
-        mem: GuestMemoryAtomic,
+        mem: DeviceMemory,
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
@@ -516,16 +600,35 @@ impl VirtioDevice for Balloon {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize) {
+    fn process_queue(&mut self, index: usize) -> Progress {
         if self.mem.is_none() {
-            return;
+            return Progress::Done;
         }
+        let pfn_descs = MAX_DESCS_PER_PFN_CHAIN;
         match index {
-            0 => self.inflate(),
-            1 => self.deflate(),
-            i if Some(i) == self.stats_queue => self.stats(i),
-            i if Some(i) == self.reporting_queue => self.report(i),
-            i => log::warn!("balloon: notification on unused queue {i}"),
+            0 => {
+                let start = std::time::Instant::now();
+                let progress = self.serve(0, pfn_descs, Self::inflate_chain);
+                let c = &self.state.counters;
+                c.inflate_batches.fetch_add(1, Ordering::Relaxed);
+                c.inflate_us
+                    .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+                progress
+            }
+            1 => self.serve(1, pfn_descs, Self::deflate_chain),
+            i if Some(i) == self.stats_queue => {
+                self.serve(i, pfn_descs, |b, mem, d| b.stats_chain(i, mem, d))
+            }
+            i if Some(i) == self.reporting_queue => {
+                self.serve(i, usize::from(QUEUE_SIZE), |b, _, d| b.report_chain(d))
+            }
+            i => {
+                refuse(
+                    &self.state.counters.unused_queue_notifies,
+                    format_args!("balloon: notification on unused queue {i}"),
+                );
+                Progress::Done
+            }
         }
     }
 
@@ -539,6 +642,8 @@ impl VirtioDevice for Balloon {
         self.queues.clear();
         self.stats_head = None;
         self.acked = 0;
+        self.huge.clear();
+        self.state.poison_val.store(0, Ordering::Relaxed);
     }
 }
 
@@ -554,6 +659,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
     const VRING_DESC_F_NEXT: u16 = 1;
     const VRING_DESC_F_WRITE: u16 = 2;
+    const VRING_DESC_F_INDIRECT: u16 = 4;
 
     /// Guest RAM at [0, 16 MiB) and [32 MiB, 48 MiB): a hole between.
     fn memory() -> Arc<GuestMem> {
@@ -594,7 +700,7 @@ mod tests {
             })
             .collect();
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        balloon.activate(mem.memory(), irq, qs).unwrap();
+        balloon.activate(mem.device_memory(), irq, qs).unwrap();
         Rig {
             balloon,
             mem,
@@ -886,5 +992,199 @@ mod tests {
         // A driver acking what was not offered gets no reporting queue.
         b.ack_features(all_features());
         assert_eq!((b.stats_queue, b.reporting_queue), (Some(2), None));
+    }
+
+    /// A memory backend over `GuestMem` that stands in for a vCPU: every
+    /// discard publishes the same report chain again, as a guest that
+    /// keeps the reporting queue full from another vCPU would.
+    struct Republisher {
+        mem: Arc<GuestMem>,
+        avail_idx: GuestAddress,
+        published: AtomicU64,
+    }
+
+    impl MemoryBackend for Republisher {
+        fn discard_granularity(&self, gpa: GuestAddress) -> Option<u64> {
+            self.mem.discard_granularity(gpa)
+        }
+        fn is_ram(&self, gpa: GuestAddress, len: u64) -> bool {
+            self.mem.is_ram(gpa, len)
+        }
+        fn discard(&self, gpa: GuestAddress, len: u64) -> guest_mem::Result<()> {
+            // Bounded, so that a device without a budget ends the test
+            // (with a failed assertion) instead of hanging it.
+            if self.published.fetch_add(1, Ordering::Relaxed) < 100_000 {
+                let ram = self.mem.memory().memory();
+                let idx: u16 = ram.read_obj(self.avail_idx).unwrap();
+                ram.write_obj(idx.wrapping_add(1), self.avail_idx).unwrap();
+            }
+            self.mem.discard(gpa, len)
+        }
+    }
+
+    #[test]
+    fn a_guest_that_keeps_reporting_gets_a_bounded_share_per_notification() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut r = rig(ram, mem.clone(), all_features());
+        // The reporting queue laid out by hand (the mock's rings overlap
+        // past 8 entries): one chain, named by every slot of the ring.
+        let (table, avail, used) = (10 * MIB, 10 * MIB + 0x1000, 10 * MIB + 0x2000);
+        let mut q = Queue::new(16).unwrap();
+        q.set_desc_table_address(Some(table as u32), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some(used as u32), Some(0));
+        q.set_ready(true);
+        r.balloon.queues[3] = q;
+        ram.write_obj(
+            SplitDescriptor::new(33 * MIB, 4096, VRING_DESC_F_WRITE, 0),
+            GuestAddress(table),
+        )
+        .unwrap();
+        ram.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        r.balloon.backend = Arc::new(Republisher {
+            mem: mem.clone(),
+            avail_idx: GuestAddress(avail + 2),
+            published: AtomicU64::new(0),
+        });
+        assert_eq!(r.balloon.process_queue(3), Progress::MoreWork);
+        let c = &r.balloon.state().counters;
+        let served = c.reported_bytes.load(Ordering::Relaxed) / 4096;
+        assert!(served <= 16, "{served} chains served for one notification");
+        assert_eq!(c.yields.load(Ordering::Relaxed), 1);
+        assert_eq!(c.rejected_chains.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn indirect_and_over_long_chains_are_refused() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut r = rig(ram, mem.clone(), all_features());
+        populate(&r.mem, 8 * MIB, 9 * MIB);
+        let pfn = (8 * MIB / BALLOON_PAGE) as u32;
+        let len = pfn_buffer(ram, 5 * MIB, &[pfn]);
+        // An indirect table whose one entry names the PFN buffer: never
+        // followed (VIRTIO_RING_F_INDIRECT_DESC is not offered).
+        ram.write_obj(
+            SplitDescriptor::new(5 * MIB, len, 0, 0),
+            GuestAddress(6 * MIB),
+        )
+        .unwrap();
+        r.queues[0]
+            .add_desc_chains(&[desc(6 * MIB, 16, VRING_DESC_F_INDIRECT, 0)], 0)
+            .unwrap();
+        r.balloon.process_queue(0);
+        let c = &r.balloon.state().counters;
+        assert_eq!(c.rejected_chains.load(Ordering::Relaxed), 1);
+        assert_eq!(c.inflated_pages.load(Ordering::Relaxed), 0);
+        assert!(has_data(&r.mem, 8 * MIB), "nothing discarded");
+        assert_eq!(r.queues[0].used().idx().load(), 1, "the chain is returned");
+        // 17 zero-length descriptors and one PFN: past the 16 a PFN chain
+        // may have, zero-length ones included.
+        let mut chain: Vec<_> = (0..7u16)
+            .map(|i| desc(5 * MIB, 0, VRING_DESC_F_NEXT, i + 1))
+            .collect();
+        chain.push(desc(5 * MIB, len, 0, 0));
+        r.queues[1].add_desc_chains(&chain, 0).unwrap();
+        r.balloon.process_queue(1);
+        assert_eq!(
+            c.deflated_pages.load(Ordering::Relaxed),
+            1,
+            "8 descriptors pass"
+        );
+    }
+
+    /// A memory backend that gives memory back in 2 MiB units, as
+    /// hugetlbfs does.
+    struct HugePages(Arc<GuestMem>, Mutex<Vec<(u64, u64)>>);
+
+    impl MemoryBackend for HugePages {
+        fn discard_granularity(&self, gpa: GuestAddress) -> Option<u64> {
+            self.0.discard_granularity(gpa).map(|_| 2 * MIB)
+        }
+        fn is_ram(&self, gpa: GuestAddress, len: u64) -> bool {
+            self.0.is_ram(gpa, len)
+        }
+        fn discard(&self, gpa: GuestAddress, len: u64) -> guest_mem::Result<()> {
+            assert_eq!((gpa.0 % (2 * MIB), len % (2 * MIB)), (0, 0));
+            self.1.lock().unwrap().push((gpa.0, len));
+            self.0.discard(gpa, len)
+        }
+    }
+
+    #[test]
+    fn on_huge_pages_a_unit_is_freed_once_all_its_pages_are_in_the_balloon() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let mut r = rig(ram, mem.clone(), 0);
+        let backend = Arc::new(HugePages(mem.clone(), Mutex::new(Vec::new())));
+        r.balloon.backend = backend.clone();
+        let base = (4 * MIB / BALLOON_PAGE) as u32; // huge page 2
+        let inflate = |r: &mut Rig, pfns: &[u32]| {
+            let len = pfn_buffer(ram, 5 * MIB, pfns);
+            r.queues[0]
+                .add_desc_chains(&[desc(5 * MIB, len, 0, 0)], 0)
+                .unwrap();
+            r.balloon.process_queue(0);
+        };
+        // Linux inflates 256 pages (1 MiB) per batch: nothing can be freed
+        // after the first, the huge page goes after the second.
+        let batch = |from: u32| (from..from + 256).collect::<Vec<_>>();
+        inflate(&mut r, &batch(base + 256));
+        assert!(backend.1.lock().unwrap().is_empty());
+        inflate(&mut r, &batch(base));
+        assert_eq!(*backend.1.lock().unwrap(), vec![(4 * MIB, 2 * MIB)]);
+        let c = &r.balloon.state().counters;
+        assert_eq!(c.inflated_pages.load(Ordering::Relaxed), 512);
+        assert_eq!(
+            c.freed_bytes.load(Ordering::Relaxed),
+            2 * MIB,
+            "what was freed"
+        );
+        // Half of another huge page: counted as inflated, not as freed.
+        inflate(&mut r, &batch(base + 512));
+        assert_eq!(c.freed_bytes.load(Ordering::Relaxed), 2 * MIB);
+        assert_eq!(backend.1.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reports_are_kept_when_the_guest_poisons_free_pages_with_a_pattern() {
+        let mem = memory();
+        let ram_guard = mem.memory().memory();
+        let ram = &*ram_guard;
+        let features = all_features() | (1 << VIRTIO_BALLOON_F_PAGE_POISON);
+        assert_ne!(
+            Balloon::new(mem.clone(), BalloonConfig::default()).features()
+                & (1 << VIRTIO_BALLOON_F_PAGE_POISON),
+            0,
+            "offered with free page reporting"
+        );
+        let mut r = rig(ram, mem.clone(), features);
+        populate(&r.mem, 33 * MIB, 35 * MIB);
+        r.balloon.write_config(12, &0xaau32.to_le_bytes());
+        let mut v = [0u8; 4];
+        r.balloon.read_config(12, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 0xaa);
+        r.queues[3]
+            .add_desc_chains(&[desc(33 * MIB, MIB as u32, VRING_DESC_F_WRITE, 0)], 0)
+            .unwrap();
+        r.balloon.process_queue(3);
+        let c = &r.balloon.state().counters;
+        assert!(
+            has_data(&r.mem, 33 * MIB),
+            "a discard would read zero, not 0xaa"
+        );
+        assert_eq!(c.reports_kept_for_poison.load(Ordering::Relaxed), 1);
+        // Zero poison (init_on_free): discarded pages read what it wants.
+        r.balloon.write_config(12, &0u32.to_le_bytes());
+        r.queues[3]
+            .add_desc_chains(&[desc(34 * MIB, MIB as u32, VRING_DESC_F_WRITE, 0)], 1)
+            .unwrap();
+        r.balloon.process_queue(3);
+        assert!(!has_data(&r.mem, 34 * MIB));
+        assert_eq!(c.freed_bytes.load(Ordering::Relaxed), MIB);
     }
 }
