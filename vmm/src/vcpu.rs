@@ -293,6 +293,10 @@ pub struct VcpuContext {
     pub stop: Arc<AtomicBool>,
     /// Payload console output (port 0xe9), if any.
     pub console: Option<Arc<Mutex<Box<dyn std::io::Write + Send>>>>,
+    /// Whether the guest is a payload: only then are the payload's exit and
+    /// console ports live (a Linux guest writing port 0xe0 must not end the
+    /// VM "cleanly"); otherwise they are ordinary, unclaimed ports.
+    pub payload: bool,
 }
 
 /// Runs the vCPU until the guest stops it or the VM stops; returns why.
@@ -316,7 +320,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
         let since = profile.clock();
         match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
-                if port == PAYLOAD_EXIT_PORT {
+                if ctx.payload && port == PAYLOAD_EXIT_PORT {
                     let code = read_u32(data);
                     let regs = vcpu.get_regs().unwrap_or_default();
                     return ExitReason::PayloadDone {
@@ -325,7 +329,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
                         detail: [regs.rbx, regs.rcx, regs.rdx],
                     };
                 }
-                if port == PAYLOAD_CONSOLE_PORT {
+                if ctx.payload && port == PAYLOAD_CONSOLE_PORT {
                     if let Some(c) = &ctx.console {
                         let mut w = c.lock().unwrap_or_else(|p| p.into_inner());
                         let _ = w.write_all(data);

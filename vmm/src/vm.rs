@@ -657,6 +657,7 @@ impl Vm {
                 mmio: mmio.clone(),
                 stop: stop.clone(),
                 console: Some(console.clone()),
+                payload,
             };
             let tx = tx.clone();
             let exited = exited.try_clone().map_err(io("eventfd"))?;
@@ -820,6 +821,48 @@ mod tests {
         assert!(
             Arc::ptr_eq(r[0].backing(), r[1].backing()),
             "one backing file"
+        );
+    }
+
+    /// `out 0xe0` ends a payload with its verdict; from any other guest it
+    /// is an ordinary unclaimed port write, not a way to stop the VM.
+    #[test]
+    fn the_payload_exit_port_is_live_only_for_payloads() {
+        if Kvm::new().is_err() {
+            eprintln!("skipped: /dev/kvm is not available");
+            return;
+        }
+        // mov eax, 0; out 0xe0, eax; hlt (a #GP at CPL3: no IDT, triple fault)
+        let code = [0xb8, 0, 0, 0, 0, 0xe7, 0xe0, 0xf4];
+        let run = |payload: bool| {
+            let mut vm = Vm::new(VmConfig {
+                memory: 16 << 20,
+                vcpus: 1,
+                backend: MemBackend::Memfd,
+                fault: FaultConfig::default(),
+                serial: SerialOut::Sink,
+                balloon: None,
+                hotplug: None,
+                api_socket: None,
+            })
+            .unwrap();
+            vm.load_payload(&code, 0x10_0000, true, |_| vcpu::PayloadArgs {
+                entry: 0x10_0000,
+                stack: 0x10_0000,
+                args: [0; 6],
+            })
+            .unwrap();
+            vm.payload = payload;
+            vm.run().unwrap().reason
+        };
+        assert!(
+            matches!(run(true), ExitReason::PayloadDone { code: 0, .. }),
+            "payload verdict"
+        );
+        let other = run(false);
+        assert!(
+            matches!(other, ExitReason::TripleFault { .. }),
+            "ran past the port write: {other}"
         );
     }
 }
