@@ -81,9 +81,9 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,virtio_queue=off"),
     )
-        .format_target(true)
-        .format_timestamp_micros()
-        .init();
+    .format_target(true)
+    .format_timestamp_micros()
+    .init();
     let args = Args::parse();
     match run(args) {
         Ok(code) => code,

@@ -411,7 +411,11 @@ mod tests {
         mem: &GuestMem,
     ) -> Arc<Mutex<MmioTransport>> {
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        Arc::new(Mutex::new(MmioTransport::new(dev, mem.device_memory(), irq)))
+        Arc::new(Mutex::new(MmioTransport::new(
+            dev,
+            mem.device_memory(),
+            irq,
+        )))
     }
 
     fn req(method: &str, path: &str, body: &str) -> Request {
