@@ -68,6 +68,9 @@ pub struct BackingFile {
     size: AtomicU64,
     gen: TruncateGen,
     resize: Mutex<()>,
+    /// Opened read-only (an image under private mappings): never punched,
+    /// truncated or extended.
+    read_only: bool,
 }
 
 fn page_size() -> u64 {
@@ -220,6 +223,53 @@ impl BackingFile {
         ))
     }
 
+    /// An existing file at `path`, opened read-only, for regions mapped
+    /// privately (copy-on-write) over it: a memory image that several VMs
+    /// restore from at once and none may modify. Its size must be a
+    /// multiple of the page size.
+    pub fn open_readonly(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let io_err = |source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
+        if meta.is_dir() {
+            return Err(Error::IsDirectory(path.to_path_buf()));
+        }
+        if !meta.file_type().is_file() {
+            return Err(Error::NotRegularFile(path.to_path_buf()));
+        }
+        let (magic, block) = fs_magic_and_block(file.as_raw_fd()).map_err(io_err)?;
+        let (kind, page) = match magic {
+            HUGETLBFS_MAGIC => (BackingKind::Hugetlbfs, block),
+            TMPFS_MAGIC => (BackingKind::Tmpfs, page_size()),
+            _ => (BackingKind::Regular, page_size()),
+        };
+        check_size(meta.len(), page)?;
+        let mut f = Self::from_parts(file, Some(path.to_path_buf()), kind, page, meta.len());
+        f.read_only = true;
+        Ok(f)
+    }
+
+    /// Whether the file was opened read-only ([`open_readonly`](Self::open_readonly)).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::ReadOnly(self.path.clone().unwrap_or_default()))
+        } else {
+            Ok(())
+        }
+    }
+
     fn from_parts(
         file: File,
         path: Option<PathBuf>,
@@ -235,6 +285,7 @@ impl BackingFile {
             size: AtomicU64::new(size),
             gen: TruncateGen::new(),
             resize: Mutex::new(()),
+            read_only: false,
         }
     }
 
@@ -293,6 +344,7 @@ impl BackingFile {
     /// and to zap private mappings of the range.
     pub fn discard(&self, range: FileRange, before_punch: impl FnOnce()) -> Result<()> {
         self.check_range(range)?;
+        self.writable()?;
         self.gen.invalidate(range, || {
             before_punch();
             let end = range.end.min(self.size());
@@ -310,6 +362,7 @@ impl BackingFile {
     /// Truncates the file to `new_size` as one invalidation of the removed
     /// tail. `before_truncate` runs inside the invalidation first.
     pub fn shrink(&self, new_size: u64, before_truncate: impl FnOnce()) -> Result<()> {
+        self.writable()?;
         let _resize = self.resize.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.size();
         if new_size % self.page_size != 0 {
@@ -344,6 +397,7 @@ impl BackingFile {
     /// Extends the file to `new_size`; the new tail reads as zero. Growing
     /// takes nothing away, so it is not an invalidation.
     pub fn grow(&self, new_size: u64) -> Result<()> {
+        self.writable()?;
         let _resize = self.resize.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.size();
         check_size(new_size, self.page_size)?;
@@ -361,6 +415,15 @@ impl BackingFile {
         }
         self.file.set_len(new_size).map_err(Error::Truncate)?;
         self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Runs `invalidate` as one invalidation of `range` without touching the
+    /// file: for private mappings, whose discards only drop the VMM's
+    /// copies (`MADV_DONTNEED`).
+    pub fn invalidate_mappings(&self, range: FileRange, invalidate: impl FnOnce()) -> Result<()> {
+        self.check_range(range)?;
+        self.gen.invalidate(range, invalidate);
         Ok(())
     }
 

@@ -137,6 +137,9 @@ pub enum Error {
     /// An inconsistent configuration.
     #[error("{0}")]
     Config(String),
+    /// The backing file is a read-only image (under private mappings).
+    #[error("{0} is opened read-only (an image under private mappings); it is never modified")]
+    ReadOnly(PathBuf),
     /// A shrink was asked for by a thread that holds a
     /// [`MemoryGuard`](crate::access::MemoryGuard): it would wait on itself.
     #[error("cannot shrink guest memory while this thread holds a guard on it")]

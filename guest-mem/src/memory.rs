@@ -176,6 +176,19 @@ fn build_region(index: usize, rc: RegionConfig) -> Result<Region> {
             Arc::new(BackingFile::memfd_hugetlb(&name, nonzero(rc.size)?)?),
             0,
         ),
+        // A private mapping never writes its file: open it read-only, as
+        // it is (several VMs may restore from one image at once).
+        Backing::File(path) if rc.private => {
+            let f = BackingFile::open_readonly(&path)?;
+            if f.size() < rc.size {
+                return Err(Error::SourceTooShort {
+                    region: index,
+                    len: f.size(),
+                    needed: rc.size,
+                });
+            }
+            (Arc::new(f), 0)
+        }
         Backing::File(path) => (Arc::new(BackingFile::open(path, nonzero(rc.size)?)?), 0),
         Backing::Shared { file, offset } => (file, offset),
     };
@@ -391,10 +404,29 @@ impl GuestMem {
 
     fn discard_in(&self, region: &Region, off: u64, len: u64) -> Result<()> {
         let page = region.page_size();
-        region.backing().discard(region.file_range(off, len), || {
+        let invalidate = || {
             region.discarded.set_range(off / page, (off + len) / page);
             region.zap_private(off, len);
-        })?;
+        };
+        if region.is_private() {
+            // Copy-on-write over the file: drop our copies, never the
+            // file's pages (other VMs may map the same image). The file's
+            // page cache would show through again, so the range gets the
+            // zero page (no memory) while no fault can install behind us.
+            let uffd = self.userfault_fd();
+            region
+                .backing()
+                .invalidate_mappings(region.file_range(off, len), || {
+                    invalidate();
+                    if let Some(fd) = uffd {
+                        crate::fault::zero_private(fd, region, off, len);
+                    }
+                })?;
+        } else {
+            region
+                .backing()
+                .discard(region.file_range(off, len), invalidate)?;
+        }
         self.stats.discards.fetch_add(1, Relaxed);
         self.stats.bytes_discarded.fetch_add(len, Relaxed);
         Ok(())
@@ -456,6 +488,11 @@ impl GuestMem {
             });
         }
         let backing = region.backing();
+        if region.is_private() {
+            // Resizing truncates or extends the file, which a private
+            // mapping must never do.
+            return Err(Error::NotResizable(index));
+        }
         let file_end = region.file_offset() + region.plugged_size();
         if backing.size() > file_end
             || self.regions.iter().any(|r| {

@@ -144,3 +144,53 @@ fn a_fault_truncated_away_is_reported_not_left_hanging() {
         "the access past the end failed, as on real hardware"
     );
 }
+
+/// Several VMs restored copy-on-write from one image file: they write and
+/// give pages back, and the image is never modified (opened read-only;
+/// discards drop only each VM's own copies).
+#[test]
+fn private_regions_over_one_image_never_modify_it() {
+    use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    use guest_mem::{Backing, GuestMem, RegionConfig};
+    let page = 4096u64;
+    let pages = 256u64;
+    let path =
+        std::path::Path::new("/dev/shm").join(format!("guest-mem-image-{}", std::process::id()));
+    let image: Vec<u8> = (0..pages * page).map(|i| (i / page) as u8 ^ 0x5a).collect();
+    std::fs::write(&path, &image).unwrap();
+    let vm = || {
+        let mut rc = RegionConfig::new(0, pages * page);
+        rc.backing = Backing::File(path.clone());
+        rc.private = true;
+        GuestMem::builder().region(rc).build().unwrap()
+    };
+    let (a, b) = (vm(), vm());
+    assert!(a.regions()[0].backing().is_read_only());
+    for (n, mem) in [&a, &b].into_iter().enumerate() {
+        let m = mem.memory().memory();
+        assert_eq!(m.read_obj::<u8>(GuestAddress(7 * page)).unwrap(), 7 ^ 0x5a);
+        m.write_obj(0xee00 + n as u16, GuestAddress(9 * page))
+            .unwrap();
+        mem.discard(GuestAddress(16 * page), 32 * page).unwrap();
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(20 * page)).unwrap(),
+            0,
+            "a discarded page reads zero"
+        );
+        assert!(mem.resize(0, 128 * page).is_err(), "never truncated");
+    }
+    let b_mem = b.memory().memory();
+    assert_eq!(
+        b_mem.read_obj::<u16>(GuestAddress(9 * page)).unwrap(),
+        0xee01,
+        "each VM its own copy"
+    );
+    drop((a, b, b_mem));
+    assert!(std::fs::read(&path).unwrap() == image, "the image changed");
+    // A larger region than the image is refused, not mapped past its end.
+    let mut rc = RegionConfig::new(0, 2 * pages * page);
+    rc.backing = Backing::File(path.clone());
+    rc.private = true;
+    assert!(GuestMem::builder().region(rc).build().is_err());
+    std::fs::remove_file(&path).unwrap();
+}

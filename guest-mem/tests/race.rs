@@ -113,30 +113,29 @@ fn discard_of_a_readahead_page_stays_a_hole() {
     );
 }
 
+/// A private region's discard leaves its file alone and maps the zero page
+/// over the range inside the invalidation, so a readahead install racing
+/// with it stops at that page (`EEXIST`): the page reads zero even with
+/// the re-check off, and the file never holds it.
 #[test]
 fn discard_of_a_private_readahead_page_reads_zero() {
-    let on = discard_readahead_neighbour(false, true);
-    assert_eq!(
-        on.after, 0,
-        "the discarded private page must read zero: {on:?}"
-    );
-    assert!(!on.page_has_data);
-    let off = discard_readahead_neighbour(true, true);
-    assert_eq!(
-        off.after,
-        pattern_word(10),
-        "without the re-check a stale private page survives the discard: {off:?}"
-    );
-    // The file itself never saw it: the page lives only in the private copy.
-    assert!(!off.page_has_data);
+    for skip_recheck in [false, true] {
+        let seen = discard_readahead_neighbour(skip_recheck, true);
+        assert_eq!(seen.touched, pattern_word(8));
+        assert_eq!(
+            seen.after, 0,
+            "the discarded private page must read zero (re-check off: {skip_recheck}): {seen:?}"
+        );
+        assert!(!seen.page_has_data);
+    }
 }
 
-fn shrink_then_grow(skip_recheck: bool, private: bool) -> Observed {
+fn shrink_then_grow(skip_recheck: bool) -> Observed {
     race(
         64,
         40,
         Readahead::NONE,
-        private,
+        false,
         skip_recheck,
         |mem| {
             mem.resize(0, 32 * PAGE).unwrap();
@@ -148,10 +147,10 @@ fn shrink_then_grow(skip_recheck: bool, private: bool) -> Observed {
 
 #[test]
 fn shrink_and_regrow_during_fetch_reads_zero() {
-    let on = shrink_then_grow(false, false);
+    let on = shrink_then_grow(false);
     assert_eq!(on.touched, 0, "the regrown page must read zero: {on:?}");
     assert!(on.retries >= 1);
-    let off = shrink_then_grow(true, false);
+    let off = shrink_then_grow(true);
     assert_eq!(
         off.touched,
         pattern_word(40),
@@ -160,20 +159,21 @@ fn shrink_and_regrow_during_fetch_reads_zero() {
     assert!(off.page_has_data);
 }
 
+/// A private (copy-on-write) region never truncates or extends its file,
+/// so it cannot be resized; a discard drops only the VMM's copy.
 #[test]
-fn private_shrink_and_regrow_leaves_no_stale_copy() {
-    let on = shrink_then_grow(false, true);
-    assert_eq!(on.touched, 0, "{on:?}");
-    assert_eq!(on.after, 0);
-    let off = shrink_then_grow(true, true);
-    assert_eq!(
-        off.touched,
-        pattern_word(40),
-        "without the re-check an anonymous copy from before the shrink survives: {off:?}"
+fn a_private_region_is_never_resized() {
+    let mem = memory(
+        64,
+        Arc::new(PatternSource { len: 64 * PAGE }),
+        true,
+        config(Readahead::NONE, false),
     );
-    // The file holds nothing there: the stale page is private, so writes
-    // through the mapping would never reach the file either.
-    assert!(!off.page_has_data);
+    assert!(matches!(
+        mem.resize(0, 32 * PAGE),
+        Err(guest_mem::Error::NotResizable(0))
+    ));
+    assert_eq!(mem.regions()[0].backing().size(), 64 * PAGE);
 }
 
 #[test]

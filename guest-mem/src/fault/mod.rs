@@ -293,3 +293,28 @@ fn run(ctx: &Context, stop_fd: RawFd) {
         }
     }
 }
+
+/// Maps the zero page over `[offset, offset + len)` of a private region
+/// whose copies were just dropped, so that a discarded page reads zero
+/// rather than the file beneath it. Pages a fault installed meanwhile are
+/// left alone (`EEXIST`); hugetlbfs has no zero page, and its discarded
+/// pages read the file again.
+pub(crate) fn zero_private(uffd: std::os::unix::io::RawFd, region: &Region, offset: u64, len: u64) {
+    let page = region.page_size();
+    let mut at = offset;
+    while at < offset + len {
+        let out = ioctl::zeropage(uffd, region.host_addr() + at, offset + len - at);
+        at += out.done.max(page);
+        match out.errno {
+            None | Some(libc::EEXIST) | Some(libc::EAGAIN) => {}
+            Some(e) => {
+                log::debug!(
+                    "region {}: zero page over discarded {at:#x}: {}",
+                    region.index(),
+                    std::io::Error::from_raw_os_error(e)
+                );
+                return;
+            }
+        }
+    }
+}
