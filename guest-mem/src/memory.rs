@@ -310,6 +310,14 @@ impl GuestMem {
         self.handler.as_ref().map(|h| h.uffd_fd())
     }
 
+    /// Where the fault handler reports a page it could not serve or a
+    /// handler thread that stopped (`None` with kernel fault handling). A
+    /// VMM watches its [`event_fd`](crate::FaultFailure::event_fd) and
+    /// stops the VM with its [`message`](crate::FaultFailure::message).
+    pub fn fault_failure(&self) -> Option<&Arc<crate::FaultFailure>> {
+        self.handler.as_ref().map(|h| h.failure())
+    }
+
     /// The fault handler configuration.
     pub fn fault_config(&self) -> &FaultConfig {
         &self.config

@@ -143,3 +143,82 @@ fn a_payload_reports_what_it_did_not_find() {
     );
     assert!(!outcome.reason.is_clean());
 }
+
+/// A memory image whose pages past `bad_from` cannot be read (an I/O error
+/// every time).
+#[derive(Debug)]
+struct FailingPast {
+    bad_from: u64,
+}
+
+impl guest_mem::PageSource for FailingPast {
+    fn size(&self) -> Option<u64> {
+        None
+    }
+    fn is_zero(&self, offset: u64, len: u64) -> bool {
+        offset + len <= self.bad_from
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if offset + buf.len() as u64 > self.bad_from {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// A vCPU touches memory the fault handler cannot serve: the VM stops with
+/// an error naming the page and the cause, instead of the vCPU spinning on
+/// the fault for ever.
+#[test]
+fn memory_that_cannot_be_served_stops_the_vm_with_the_page() {
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    let memory = 16u64 << 20;
+    let mut rc = guest_mem::RegionConfig::new(0, memory);
+    rc.source = Some(guest_mem::RegionSource {
+        source: std::sync::Arc::new(FailingPast {
+            bad_from: SLICES_START,
+        }),
+        offset: 0,
+    });
+    let mem = guest_mem::GuestMem::builder()
+        .region(rc)
+        .fault_config(FaultConfig {
+            readahead: Readahead::NONE,
+            ..FaultConfig::default()
+        })
+        .build()
+        .unwrap();
+    let mut vm = Vm::with_memory(
+        VmConfig {
+            memory,
+            vcpus: 1,
+            backend: vmm::MemBackend::Memfd,
+            fault: FaultConfig::default(),
+            serial: SerialOut::Sink,
+            balloon: None,
+            hotplug: None,
+            api_socket: None,
+        },
+        mem,
+    )
+    .unwrap();
+    vm.load_payload(&pattern_payload(LOAD), LOAD, true, |_| PayloadArgs {
+        entry: LOAD,
+        stack: LOAD,
+        args: [0, SLICES_START, memory, 0, 0, 0],
+    })
+    .unwrap();
+    let start = std::time::Instant::now();
+    let outcome = vm.run().unwrap();
+    let ExitReason::Error(why) = &outcome.reason else {
+        panic!("expected an error, got {}", outcome.reason);
+    };
+    assert!(why.contains("could not be served"), "{why}");
+    assert!(why.contains("offset 0x800000"), "{why}");
+    assert!(why.contains("Input/output error"), "{why}");
+    assert!(start.elapsed() < Duration::from_secs(20));
+}

@@ -249,6 +249,8 @@ struct ExitWatcher {
     reset: EventFd,
     power_off: EventFd,
     exited: EventFd,
+    /// Guest memory the fault handler could not serve: the VM stops.
+    fault_failure: Option<Arc<guest_mem::FaultFailure>>,
     fired: Option<ExitReason>,
 }
 
@@ -257,6 +259,11 @@ impl MutEventSubscriber for ExitWatcher {
         for (evt, data) in [(&self.reset, 0), (&self.power_off, 1), (&self.exited, 2)] {
             if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
                 log::error!("watching VM exit events: {e:?}");
+            }
+        }
+        if let Some(f) = &self.fault_failure {
+            if let Err(e) = ops.add(Events::with_data_raw(f.event_fd(), 3, EventSet::IN)) {
+                log::error!("watching fault handler failures: {e:?}");
             }
         }
     }
@@ -270,6 +277,15 @@ impl MutEventSubscriber for ExitWatcher {
             1 => {
                 let _ = self.power_off.read();
                 self.fired.get_or_insert(ExitReason::PowerOff);
+            }
+            3 => {
+                if let Some(f) = &self.fault_failure {
+                    f.acknowledge();
+                    let why = f.message().unwrap_or_else(|| "unknown".into());
+                    self.fired.get_or_insert(ExitReason::Error(format!(
+                        "guest memory could not be served: {why}"
+                    )));
+                }
             }
             _ => {
                 let _ = self.exited.read();
@@ -642,6 +658,7 @@ impl Vm {
             reset: reset_evt,
             power_off: power_off_evt,
             exited: exited.try_clone().map_err(io("eventfd"))?,
+            fault_failure: mem.fault_failure().cloned(),
             fired: None,
         }));
         events.add_subscriber(watcher.clone());

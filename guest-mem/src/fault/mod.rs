@@ -1,17 +1,20 @@
 //! Userspace fault handling: userfaultfd registration, handler threads, and
 //! the fault path of the truncate-generation protocol.
 
+mod failure;
 mod ioctl;
 mod readahead;
 mod serve;
 
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use userfaultfd::{Event, FaultKind, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::EventFd;
 
+pub use failure::FaultFailure;
 pub use readahead::Readahead;
 
 use crate::backing::BackingKind;
@@ -49,6 +52,14 @@ pub struct FaultConfig {
     /// Retries before a fault takes the slow path (install lock held across
     /// the fetch), which no invalidation can interrupt.
     pub fast_retries: u32,
+    /// Attempts at a fetch or install that fails (an I/O error, no memory)
+    /// before the failure is reported ([`FaultFailure`]); they are spaced
+    /// 1, 2, 4... ms apart.
+    pub failed_attempts: u32,
+    /// Test-only: each handler thread stops after serving this many
+    /// faults, as if it had failed.
+    #[cfg(feature = "test-switches")]
+    pub stop_after_faults: Option<u64>,
     /// Test-only: skip the generation re-check (re-opens the race).
     #[cfg(feature = "test-switches")]
     pub skip_recheck: bool,
@@ -67,6 +78,9 @@ impl Default for FaultConfig {
             readahead: Readahead::default(),
             retry_policy: RetryPolicy::Overlapping,
             fast_retries: 8,
+            failed_attempts: 5,
+            #[cfg(feature = "test-switches")]
+            stop_after_faults: None,
             #[cfg(feature = "test-switches")]
             skip_recheck: false,
             #[cfg(feature = "test-switches")]
@@ -95,6 +109,11 @@ impl FaultConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
+        if self.failed_attempts == 0 {
+            return Err(Error::Config(
+                "failed fetch attempts must be at least 1".into(),
+            ));
+        }
         if self.mode != FaultMode::Kernel && self.threads == 0 {
             return Err(Error::Config(
                 "fault handler threads must be at least 1".into(),
@@ -117,6 +136,9 @@ pub(crate) struct Context {
     pub regions: Vec<Arc<Region>>,
     pub stats: Arc<Stats>,
     pub config: FaultConfig,
+    pub failure: Arc<FaultFailure>,
+    /// Set when the handler is being dropped: threads stop on purpose.
+    pub stopping: AtomicBool,
 }
 
 impl Context {
@@ -199,6 +221,8 @@ impl FaultHandler {
             regions: sorted,
             stats,
             config,
+            failure: Arc::new(FaultFailure::new()?),
+            stopping: AtomicBool::new(false),
         });
         let stop = EventFd::new(libc::EFD_CLOEXEC).map_err(Error::Eventfd)?;
         let mut handler = FaultHandler {
@@ -211,7 +235,15 @@ impl FaultHandler {
             let stop_fd = handler.stop.as_raw_fd();
             let t = std::thread::Builder::new()
                 .name(format!("uffd-{i}"))
-                .spawn(move || run(&ctx, stop_fd))
+                .spawn(move || {
+                    let why = run(&ctx, stop_fd);
+                    if !ctx.stopping.load(Ordering::Acquire) {
+                        ctx.failure.report(format!(
+                            "fault handler thread uffd-{i} stopped ({why}): faults are no \
+                             longer served"
+                        ));
+                    }
+                })
                 .map_err(Error::Thread)?;
             handler.threads.push(t);
         }
@@ -222,10 +254,16 @@ impl FaultHandler {
     pub(crate) fn uffd_fd(&self) -> RawFd {
         self.ctx.uffd.as_raw_fd()
     }
+
+    /// Where failures to serve faults are reported.
+    pub(crate) fn failure(&self) -> &Arc<FaultFailure> {
+        &self.ctx.failure
+    }
 }
 
 impl Drop for FaultHandler {
     fn drop(&mut self) {
+        self.ctx.stopping.store(true, Ordering::Release);
         let _ = self.stop.write(1);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -241,10 +279,13 @@ impl Drop for FaultHandler {
     }
 }
 
-fn run(ctx: &Context, stop_fd: RawFd) {
+/// Serves faults until asked to stop; returns why it stopped.
+fn run(ctx: &Context, stop_fd: RawFd) -> String {
     let mut buf = userfaultfd::EventBuffer::new(32);
     let mut scratch = serve::Scratch::new();
     let uffd_fd = ctx.uffd.as_raw_fd();
+    #[cfg(feature = "test-switches")]
+    let mut served = 0u64;
     loop {
         let mut fds = [
             libc::pollfd {
@@ -265,27 +306,29 @@ fn run(ctx: &Context, stop_fd: RawFd) {
             if err.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            log::error!("fault handler: poll failed: {err}");
-            return;
+            return format!("poll failed: {err}");
         }
         if fds[1].revents != 0 {
-            return;
+            return "asked to stop".into();
         }
         if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-            log::error!("fault handler: userfaultfd reported an error condition");
-            return;
+            return "the userfaultfd reported an error condition".into();
         }
         let events = match ctx.uffd.read_events(&mut buf) {
             Ok(events) => events,
-            Err(e) => {
-                log::error!("fault handler: reading events failed: {e}");
-                return;
-            }
+            Err(e) => return format!("reading events failed: {e}"),
         };
         for event in events {
             match event {
                 Ok(Event::Pagefault { kind, addr, .. }) => {
-                    serve::serve_fault(ctx, &mut scratch, addr as u64, kind == FaultKind::Minor)
+                    serve::serve_fault(ctx, &mut scratch, addr as u64, kind == FaultKind::Minor);
+                    #[cfg(feature = "test-switches")]
+                    {
+                        served += 1;
+                        if ctx.config.stop_after_faults.is_some_and(|n| served >= n) {
+                            return "test switch: stop after faults".into();
+                        }
+                    }
                 }
                 Ok(other) => log::debug!("fault handler: ignoring event {other:?}"),
                 Err(e) => log::warn!("fault handler: bad event: {e}"),

@@ -16,6 +16,9 @@ use crate::region::Region;
 pub(crate) struct Scratch {
     data: Vec<u8>,
     zeros: Vec<u8>,
+    /// The last page this thread gave up on (host address): touched again,
+    /// it gets one attempt and a long pause, not the whole series.
+    given_up: Option<u64>,
 }
 
 impl Scratch {
@@ -23,6 +26,7 @@ impl Scratch {
         Scratch {
             data: Vec::new(),
             zeros: Vec::new(),
+            given_up: None,
         }
     }
 
@@ -55,6 +59,8 @@ enum Contents {
 /// How an install attempt ended.
 enum Installed {
     Done,
+    /// The kernel refused it (no memory, no space...): try again later.
+    Failed(i32),
     /// The range changed under us in a way the kernel caught (`EAGAIN`).
     Retry,
     /// A minor fault whose page left the page cache before the fault was
@@ -81,6 +87,34 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
     let page_index = offset / page;
     let gen = region.backing().generation();
     let mut attempt = 0u32;
+    let host = region.host_addr() + offset;
+    // A page given up on before gets one attempt; a fresh one the series.
+    let attempts = if scratch.given_up == Some(host) {
+        1
+    } else {
+        ctx.config.failed_attempts
+    };
+    let mut failures = 0u32;
+    let mut gave_up = false;
+    // Counts a failed fetch or install; false once the attempts are spent:
+    // the failure is reported, and the thread woken after a pause (touched
+    // again, the page costs about ten attempts a second).
+    let mut failed = |what: std::fmt::Arguments<'_>| -> bool {
+        failures += 1;
+        if failures < attempts {
+            std::thread::sleep(super::failure::backoff(failures));
+            return true;
+        }
+        ctx.failure.report(format!(
+            "region {} offset {offset:#x} (host {host:#x}): {what} after {failures} \
+             attempt(s); the page could not be served",
+            region.index(),
+        ));
+        gave_up = true;
+        std::thread::sleep(super::failure::GIVE_UP_PAUSE);
+        wake(ctx, host, page);
+        false
+    };
     loop {
         // Past the fast retries, hold the install lock across the fetch so
         // that no invalidation can make us retry again.
@@ -114,11 +148,10 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
             Ok(c) => c,
             Err(e) => {
                 stats.fetch_errors.fetch_add(1, Relaxed);
-                log::error!(
-                    "fetching region {} offset {offset:#x}+{len:#x} failed: {e}; waking the thread",
-                    region.index()
-                );
-                wake(ctx, region.host_addr() + offset, page);
+                drop(held);
+                if failed(format_args!("fetching {len:#x} bytes failed: {e}")) {
+                    continue;
+                }
                 break;
             }
         };
@@ -140,8 +173,16 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
             Installed::Done => break,
             Installed::Retry => attempt += 1,
             Installed::RetryAsMissing => minor = false,
+            Installed::Failed(errno) => {
+                drop(guard);
+                let e = std::io::Error::from_raw_os_error(errno);
+                if !failed(format_args!("installing {len:#x} bytes failed: {e}")) {
+                    break;
+                }
+            }
         }
     }
+    scratch.given_up = gave_up.then_some(host);
     let took = start.elapsed();
     stats.fault_latency.record(took);
     log::trace!(
@@ -240,13 +281,7 @@ fn install(
         }
         Some(errno) => {
             stats.install_errors.fetch_add(1, Relaxed);
-            log::error!(
-                "installing region {} offset {offset:#x}+{len:#x} failed: {}",
-                region.index(),
-                std::io::Error::from_raw_os_error(errno)
-            );
-            wake(ctx, dst, page);
-            Installed::Done
+            Installed::Failed(errno)
         }
     }
 }
