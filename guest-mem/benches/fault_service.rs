@@ -678,7 +678,7 @@ fn spurious_json(r: &SpuriousRun) -> Json {
         ("retries", Json::Int(s.retries)),
         ("spurious_retries", Json::Int(s.spurious_retries)),
         ("retries_avoided", Json::Int(s.retries_avoided)),
-        ("slow_path", Json::Int(s.slow_path)),
+        ("resolved_under_lock", Json::Int(s.resolved_under_lock)),
         ("discards", Json::Int(r.discards)),
         ("touched_pages", Json::Int(r.touched_pages)),
         ("spurious_retry_pct", num(r.spurious_pct())),
@@ -897,7 +897,7 @@ fn main() {
                 r.stats.retries,
                 r.stats.spurious_retries,
                 r.stats.retries_avoided,
-                r.stats.slow_path,
+                r.stats.resolved_under_lock,
                 r.discards,
                 r.us_per_page()
             );
@@ -1061,7 +1061,7 @@ fn main() {
             s.retries,
             s.spurious_retries,
             s.retries_avoided,
-            s.slow_path,
+            s.resolved_under_lock,
             r.discards,
             r.spurious_pct(),
             r.retry_pct(),

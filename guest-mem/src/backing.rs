@@ -8,9 +8,10 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::generation::{FileRange, TruncateGen};
+use crate::pagemap::PageBits;
 use crate::{Error, Result};
 
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -71,6 +72,13 @@ pub struct BackingFile {
     /// Opened read-only (an image under private mappings): never punched,
     /// truncated or extended.
     read_only: bool,
+    /// Pages of the file discarded (or never plugged) and not installed
+    /// since, one bit per file page: they read zero whatever a page source
+    /// holds, and readahead skips them. It lives with the generation so
+    /// that every region over the file sees every discard; invalidations
+    /// set it, installs clear it under the install lock. Sized when the
+    /// first memory is built over the file.
+    discard_map: OnceLock<PageBits>,
 }
 
 fn page_size() -> u64 {
@@ -286,6 +294,7 @@ impl BackingFile {
             gen: TruncateGen::new(),
             resize: Mutex::new(()),
             read_only: false,
+            discard_map: OnceLock::new(),
         }
     }
 
@@ -319,6 +328,33 @@ impl BackingFile {
         &self.gen
     }
 
+    /// Makes the discard map cover at least `pages` file pages (fixed once
+    /// memory is built over the file).
+    pub(crate) fn init_discard_map(&self, pages: u64) -> Result<()> {
+        let map = self.discard_map.get_or_init(|| PageBits::new(pages));
+        if map.len() < pages {
+            return Err(Error::Config(format!(
+                "backing file already in use with a discard map of {} pages; {pages} needed \
+                 (build every region over one file together)",
+                map.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The discard map, once memory was built over the file.
+    pub(crate) fn discard_map(&self) -> Option<&PageBits> {
+        self.discard_map.get()
+    }
+
+    /// Marks the file pages of `range` discarded (inside an invalidation).
+    fn mark_discarded(&self, range: FileRange) {
+        if let Some(map) = self.discard_map.get() {
+            let page = self.page_size;
+            map.set_range(range.start / page, range.end.div_ceil(page));
+        }
+    }
+
     fn check_range(&self, range: FileRange) -> Result<()> {
         let page = self.page_size;
         if range.is_empty() {
@@ -339,13 +375,15 @@ impl BackingFile {
     }
 
     /// Punches a hole over `range` (clipped to the file's size) as one
-    /// invalidation. `before_punch` runs inside the invalidation, before the
-    /// hole is punched: the place to update metadata that fault handlers read
-    /// and to zap private mappings of the range.
+    /// invalidation, and marks its pages discarded. `before_punch` runs
+    /// inside the invalidation, before the hole is punched: the place to
+    /// update other metadata that fault handlers read and to zap private
+    /// mappings of the range.
     pub fn discard(&self, range: FileRange, before_punch: impl FnOnce()) -> Result<()> {
         self.check_range(range)?;
         self.writable()?;
         self.gen.invalidate(range, || {
+            self.mark_discarded(range);
             before_punch();
             let end = range.end.min(self.size());
             if end > range.start {
@@ -387,6 +425,10 @@ impl BackingFile {
                 end: old,
             },
             || {
+                self.mark_discarded(FileRange {
+                    start: new_size,
+                    end: old,
+                });
                 before_truncate();
                 self.size.store(new_size, Ordering::Release);
                 self.file.set_len(new_size).map_err(Error::Truncate)
@@ -423,7 +465,10 @@ impl BackingFile {
     /// copies (`MADV_DONTNEED`).
     pub fn invalidate_mappings(&self, range: FileRange, invalidate: impl FnOnce()) -> Result<()> {
         self.check_range(range)?;
-        self.gen.invalidate(range, invalidate);
+        self.gen.invalidate(range, || {
+            self.mark_discarded(range);
+            invalidate();
+        });
         Ok(())
     }
 

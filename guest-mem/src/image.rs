@@ -257,7 +257,8 @@ impl ReadVolatile for ImageFile<'_> {
                     // run over them again.
                     let page = region.page_size();
                     let end = (offset + n as u64).div_ceil(page);
-                    region.discarded.clear_range(offset / page, end);
+                    let _install = region.backing().generation().lock_install();
+                    region.discarded().clear_range(offset / page, end);
                     return Ok(n);
                 }
                 Err(e) if splice_unsupported(&e) => {

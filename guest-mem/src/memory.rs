@@ -90,6 +90,24 @@ impl GuestMemBuilder {
             return Err(Error::Config("no memory regions".into()));
         }
         self.fault.validate()?;
+        // A file shared by several regions gets one discard map covering
+        // all of them, sized before the first region is mapped.
+        for rc in &self.regions {
+            if let Backing::Shared { file, .. } = &rc.backing {
+                let end = self
+                    .regions
+                    .iter()
+                    .filter_map(|o| match &o.backing {
+                        Backing::Shared { file: f, offset } if Arc::ptr_eq(f, file) => {
+                            Some(offset.saturating_add(o.max_size.unwrap_or(o.size)))
+                        }
+                        _ => None,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                file.init_discard_map(end.div_ceil(file.page_size()))?;
+            }
+        }
         let mut regions = Vec::with_capacity(self.regions.len());
         for (index, rc) in self.regions.into_iter().enumerate() {
             regions.push(Arc::new(build_region(index, rc)?));
@@ -411,11 +429,9 @@ impl GuestMem {
     }
 
     fn discard_in(&self, region: &Region, off: u64, len: u64) -> Result<()> {
-        let page = region.page_size();
-        let invalidate = || {
-            region.discarded.set_range(off / page, (off + len) / page);
-            region.zap_private(off, len);
-        };
+        // The backing file marks the pages discarded inside the
+        // invalidation; private copies go too.
+        let invalidate = || region.zap_private(off, len);
         if region.is_private() {
             // Copy-on-write over the file: drop our copies, never the
             // file's pages (other VMs may map the same image). The file's
@@ -519,7 +535,6 @@ impl GuestMem {
             self.gate
                 .exclusive(|| {
                     backing.shrink(target, || {
-                        region.discarded.set_range(new_size / page, old / page);
                         region.zap_private(new_size, old - new_size);
                         self.swap_memory(Some((index, new_size)));
                     })
@@ -534,7 +549,8 @@ impl GuestMem {
             if region.source.is_none() {
                 // No source: nothing stale to hide, and readahead may fill
                 // the new memory.
-                region.discarded.clear_range(old / page, new_size / page);
+                let _install = backing.generation().lock_install();
+                region.discarded().clear_range(old / page, new_size / page);
             }
             self.swap_memory(None);
             self.stats.grows.fetch_add(1, Relaxed);

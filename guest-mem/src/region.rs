@@ -90,9 +90,6 @@ pub struct Region {
     pub(crate) file_offset: u64,
     pub(crate) mapping: Arc<MmapRegion>,
     pub(crate) private: bool,
-    /// Pages discarded (or never plugged) and not installed since: they read
-    /// as zero whatever the source holds, and readahead skips them.
-    pub(crate) discarded: PageBits,
     pub(crate) source: Option<RegionSource>,
     pub(crate) readahead: ReadaheadState,
 }
@@ -168,6 +165,7 @@ impl Region {
                 other => Error::Mmap(other.to_string()),
             })?;
         let pages = max_size / page;
+        backing.init_discard_map((file_offset + max_size) / page)?;
         let region = Region {
             index,
             guest_base,
@@ -176,13 +174,12 @@ impl Region {
             file_offset,
             mapping: Arc::new(mapping),
             private,
-            discarded: PageBits::new(pages),
             source,
             readahead: ReadaheadState::default(),
         };
         // Pages past the plugged size have no source contents.
         region
-            .discarded
+            .discarded()
             .set_range(region.plugged_size() / page, pages);
         Ok(region)
     }
@@ -242,12 +239,22 @@ impl Region {
 
     /// Pages currently marked discarded (or unplugged) and not touched since.
     pub fn discarded_pages(&self) -> u64 {
-        self.discarded.count()
+        self.discarded().count()
     }
 
     /// Whether the region offset's page is marked discarded.
     pub fn is_discarded(&self, offset: u64) -> bool {
-        self.discarded.get(offset / self.page_size())
+        self.discarded().get(offset / self.page_size())
+    }
+
+    /// The region's window of its backing file's discard map, indexed by
+    /// region page.
+    pub(crate) fn discarded(&self) -> DiscardView<'_> {
+        DiscardView {
+            map: self.backing.discard_map(),
+            first: self.file_offset / self.page_size(),
+            pages: self.max_size / self.page_size(),
+        }
     }
 
     /// Whether a host address falls inside the region's mapping.
@@ -297,6 +304,45 @@ impl Region {
                 std::io::Error::last_os_error()
             );
         }
+    }
+}
+
+/// A region's window of its backing file's discard map (see
+/// [`BackingFile`]): region page `p` is file page `first + p`. Pages outside
+/// the region read clear and are never changed through it.
+pub(crate) struct DiscardView<'a> {
+    map: Option<&'a PageBits>,
+    first: u64,
+    pages: u64,
+}
+
+impl DiscardView<'_> {
+    pub(crate) fn get(&self, page: u64) -> bool {
+        page < self.pages && self.map.is_some_and(|m| m.get(self.first + page))
+    }
+
+    pub(crate) fn set_range(&self, from: u64, to: u64) {
+        if let Some(m) = self.map {
+            m.set_range(self.first + from, self.first + to.min(self.pages));
+        }
+    }
+
+    pub(crate) fn clear_range(&self, from: u64, to: u64) {
+        if let Some(m) = self.map {
+            m.clear_range(self.first + from, self.first + to.min(self.pages));
+        }
+    }
+
+    pub(crate) fn first_set(&self, from: u64, to: u64) -> Option<u64> {
+        let m = self.map?;
+        m.first_set(self.first + from, self.first + to.min(self.pages))
+            .map(|p| p - self.first)
+    }
+
+    pub(crate) fn count(&self) -> u64 {
+        self.map.map_or(0, |m| {
+            (0..self.pages).filter(|&p| m.get(self.first + p)).count() as u64
+        })
     }
 }
 

@@ -203,8 +203,10 @@ counters! {
     /// Invalidations seen by the re-check that did not overlap the install,
     /// so no retry was needed.
     retries_avoided,
-    /// Faults served by the slow path (lock held across the fetch).
-    slow_path,
+    /// Faults whose fetch an invalidation overlapped, settled under the
+    /// install lock from the discard map (installed zero, or the pages the
+    /// invalidation did not touch) instead of fetching again.
+    resolved_under_lock,
     /// Faults beyond the backing file's end: reported, woken, not installed.
     out_of_range,
     /// Faults at addresses no region covers.

@@ -77,7 +77,6 @@ fn build(skip_recheck: bool, fetch_delay: Duration) -> GuestMem {
         .fault_config(FaultConfig {
             threads: 2,
             readahead: Readahead::default(),
-            fast_retries: 4,
             skip_recheck,
             fetch_delay,
             ..FaultConfig::default()

@@ -49,9 +49,6 @@ pub struct FaultConfig {
     pub readahead: Readahead,
     /// Which invalidations make a fault drop what it fetched.
     pub retry_policy: RetryPolicy,
-    /// Retries before a fault takes the slow path (install lock held across
-    /// the fetch), which no invalidation can interrupt.
-    pub fast_retries: u32,
     /// Attempts at a fetch or install that fails (an I/O error, no memory)
     /// before the failure is reported ([`FaultFailure`]); they are spaced
     /// 1, 2, 4... ms apart.
@@ -77,7 +74,6 @@ impl Default for FaultConfig {
             threads: 1,
             readahead: Readahead::default(),
             retry_policy: RetryPolicy::Overlapping,
-            fast_retries: 8,
             failed_attempts: 5,
             #[cfg(feature = "test-switches")]
             stop_after_faults: None,

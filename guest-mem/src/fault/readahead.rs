@@ -75,7 +75,7 @@ pub(crate) fn window_pages(cfg: &Readahead, region: &Region, page: u64, limit: u
     };
     let mut end = page.saturating_add(want).min(limit);
     if end > page + 1 {
-        if let Some(hole) = region.discarded.first_set(page + 1, end) {
+        if let Some(hole) = region.discarded().first_set(page + 1, end) {
             end = hole;
         }
     }

@@ -86,7 +86,6 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
     let offset = (addr - region.host_addr()) & !(page - 1);
     let page_index = offset / page;
     let gen = region.backing().generation();
-    let mut attempt = 0u32;
     let host = region.host_addr() + offset;
     // A page given up on before gets one attempt; a fresh one the series.
     let attempts = if scratch.given_up == Some(host) {
@@ -116,15 +115,6 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
         false
     };
     loop {
-        // Past the fast retries, hold the install lock across the fetch so
-        // that no invalidation can make us retry again.
-        let slow = attempt >= ctx.config.fast_retries;
-        let held = if slow {
-            stats.slow_path.fetch_add(1, Relaxed);
-            Some(gen.lock_install())
-        } else {
-            None
-        };
         let sample = gen.sample();
         let plugged = region.plugged_size();
         if offset >= plugged {
@@ -137,18 +127,17 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
             wake(ctx, region.host_addr() + offset, page);
             break;
         }
-        let discarded = region.discarded.get(page_index);
+        let discarded = region.discarded().get(page_index);
         let pages = if minor || discarded {
             1
         } else {
             window_pages(&ctx.config.readahead, region, page_index, plugged / page)
         };
-        let len = pages * page;
-        let contents = match fetch(region, offset, len, discarded, minor, scratch) {
+        let mut len = pages * page;
+        let mut contents = match fetch(region, offset, len, discarded, minor, scratch) {
             Ok(c) => c,
             Err(e) => {
                 stats.fetch_errors.fetch_add(1, Relaxed);
-                drop(held);
                 if failed(format_args!("fetching {len:#x} bytes failed: {e}")) {
                     continue;
                 }
@@ -156,22 +145,36 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
             }
         };
         ctx.config.inject_fetch_delay();
-        let guard = held.unwrap_or_else(|| gen.lock_install());
+        let guard = gen.lock_install();
         let verdict = guard.recheck(sample, region.file_range(offset, len));
         if ctx.config.recheck_enabled() && verdict.must_retry(ctx.config.retry_policy) {
             stats.retries.fetch_add(1, Relaxed);
             if verdict == Verdict::ChangedElsewhere {
                 stats.spurious_retries.fetch_add(1, Relaxed);
             }
-            attempt += 1;
-            continue;
-        }
-        if verdict == Verdict::ChangedElsewhere {
+            // What the invalidations left behind is known here, under the
+            // lock, without fetching again: no fault can be made to retry
+            // for ever, and none holds the lock across a (slow) fetch.
+            match resolve(region, &guard, page_index, pages, minor) {
+                Resolved::Gone => {
+                    stats.out_of_range.fetch_add(1, Relaxed);
+                    wake(ctx, region.host_addr() + offset, page);
+                    break;
+                }
+                Resolved::Zero => {
+                    contents = Contents::Zero;
+                    len = page;
+                }
+                Resolved::Valid(n) => len = n * page,
+                Resolved::Again => continue,
+            }
+            stats.resolved_under_lock.fetch_add(1, Relaxed);
+        } else if verdict == Verdict::ChangedElsewhere {
             stats.retries_avoided.fetch_add(1, Relaxed);
         }
         match install(ctx, region, &guard, offset, len, contents, scratch) {
             Installed::Done => break,
-            Installed::Retry => attempt += 1,
+            Installed::Retry => {}
             Installed::RetryAsMissing => minor = false,
             Installed::Failed(errno) => {
                 drop(guard);
@@ -190,6 +193,45 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
         region.index(),
         took.as_secs_f64() * 1e6
     );
+}
+
+/// What a fault whose fetch an invalidation overlapped may install.
+enum Resolved {
+    /// The page is past the file's end now: nothing.
+    Gone,
+    /// The page was given back meanwhile: it reads zero.
+    Zero,
+    /// The first `n` fetched pages were not touched by any invalidation
+    /// (every invalidation marks what it removes in the discard map).
+    Valid(u64),
+    /// A minor fault: look at the page cache again (nothing is fetched).
+    Again,
+}
+
+/// Decides, under the install lock, what of a fetch of `pages` pages from
+/// `page_index` is still good after an overlapping invalidation.
+fn resolve(
+    region: &Region,
+    _guard: &InstallGuard<'_>,
+    page_index: u64,
+    pages: u64,
+    minor: bool,
+) -> Resolved {
+    let page = region.page_size();
+    let plugged_pages = region.plugged_size() / page;
+    if page_index >= plugged_pages {
+        return Resolved::Gone;
+    }
+    if minor {
+        return Resolved::Again;
+    }
+    let map = region.discarded();
+    if map.get(page_index) {
+        return Resolved::Zero;
+    }
+    let end = (page_index + pages).min(plugged_pages);
+    let valid_end = map.first_set(page_index, end).unwrap_or(end);
+    Resolved::Valid(valid_end - page_index)
 }
 
 fn fetch(
@@ -257,7 +299,7 @@ fn install(
         stats.readahead_pages.fetch_add(pages_done - 1, Relaxed);
         // Installed pages hold current contents again.
         region
-            .discarded
+            .discarded()
             .clear_range(offset / page, offset / page + pages_done);
         return Installed::Done;
     }
