@@ -728,10 +728,21 @@ impl Vm {
                 done += 1;
             }
         }
+        let mut stuck = 0;
         for h in handles {
             if h.is_finished() {
                 let _ = h.join();
+            } else {
+                stuck += 1;
             }
+        }
+        if stuck > 0 {
+            // A vCPU thread that did not stop may still enter the guest: its
+            // memslots point into guest memory, which must stay mapped for
+            // as long as it can run. Leak the mappings rather than unmap
+            // them under it.
+            log::error!("{stuck} vCPU thread(s) did not stop; guest memory stays mapped");
+            std::mem::forget(mem.clone());
         }
         let _ = console.lock().map(|mut c| c.flush());
         let reasons: Vec<ExitReason> = reasons
