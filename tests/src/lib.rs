@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: guest payloads assembled in
 //! Rust, and checks for what this machine can run.
 
+pub mod hostile;
 pub mod l1;
 pub mod payload;
 pub mod stress;

@@ -506,6 +506,11 @@ impl Vm {
         self.balloon.as_ref()
     }
 
+    /// The virtio-mem device, if the VM has one.
+    pub fn hotplug(&self) -> Option<&HotplugHandle> {
+        self.hotplug.as_ref()
+    }
+
     /// The MMIO bus, to add devices before running.
     pub fn mmio_bus(&mut self) -> &mut Bus {
         &mut self.mmio

@@ -82,6 +82,12 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     queues: Vec<Queue>,
+    /// Queues whose driver wrote a size the device cannot use (zero, not a
+    /// power of two, past the maximum): virtio-queue ignores such a write
+    /// and keeps its old size, so the refusal is remembered here and
+    /// activation fails, rather than the device running the driver's rings
+    /// at a size the driver never chose.
+    bad_size: Vec<bool>,
     status: u32,
     config_generation: u32,
     activated: bool,
@@ -98,7 +104,7 @@ impl MmioTransport {
         mem: DeviceMemory,
         interrupt: Arc<Interrupt>,
     ) -> Self {
-        let queues = device
+        let queues: Vec<Queue> = device
             .queue_max_sizes()
             .iter()
             .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
@@ -112,6 +118,7 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
+            bad_size: vec![false; queues.len()],
             queues,
             status: 0,
             config_generation: 0,
@@ -231,6 +238,7 @@ impl MmioTransport {
         for q in &mut self.queues {
             q.reset();
         }
+        self.bad_size.fill(false);
         self.interrupt.ack(u32::MAX);
     }
 
@@ -292,7 +300,7 @@ impl MmioTransport {
             .queues
             .iter()
             .enumerate()
-            .find(|(_, q)| q.ready() && !q.is_valid(&*mem))
+            .find(|(i, q)| q.ready() && (self.bad_size[*i] || !q.is_valid(&*mem)))
             .map(|(i, _)| i);
         let copies: Result<Vec<Queue>, _> = self
             .queues
@@ -318,7 +326,7 @@ impl MmioTransport {
                 }
             }
             Err(e) => {
-                log::error!(
+                crate::guest_warn!(
                     "virtio-mmio: activating device {}: {e}",
                     self.device.device_type()
                 );
@@ -400,10 +408,16 @@ impl MmioTransport {
                 };
                 match offset {
                     reg::QUEUE_NUM => {
-                        // virtio-queue ignores sizes that are not a power of
-                        // two or exceed the maximum; the queue is then not
-                        // valid and activation refuses it.
-                        q.set_size(v.min(u32::from(u16::MAX)) as u16)
+                        let ok = v != 0 && v.is_power_of_two() && v <= u32::from(q.max_size());
+                        if ok {
+                            q.set_size(v as u16);
+                        }
+                        if let Some(b) = self.bad_size.get_mut(sel as usize) {
+                            *b = !ok;
+                        }
+                        if !ok {
+                            self.reject(format_args!("queue {sel} size {v}"));
+                        }
                     }
                     reg::QUEUE_READY => q.set_ready(v == 1),
                     reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
@@ -714,5 +728,26 @@ mod tests {
         assert_eq!(t.queue_notified(1), Progress::MoreWork);
         assert_eq!(evts[1].read().unwrap(), 1, "re-armed");
         assert!(evts[0].read().is_err());
+    }
+
+    #[test]
+    fn a_queue_size_the_device_cannot_use_stops_activation() {
+        for size in [0, 3, 1024, 65535] {
+            let (mut t, seen, _) = transport();
+            negotiate(&mut t, 1, 0);
+            setup_queue(&mut t, 0, 0x10000);
+            w(&mut t, reg::QUEUE_SEL, 0);
+            w(&mut t, reg::QUEUE_NUM, size);
+            w(&mut t, reg::STATUS, 0xf);
+            assert!(!t.is_activated(), "size {size}");
+            assert_eq!(seen.lock().unwrap().activated, 0);
+            assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+            // A reset and a good size make it usable again.
+            w(&mut t, reg::STATUS, 0);
+            negotiate(&mut t, 1, 0);
+            setup_queue(&mut t, 0, 0x10000);
+            w(&mut t, reg::STATUS, 0xf);
+            assert!(t.is_activated(), "size {size}, then 16");
+        }
     }
 }
