@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::api::{ApiContext, ApiServer, BalloonHandle, HotplugHandle};
+use crate::api::{ApiConfig, ApiContext, ApiServer, BalloonHandle, HotplugHandle};
 use crate::boot::{acpi, linux, mptable, BootError};
 use crate::exit::ExitReason;
 use crate::layout::*;
@@ -240,6 +240,7 @@ pub struct Vm {
     balloon: Option<BalloonHandle>,
     hotplug: Option<HotplugHandle>,
     api_socket: Option<PathBuf>,
+    api_config: ApiConfig,
     _kvm: Kvm,
 }
 
@@ -471,6 +472,7 @@ impl Vm {
             balloon,
             hotplug,
             api_socket: config.api_socket,
+            api_config: ApiConfig::default(),
             _kvm: kvm,
         })
     }
@@ -488,6 +490,11 @@ impl Vm {
     /// The balloon, if the VM has one.
     pub fn balloon(&self) -> Option<&BalloonHandle> {
         self.balloon.as_ref()
+    }
+
+    /// Sets the API server's limits (defaults: [`ApiConfig::default`]).
+    pub fn set_api_config(&mut self, config: ApiConfig) {
+        self.api_config = config;
     }
 
     /// The MMIO bus, to add devices before running.
@@ -586,8 +593,9 @@ impl Vm {
 
     /// Runs the vCPUs until the guest stops (Linux: the first vCPU that
     /// stops, or an i8042 reset, ends the VM; payloads: every vCPU reports,
-    /// or one fails). The calling thread runs the event loop: virtio queue
-    /// notifications and the control API.
+    /// or one fails). The calling thread runs the event loop of the virtio
+    /// queue notifications; the control API, if any, runs on a thread of
+    /// its own (`api`), stopped before this returns.
     pub fn run(self) -> Result<RunOutcome, VmError> {
         static SIGNAL: Once = Once::new();
         SIGNAL.call_once(|| {
@@ -613,6 +621,7 @@ impl Vm {
             balloon,
             hotplug,
             api_socket,
+            api_config,
             ..
         } = self;
         let io = |what: &str| {
@@ -624,19 +633,24 @@ impl Vm {
         for slot in virtio {
             events.add_subscriber(Arc::new(Mutex::new(slot)));
         }
-        if let Some(path) = &api_socket {
-            let ctx = Arc::new(ApiContext {
-                mem: mem.clone(),
-                vcpus: vcpu_count,
-                memory: ram_size,
-                backend: backend_desc,
-                balloon,
-                hotplug,
-            });
-            let server = ApiServer::new(path, ctx)
-                .map_err(io(&format!("creating the API socket {}", path.display())))?;
-            events.add_subscriber(Arc::new(Mutex::new(server)));
-        }
+        // Dropping the handle (also on the error returns below) stops the
+        // thread and removes the socket.
+        let api = match &api_socket {
+            Some(path) => {
+                let ctx = Arc::new(ApiContext {
+                    mem: mem.clone(),
+                    vcpus: vcpu_count,
+                    memory: ram_size,
+                    backend: backend_desc,
+                    balloon,
+                    hotplug,
+                });
+                let server = ApiServer::with_config(path, ctx, api_config)
+                    .map_err(io(&format!("creating the API socket {}", path.display())))?;
+                Some(server.spawn().map_err(io("spawning the API thread"))?)
+            }
+            None => None,
+        };
         let exited = EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?;
         let watcher = Arc::new(Mutex::new(ExitWatcher {
             reset: reset_evt,
@@ -696,6 +710,10 @@ impl Vm {
             if first.is_none() {
                 first = requested;
             }
+        }
+        // No more requests while the VM stops; the socket goes.
+        if let Some(api) = api {
+            api.stop();
         }
         // Stop whatever still runs: flag, then kick until every thread is out.
         stop.store(true, Ordering::Release);

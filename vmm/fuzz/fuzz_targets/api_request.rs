@@ -62,7 +62,7 @@ fn assert_error_shape(status: u16, body: &Option<serde_json::Value>) {
 
 fuzz_target!(|data: &[u8]| {
     let req = match parse(data) {
-        Ok(Parsed::Complete(req)) => req,
+        Ok(Parsed::Complete { request, .. }) => request,
         Ok(Parsed::Partial) => return,
         Err(resp) => return assert_error_shape(resp.status, &resp.body),
     };

@@ -1,27 +1,26 @@
 //! The control API: HTTP on a Unix socket (`curl --unix-socket`), created
 //! owner-only. `GET /vm`, `GET|PUT /balloon`, `GET|PUT /memory`,
-//! `GET /metrics`.
+//! `GET /metrics`. The server runs on its own thread (see [`server`]).
 
 pub mod http;
+pub mod server;
 
 use std::io::ErrorKind;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use devices::virtio::balloon::{BalloonState, BALLOON_PAGE, STAT_NAMES};
 use devices::virtio::mem::{MemState, BLOCK_SIZE};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::resize_timer::ResizeTimer;
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use guest_mem::backend::HotplugBackend;
 use guest_mem::GuestMem;
 use serde_json::{json, Value};
-use vmm_sys_util::epoll::EventSet;
 
 use http::{Request, Response};
+pub use server::{ApiConfig, ApiServer, ApiThread};
 
 /// Tells a device's driver that its configuration changed.
 fn config_changed(transport: &Mutex<MmioTransport>) {
@@ -309,67 +308,6 @@ pub fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// The API server: an event-loop subscriber on the listening socket.
-pub struct ApiServer {
-    listener: UnixListener,
-    path: PathBuf,
-    ctx: Arc<ApiContext>,
-}
-
-impl ApiServer {
-    /// Listens on `path` (which must not exist yet).
-    pub fn new(path: &Path, ctx: Arc<ApiContext>) -> std::io::Result<Self> {
-        Ok(ApiServer {
-            listener: bind_owner_only(path)?,
-            path: path.to_path_buf(),
-            ctx,
-        })
-    }
-
-    fn serve(&self, mut stream: UnixStream) {
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-        let resp = match http::read_request(&mut stream) {
-            Ok(req) => handle(&self.ctx, &req),
-            Err(resp) => resp,
-        };
-        if resp.status >= 400 {
-            log::info!("api: answered {}", resp.status);
-        }
-        if let Err(e) = http::write_response(&mut stream, &resp) {
-            log::warn!("api: writing the response: {e}");
-        }
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-impl MutEventSubscriber for ApiServer {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
-            log::error!("api: watching the socket: {e:?}");
-        }
-    }
-
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => self.serve(stream),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    log::warn!("api: accept: {e}");
-                    break;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,9 +318,11 @@ mod tests {
     use guest_mem::RegionConfig;
     use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
     use vmm_sys_util::eventfd::EventFd;
 
-    fn ctx(with_balloon: bool) -> ApiContext {
+    pub(super) fn ctx(with_balloon: bool) -> ApiContext {
         let mem = Arc::new(
             GuestMem::builder()
                 .region(RegionConfig::new(0, 64 << 20))
@@ -406,7 +346,7 @@ mod tests {
     }
 
     /// `dev` behind a virtio-mmio transport, as the VMM attaches it.
-    fn transport(
+    pub(super) fn transport(
         dev: Box<dyn devices::virtio::VirtioDevice>,
         mem: &GuestMem,
     ) -> Arc<Mutex<MmioTransport>> {
@@ -423,6 +363,7 @@ mod tests {
             method: method.into(),
             path: path.into(),
             body: body.as_bytes().to_vec(),
+            close: false,
         }
     }
 
@@ -547,33 +488,17 @@ mod tests {
         let server = ApiServer::new(&path, Arc::new(ctx(true))).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
-        assert!(
-            ApiServer::new(&path, Arc::new(ctx(false))).is_err(),
-            "path in use"
-        );
-        let client = std::thread::spawn({
-            let path = path.clone();
-            move || {
-                let mut s = UnixStream::connect(&path).unwrap();
-                s.write_all(
-                    b"PUT /balloon HTTP/1.1\r\nContent-Length: 16\r\n\r\n{\"target_mib\":8}",
-                )
-                .unwrap();
-                let mut out = String::new();
-                s.read_to_string(&mut out).unwrap();
-                out
-            }
-        });
-        let (stream, _) = loop {
-            match server.listener.accept() {
-                Ok(x) => break x,
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        };
-        server.serve(stream);
-        let out = client.join().unwrap();
+        let api = server.spawn().unwrap();
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(
+            b"PUT /balloon HTTP/1.1\r\nConnection: close\r\nContent-Length: 16\r\n\r\n{\"target_mib\":8}",
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 204"), "{out}");
-        drop(server);
-        assert!(!path.exists(), "socket removed on drop");
+        api.stop();
+        assert!(!path.exists(), "socket removed when the server stops");
     }
 }
