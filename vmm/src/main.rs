@@ -28,6 +28,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         api_socket: args.api_sock.clone(),
     })
     .map_err(|e| e.to_string())?;
+    vm.set_api_config(args.api_config());
     let created = start.elapsed();
     if let Some(kernel) = &args.kernel {
         vm.boot_linux(kernel, args.initrd.as_deref(), &args.cmdline)

@@ -492,7 +492,8 @@ impl Vm {
         self.balloon.as_ref()
     }
 
-    /// Sets the API server's limits (defaults: [`ApiConfig::default`]).
+    /// Sets the API server's limits and balloon statistics interval
+    /// (defaults: [`ApiConfig::default`]).
     pub fn set_api_config(&mut self, config: ApiConfig) {
         self.api_config = config;
     }

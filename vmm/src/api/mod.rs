@@ -58,12 +58,23 @@ impl BalloonHandle {
         config_changed(&self.transport);
     }
 
-    /// The balloon as JSON; asks the guest for fresh statistics.
+    /// Hands the statistics buffer back to the guest so that it refills
+    /// it (the API server does so on a timer).
+    pub fn request_stats(&self) {
+        self.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refresh();
+    }
+
+    /// The balloon as JSON, with the guest's last statistics. Only reads:
+    /// the guest sees nothing of it.
     pub fn describe(&self) -> Value {
-        let mut t = self.transport.lock().unwrap_or_else(|p| p.into_inner());
-        t.refresh();
-        let active = t.is_activated();
-        drop(t);
+        let active = self
+            .transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_activated();
         let s = &self.state;
         let mib = |pages: u32| (u64::from(pages) * BALLOON_PAGE) >> 20;
         let target = s.target_pages.load(Ordering::Relaxed);
@@ -479,6 +490,95 @@ mod tests {
             handle(&c, &req("PUT", "/balloon", r#"{"target_mib":1}"#)).status,
             404
         );
+    }
+
+    /// virtio-mmio registers (virtio 1.x, 4.2.2), as a driver writes them.
+    const STATUS: u64 = 0x70;
+    const DRIVER_FEATURES: u64 = 0x20;
+    const DRIVER_FEATURES_SEL: u64 = 0x24;
+    const QUEUE_SEL: u64 = 0x30;
+    const QUEUE_NUM: u64 = 0x38;
+    const QUEUE_READY: u64 = 0x44;
+    const QUEUE_DESC_LOW: u64 = 0x80;
+    const QUEUE_DRIVER_LOW: u64 = 0x90;
+    const QUEUE_DEVICE_LOW: u64 = 0xa0;
+    /// The stats queue's rings: descriptors, driver ring at +4 KiB, device
+    /// (used) ring at +8 KiB.
+    const STATS_RING: u64 = 3 << 20;
+    const STATS_BUF: u64 = 7 << 20;
+
+    /// Plays the guest driver of `c`'s balloon: negotiates VERSION_1 and
+    /// STATS_VQ, sets up queues 0-2 (16 entries at 1, 2, 3 MiB), starts the
+    /// device and hands it a stats buffer (tag 4 = 123, tag 5 = 456).
+    pub(super) fn guest_gives_stats_buffer(c: &ApiContext) {
+        use devices::bus::BusDevice;
+        use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+        let ram = c.mem.memory().memory();
+        let b = c.balloon.as_ref().unwrap();
+        let mut t = b.transport.lock().unwrap();
+        let mut w = |off: u64, v: u32| t.write(off, &v.to_le_bytes());
+        w(STATUS, 1);
+        w(STATUS, 3);
+        w(DRIVER_FEATURES_SEL, 1);
+        w(DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1, bit 32
+        w(DRIVER_FEATURES_SEL, 0);
+        w(DRIVER_FEATURES, 1 << 1); // VIRTIO_BALLOON_F_STATS_VQ
+        w(STATUS, 0xb);
+        for q in 0..3u32 {
+            let base = u64::from(q + 1) << 20;
+            w(QUEUE_SEL, q);
+            w(QUEUE_NUM, 16);
+            w(QUEUE_DESC_LOW, base as u32);
+            w(QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
+            w(QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
+            w(QUEUE_READY, 1);
+        }
+        w(STATUS, 0xf);
+        assert!(t.is_activated());
+        let mut buf = Vec::new();
+        for (tag, val) in [(4u16, 123u64), (5, 456)] {
+            buf.extend_from_slice(&tag.to_le_bytes());
+            buf.extend_from_slice(&val.to_le_bytes());
+        }
+        ram.write_slice(&buf, GuestAddress(STATS_BUF)).unwrap();
+        // Descriptor 0: the buffer, device-readable; driver ring: idx 1.
+        ram.write_obj(STATS_BUF, GuestAddress(STATS_RING)).unwrap();
+        ram.write_obj(buf.len() as u32, GuestAddress(STATS_RING + 8))
+            .unwrap();
+        ram.write_obj(0u32, GuestAddress(STATS_RING + 12)).unwrap();
+        ram.write_obj(0u16, GuestAddress(STATS_RING + 0x1004))
+            .unwrap();
+        ram.write_obj(1u16, GuestAddress(STATS_RING + 0x1002))
+            .unwrap();
+        t.queue_notified(2);
+    }
+
+    /// How many buffers the device has given back on the stats queue.
+    pub(super) fn stats_used_idx(c: &ApiContext) -> u16 {
+        use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+        c.mem
+            .memory()
+            .memory()
+            .read_obj(GuestAddress(STATS_RING + 0x2002))
+            .unwrap()
+    }
+
+    /// `GET /balloon` only reads: the guest keeps waiting for its stats
+    /// buffer however often the host looks (the refresh is the timer's).
+    #[test]
+    fn get_balloon_does_not_hand_the_stats_buffer_back() {
+        let c = ctx(true);
+        guest_gives_stats_buffer(&c);
+        assert_eq!(stats_used_idx(&c), 0, "the device holds the buffer");
+        for _ in 0..3 {
+            let g = handle(&c, &req("GET", "/balloon", "")).body.unwrap();
+            assert_eq!(g["guest_stats"]["total_memory"], 456, "{g}");
+            assert_eq!(g["driver_active"], true);
+        }
+        handle(&c, &req("GET", "/metrics", ""));
+        assert_eq!(stats_used_idx(&c), 0, "a GET returned the buffer");
+        c.balloon.as_ref().unwrap().request_stats();
+        assert_eq!(stats_used_idx(&c), 1, "an explicit refresh does");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The API server: a thread of its own (`api`) with an epoll over the
-//! listening socket, the client connections and a stop eventfd. Every socket is non-blocking and every connection is
+//! listening socket, the client connections, a stop eventfd and the balloon
+//! statistics timer. Every socket is non-blocking and every connection is
 //! bounded in size and in time, so a slow or stuck client costs the others
 //! (and the devices, which have their own event loop) nothing.
 
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::http::{self, Parsed, Request, Response};
 use super::{bind_owner_only, handle, ApiContext};
@@ -36,16 +38,21 @@ pub struct ApiConfig {
     /// How long a connection may wait without a request in progress,
     /// after it was opened or its last answer, before it is closed.
     pub idle_timeout: Duration,
+    /// How often the guest is asked for fresh balloon statistics (`None`:
+    /// never). `GET /balloon` only reads the last ones.
+    pub balloon_stats_interval: Option<Duration>,
 }
 
 impl Default for ApiConfig {
-    /// 16 connections, 64 KiB requests, 5 s per request, 5 s idle.
+    /// 16 connections, 64 KiB requests, 5 s per request, 5 s idle,
+    /// statistics every second.
     fn default() -> Self {
         ApiConfig {
             max_connections: 16,
             max_request: http::MAX_REQUEST,
             request_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(5),
+            balloon_stats_interval: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -55,7 +62,8 @@ impl Default for ApiConfig {
 // nothing.
 const LISTENER: u64 = 0;
 const STOP: u64 = 1;
-const FIRST_CONN: u64 = 2;
+const STATS: u64 = 2;
+const FIRST_CONN: u64 = 3;
 
 /// What happened to connections, for `GET /metrics`.
 #[derive(Debug, Default, Clone, Copy)]
@@ -202,6 +210,7 @@ pub struct ApiServer {
     config: ApiConfig,
     epoll: Epoll,
     stop: EventFd,
+    stats_timer: Option<TimerFd>,
     conns: HashMap<u64, Conn>,
     next_id: u64,
     counters: Counters,
@@ -221,6 +230,14 @@ impl ApiServer {
     ) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let stats_timer = match (&ctx.balloon, config.balloon_stats_interval) {
+            (Some(_), Some(every)) if !every.is_zero() => {
+                let mut t = TimerFd::new()?;
+                t.reset(every, Some(every))?;
+                Some(t)
+            }
+            _ => None,
+        };
         let listener = bind_owner_only(path)?;
         let server = ApiServer {
             listener,
@@ -229,12 +246,16 @@ impl ApiServer {
             config,
             epoll,
             stop,
+            stats_timer,
             conns: HashMap::new(),
             next_id: FIRST_CONN,
             counters: Counters::default(),
         };
         server.watch(server.listener.as_raw_fd(), LISTENER, EventSet::IN)?;
         server.watch(server.stop.as_raw_fd(), STOP, EventSet::IN)?;
+        if let Some(t) = &server.stats_timer {
+            server.watch(t.as_raw_fd(), STATS, EventSet::IN)?;
+        }
         Ok(server)
     }
 
@@ -271,6 +292,7 @@ impl ApiServer {
                 match ev.data() {
                     STOP => return,
                     LISTENER => self.accept(),
+                    STATS => self.refresh_stats(),
                     id => self.service(id),
                 }
             }
@@ -286,6 +308,16 @@ impl ApiServer {
         let wait = first.saturating_duration_since(Instant::now());
         // Rounded up, so that the deadline has passed on waking.
         i32::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+    }
+
+    fn refresh_stats(&mut self) {
+        if let Some(t) = &mut self.stats_timer {
+            // Readable: the read returns the expirations at once.
+            let _ = t.wait();
+        }
+        if let Some(b) = &self.ctx.balloon {
+            b.request_stats();
+        }
     }
 
     fn accept(&mut self) {
@@ -520,7 +552,7 @@ impl Drop for ApiThread {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::ctx;
+    use super::super::tests::{ctx, guest_gives_stats_buffer, stats_used_idx};
     use super::*;
     use std::io::Write;
     use std::sync::atomic::Ordering;
@@ -754,5 +786,36 @@ mod tests {
         assert_eq!(m["api"]["connections_accepted"], 1, "one connection: {m}");
         assert_eq!(m["api"]["requests"], 4);
         assert!(closed(&mut s));
+    }
+
+    /// The timer asks the guest for fresh statistics; nothing else does.
+    #[test]
+    fn balloon_statistics_are_refreshed_on_the_interval() {
+        let c = ctx(true);
+        guest_gives_stats_buffer(&c);
+        let api = start_with(
+            c,
+            ApiConfig {
+                balloon_stats_interval: Some(Duration::from_millis(100)),
+                ..ApiConfig::default()
+            },
+        );
+        let start = Instant::now();
+        while stats_used_idx(&api.ctx) == 0 {
+            assert!(start.elapsed() < Duration::from_secs(3), "never refreshed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Off: the buffer stays with the device.
+        let c = ctx(true);
+        guest_gives_stats_buffer(&c);
+        let api = start_with(
+            c,
+            ApiConfig {
+                balloon_stats_interval: None,
+                ..ApiConfig::default()
+            },
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(stats_used_idx(&api.ctx), 0);
     }
 }
