@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::api::{ApiConfig, ApiContext, ApiServer, BalloonHandle, HotplugHandle};
+use crate::api::{ApiConfig, ApiContext, ApiServer, BalloonHandle, HotplugHandle, VirtioTransport};
 use crate::boot::{acpi, linux, mptable, BootError};
 use crate::exit::ExitReason;
 use crate::layout::*;
@@ -631,6 +631,17 @@ impl Vm {
         };
         let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
             .map_err(|e| VmError::Config(format!("creating the event loop: {e:?}")))?;
+        let transports: Vec<VirtioTransport> = virtio
+            .iter()
+            .map(|slot| {
+                let t = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
+                VirtioTransport {
+                    name: VirtioTransport::device_name(t.device().device_type()),
+                    mmio_base: slot.base,
+                    transport: slot.transport.clone(),
+                }
+            })
+            .collect();
         for slot in virtio {
             events.add_subscriber(Arc::new(Mutex::new(slot)));
         }
@@ -645,6 +656,7 @@ impl Vm {
                     backend: backend_desc,
                     balloon,
                     hotplug,
+                    virtio: transports,
                 });
                 let server = ApiServer::with_config(path, ctx, api_config)
                     .map_err(io(&format!("creating the API socket {}", path.display())))?;

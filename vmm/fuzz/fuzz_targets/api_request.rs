@@ -44,6 +44,7 @@ fn context() -> &'static ApiContext {
             backend: "Memfd".into(),
             balloon: Some(BalloonHandle { state, transport }),
             hotplug: None,
+            virtio: Vec::new(),
         }
     })
 }

@@ -168,6 +168,28 @@ impl HotplugHandle {
     }
 }
 
+/// A virtio-mmio transport, for its refusal counter.
+#[derive(Clone)]
+pub struct VirtioTransport {
+    /// The device's name (`balloon`, `virtio-mem`).
+    pub name: String,
+    /// Guest-physical base of its MMIO window.
+    pub mmio_base: u64,
+    /// The transport.
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+impl VirtioTransport {
+    /// The usual name of a virtio device type.
+    pub fn device_name(device_type: u32) -> String {
+        match device_type {
+            5 => "balloon".into(),
+            24 => "virtio-mem".into(),
+            t => format!("virtio-{t}"),
+        }
+    }
+}
+
 /// What the API can see and change.
 pub struct ApiContext {
     /// Guest memory.
@@ -182,6 +204,8 @@ pub struct ApiContext {
     pub balloon: Option<BalloonHandle>,
     /// The virtio-mem window, if the VM has one.
     pub hotplug: Option<HotplugHandle>,
+    /// Every virtio-mmio transport.
+    pub virtio: Vec<VirtioTransport>,
 }
 
 const NO_HOTPLUG: &str = "this VM has no virtio-mem window (start it with --virtio-mem SIZE)";
@@ -223,12 +247,26 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
         ),
         ("GET", "/metrics") => {
             let stats = serde_json::to_value(ctx.mem.stats()).unwrap_or(Value::Null);
+            // The transports log the first refusals only; the counts stay.
+            let virtio: Vec<Value> = ctx
+                .virtio
+                .iter()
+                .map(|v| {
+                    let t = v.transport.lock().unwrap_or_else(|p| p.into_inner());
+                    json!({
+                        "device": v.name,
+                        "mmio_base": v.mmio_base,
+                        "rejected_accesses": t.rejected(),
+                    })
+                })
+                .collect();
             Response::json(
                 200,
                 json!({
                     "guest_mem": stats,
                     "host_allocated_bytes": ctx.mem.allocated_bytes(),
                     "balloon": ctx.balloon.as_ref().map(|b| b.describe()["counters"].clone()),
+                    "virtio": virtio,
                 }),
             )
         }
@@ -346,6 +384,14 @@ mod tests {
             let transport = transport(Box::new(dev), &mem);
             BalloonHandle { state, transport }
         });
+        let virtio = balloon
+            .iter()
+            .map(|b| VirtioTransport {
+                name: "balloon".into(),
+                mmio_base: 0xd000_0000,
+                transport: b.transport.clone(),
+            })
+            .collect();
         ApiContext {
             mem,
             vcpus: 2,
@@ -353,6 +399,7 @@ mod tests {
             backend: "Memfd".into(),
             balloon,
             hotplug: None,
+            virtio,
         }
     }
 
@@ -579,6 +626,23 @@ mod tests {
         assert_eq!(stats_used_idx(&c), 0, "a GET returned the buffer");
         c.balloon.as_ref().unwrap().request_stats();
         assert_eq!(stats_used_idx(&c), 1, "an explicit refresh does");
+    }
+
+    #[test]
+    fn metrics_count_each_transports_refused_accesses() {
+        use devices::bus::BusDevice;
+        let c = ctx(true);
+        let t = &c.balloon.as_ref().unwrap().transport;
+        let v =
+            |c: &ApiContext| handle(c, &req("GET", "/metrics", "")).body.unwrap()["virtio"].clone();
+        assert_eq!(v(&c)[0]["rejected_accesses"], 0);
+        assert_eq!(v(&c)[0]["device"], "balloon");
+        // More than the transport logs: the count keeps going.
+        for _ in 0..40 {
+            t.lock().unwrap().write(0x70, &[1, 0]); // a 2-byte status write
+        }
+        t.lock().unwrap().queue_notified(9); // no such queue
+        assert_eq!(v(&c)[0]["rejected_accesses"], 41);
     }
 
     #[test]
