@@ -6,7 +6,8 @@ pub mod http;
 pub mod server;
 
 use std::io::ErrorKind;
-use std::os::unix::net::UnixListener;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -335,16 +336,44 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
     }
 }
 
-/// Creates `path` as a Unix socket only the owner can use.
+/// Creates `path` as a Unix socket only the owner can use. A socket left
+/// there by a VMM that died (nobody accepts on it: ECONNREFUSED) is
+/// replaced; a socket someone serves, or anything else at `path`, is
+/// refused.
 pub fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        return Err(std::io::Error::new(
-            ErrorKind::AlreadyExists,
-            format!(
-                "{} already exists; remove it or choose another path",
-                path.display()
-            ),
-        ));
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(std::io::Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "{} already exists and is not a socket; remove it or choose another path",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                log::warn!("api: replacing the stale socket {}", path.display());
+                std::fs::remove_file(path)?;
+            }
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    ErrorKind::AddrInUse,
+                    format!(
+                        "{} is in use: another process serves it (is another VMM running?)",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{} exists and cannot be checked: {e}", path.display()),
+                ))
+            }
+        },
     }
     // SAFETY: umask only changes this process's file-creation mask; it is
     // restored right after the bind, before other threads create files.
@@ -367,7 +396,6 @@ mod tests {
     use guest_mem::RegionConfig;
     use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::net::UnixStream;
     use std::time::Duration;
     use vmm_sys_util::eventfd::EventFd;
 
@@ -664,5 +692,29 @@ mod tests {
         assert!(out.starts_with("HTTP/1.1 204"), "{out}");
         api.stop();
         assert!(!path.exists(), "socket removed when the server stops");
+    }
+
+    /// A socket file left by a VMM that died is replaced; one that a live
+    /// process serves, or a file that is not a socket, is refused.
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        assert!(stale.exists(), "the file outlives its listener");
+        let server = ApiServer::new(&stale, Arc::new(ctx(false))).unwrap();
+        assert!(UnixStream::connect(&stale).is_ok(), "listening again");
+
+        let e = ApiServer::new(&stale, Arc::new(ctx(false))).err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::AddrInUse, "{e}");
+        assert!(e.to_string().contains("in use"), "{e}");
+        assert!(UnixStream::connect(&stale).is_ok(), "the live socket kept");
+        drop(server);
+
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"keep me").unwrap();
+        let e = ApiServer::new(&file, Arc::new(ctx(false))).err().unwrap();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     }
 }

@@ -222,7 +222,7 @@ impl ApiServer {
         Self::with_config(path, ctx, ApiConfig::default())
     }
 
-    /// Listens on `path` (which must not exist yet).
+    /// Listens on `path` (see [`bind_owner_only`] for a path that exists).
     pub fn with_config(
         path: &Path,
         ctx: Arc<ApiContext>,
