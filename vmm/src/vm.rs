@@ -21,6 +21,7 @@ use crate::api::{ApiConfig, ApiContext, ApiServer, BalloonHandle, HotplugHandle,
 use crate::boot::{acpi, linux, mptable, BootError};
 use crate::exit::ExitReason;
 use crate::layout::*;
+use crate::signals::ShutdownSignals;
 use crate::vcpu::{self, PayloadArgs, VcpuContext, VcpuError};
 use crate::virtio::VirtioSlot;
 use devices::bus::{Bus, SharedDevice};
@@ -241,15 +242,17 @@ pub struct Vm {
     hotplug: Option<HotplugHandle>,
     api_socket: Option<PathBuf>,
     api_config: ApiConfig,
+    shutdown: Option<ShutdownSignals>,
     _kvm: Kvm,
 }
 
 /// Wakes the event loop when the guest resets (i8042) or powers off
-/// (ACPI sleep register), or a vCPU stops.
+/// (ACPI sleep register), a vCPU stops, or the VMM gets a stop signal.
 struct ExitWatcher {
     reset: EventFd,
     power_off: EventFd,
     exited: EventFd,
+    signals: Option<ShutdownSignals>,
     fired: Option<ExitReason>,
 }
 
@@ -258,6 +261,11 @@ impl MutEventSubscriber for ExitWatcher {
         for (evt, data) in [(&self.reset, 0), (&self.power_off, 1), (&self.exited, 2)] {
             if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
                 log::error!("watching VM exit events: {e:?}");
+            }
+        }
+        if let Some(s) = &self.signals {
+            if let Err(e) = ops.add(Events::with_data(s, 3, EventSet::IN)) {
+                log::error!("watching the stop signals: {e:?}");
             }
         }
     }
@@ -271,6 +279,12 @@ impl MutEventSubscriber for ExitWatcher {
             1 => {
                 let _ = self.power_off.read();
                 self.fired.get_or_insert(ExitReason::PowerOff);
+            }
+            3 => {
+                while let Some(n) = self.signals.as_ref().and_then(ShutdownSignals::read) {
+                    log::info!("{}: stopping the VM", crate::signals::signal_name(n));
+                    self.fired.get_or_insert(ExitReason::Signal(n));
+                }
             }
             _ => {
                 let _ = self.exited.read();
@@ -473,6 +487,7 @@ impl Vm {
             hotplug,
             api_socket: config.api_socket,
             api_config: ApiConfig::default(),
+            shutdown: None,
             _kvm: kvm,
         })
     }
@@ -496,6 +511,13 @@ impl Vm {
     /// (defaults: [`ApiConfig::default`]).
     pub fn set_api_config(&mut self, config: ApiConfig) {
         self.api_config = config;
+    }
+
+    /// Makes [`Vm::run`] stop the VM when one of `signals` arrives, as it
+    /// does when the guest stops; the outcome's reason is then
+    /// [`ExitReason::Signal`].
+    pub fn stop_on_signals(&mut self, signals: ShutdownSignals) {
+        self.shutdown = Some(signals);
     }
 
     /// The MMIO bus, to add devices before running.
@@ -623,6 +645,7 @@ impl Vm {
             hotplug,
             api_socket,
             api_config,
+            shutdown,
             ..
         } = self;
         let io = |what: &str| {
@@ -669,6 +692,7 @@ impl Vm {
             reset: reset_evt,
             power_off: power_off_evt,
             exited: exited.try_clone().map_err(io("eventfd"))?,
+            signals: shutdown,
             fired: None,
         }));
         events.add_subscriber(watcher.clone());
