@@ -1,6 +1,7 @@
-//! The `vmm` program stops cleanly on SIGTERM and SIGINT (exit 0, API
-//! socket removed), and a socket left behind by a VMM that was killed does
-//! not keep the next one from starting.
+//! The programs: `vmm` stops cleanly on SIGTERM and SIGINT (exit 0, API
+//! socket removed), a socket left behind by a VMM that was killed does not
+//! keep the next one from starting, and `vmmctl` sends several requests
+//! over one connection.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -142,4 +143,55 @@ fn a_socket_left_by_a_killed_vmm_does_not_block_the_next() {
     assert!(wait(&mut second).success());
     assert!(!s.sock.exists());
     drop(s.dir);
+}
+
+/// `vmmctl A -- B` sends both requests over one connection: the server
+/// counts the same accepted connections in both answers.
+#[test]
+fn vmmctl_sends_several_requests_over_one_connection() {
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    let s = setup();
+    let mut vmm = spawn(&s);
+    wait_for_api(&mut vmm, &s.sock);
+    let out = Command::new(env!("CARGO_BIN_EXE_vmmctl"))
+        .arg("--sock")
+        .arg(&s.sock)
+        .args([
+            "GET", "/metrics", "--", "GET", "/vm", "--", "GET", "/metrics",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let answers: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&text)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(answers.len(), 3, "{text}");
+    assert_eq!(answers[1]["state"], "running");
+    let accepted = |m: &serde_json::Value| m["api"]["connections_accepted"].clone();
+    assert!(accepted(&answers[0]).is_u64(), "{text}");
+    assert_eq!(accepted(&answers[0]), accepted(&answers[2]), "{text}");
+    assert_eq!(
+        answers[2]["api"]["requests"].as_u64(),
+        answers[0]["api"]["requests"].as_u64().map(|n| n + 2)
+    );
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_vmmctl"))
+        .arg("--sock")
+        .arg(&s.sock)
+        .args(["GET", "/nope", "--", "GET", "/vm"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stdout).contains("running"),
+        "the second still answered"
+    );
+
+    signal(&vmm, libc::SIGTERM);
+    assert!(wait(&mut vmm).success());
 }
