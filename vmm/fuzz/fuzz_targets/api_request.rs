@@ -34,7 +34,7 @@ fn context() -> &'static ApiContext {
         ));
         let transport = Arc::new(Mutex::new(MmioTransport::new(
             Box::new(dev),
-            mem.memory(),
+            mem.device_memory(),
             irq,
         )));
         ApiContext {
