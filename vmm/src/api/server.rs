@@ -25,9 +25,10 @@ use super::{bind_owner_only, handle, ApiContext};
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     /// Connections served at once. A connection beyond it takes the place
-    /// of the connection idle the longest (one with no request in
-    /// progress); when every connection is in the middle of a request, it
-    /// is answered 503 and closed at once.
+    /// of the connection idle the longest (no request in progress), else of
+    /// the one whose request has been arriving for longest if that is over
+    /// [`SLOW_REQUEST`] (it gets 408); otherwise it is answered 503 and
+    /// closed at once.
     pub max_connections: usize,
     /// Largest request, head and body together: larger ones get 413 (431
     /// for a head over 8 KiB) and the connection is closed.
@@ -57,6 +58,10 @@ impl Default for ApiConfig {
     }
 }
 
+/// A request still arriving after this long may be cut short (408) to make
+/// room for a new connection: a local client sends one in far less.
+pub const SLOW_REQUEST: Duration = Duration::from_secs(1);
+
 // Epoll tokens; connections count up from FIRST_CONN and are never reused,
 // so an event for a connection closed earlier in the same batch finds
 // nothing.
@@ -71,6 +76,7 @@ struct Counters {
     accepted: u64,
     refused: u64,
     evicted_idle: u64,
+    evicted_slow: u64,
     timed_out: u64,
     idle_closed: u64,
     too_large: u64,
@@ -341,16 +347,25 @@ impl ApiServer {
         }
         self.counters.accepted += 1;
         if self.conns.len() >= self.config.max_connections {
-            let idlest = self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.idle())
-                .min_by_key(|(_, c)| c.since)
-                .map(|(&id, _)| id);
-            match idlest.and_then(|id| self.conns.remove(&id)) {
-                Some(old) => {
+            let oldest = |slow: bool| {
+                self.conns
+                    .iter()
+                    .filter(|(_, c)| !c.writing() && c.idle() != slow)
+                    .filter(|(_, c)| !slow || c.since.elapsed() > SLOW_REQUEST)
+                    .min_by_key(|(_, c)| c.since)
+                    .map(|(&id, _)| id)
+            };
+            let idle = oldest(false);
+            let victim = idle.or_else(|| oldest(true));
+            match victim.and_then(|id| self.conns.remove(&id)) {
+                Some(old) if idle.is_some() => {
                     self.counters.evicted_idle += 1;
                     close(old.stream);
+                }
+                Some(old) => {
+                    self.counters.evicted_slow += 1;
+                    let msg = "the request was too slow to arrive and its place was needed";
+                    answer_and_close(old.stream, &Response::error(408, msg));
                 }
                 None => {
                     self.counters.refused += 1;
@@ -476,6 +491,7 @@ impl ApiServer {
             "connections_accepted": c.accepted,
             "connections_refused": c.refused,
             "connections_evicted_idle": c.evicted_idle,
+            "connections_evicted_slow": c.evicted_slow,
             "connections_closed_idle": c.idle_closed,
             "requests": c.requests,
             "requests_timed_out": c.timed_out,
@@ -758,6 +774,40 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(metrics(&api.path)["api"]["connections_refused"], 1);
+    }
+
+    /// Requests trickling in for over a second give their place up to new
+    /// connections when the limit is reached.
+    #[test]
+    fn slow_requests_make_room_for_new_connections() {
+        let api = start(ApiConfig {
+            max_connections: 2,
+            ..ApiConfig::default()
+        });
+        let mut slow: Vec<UnixStream> = (0..2).map(|_| connect(&api.path)).collect();
+        for s in &mut slow {
+            s.write_all(b"GET /vm HTTP/1.1\r\n").unwrap();
+        }
+        std::thread::sleep(SLOW_REQUEST + Duration::from_millis(100));
+        let start = Instant::now();
+        let mut s = connect(&api.path);
+        s.write_all(put_balloon(4).as_bytes()).unwrap();
+        assert_eq!(response(&mut s).0, 204);
+        assert!(start.elapsed() < Duration::from_secs(1));
+        // One was cut short; the other is still served.
+        let mut statuses: Vec<u16> = slow
+            .iter_mut()
+            .map(|s| {
+                let _ = s.write_all(b"\r\n");
+                response(s).0
+            })
+            .collect();
+        statuses.sort();
+        assert_eq!(statuses, [200, 408]);
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let (_, _, body) = response(&mut s);
+        let m: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(m["api"]["connections_evicted_slow"], 1, "{m}");
     }
 
     #[test]
