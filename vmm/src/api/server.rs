@@ -113,13 +113,15 @@ impl Conn {
         self.input.is_empty() && !self.writing()
     }
 
-    fn deadline(&self, config: &ApiConfig) -> Instant {
+    /// When the current phase runs out (`None`: a timeout too large to
+    /// represent, never).
+    fn deadline(&self, config: &ApiConfig) -> Option<Instant> {
         let limit = if self.idle() {
             config.idle_timeout
         } else {
             config.request_timeout
         };
-        self.since + limit
+        self.since.checked_add(limit)
     }
 
     /// Reads what the socket has, up to a little over `max` buffered (the
@@ -308,7 +310,12 @@ impl ApiServer {
 
     /// Milliseconds until the first connection deadline (-1: none).
     fn timeout_ms(&self) -> i32 {
-        let Some(first) = self.conns.values().map(|c| c.deadline(&self.config)).min() else {
+        let Some(first) = self
+            .conns
+            .values()
+            .filter_map(|c| c.deadline(&self.config))
+            .min()
+        else {
             return -1;
         };
         let wait = first.saturating_duration_since(Instant::now());
@@ -332,8 +339,12 @@ impl ApiServer {
                 Ok((stream, _)) => self.admit(stream),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionAborted => {}
                 Err(e) => {
+                    // Out of descriptors or memory: the listener stays
+                    // readable, so pause rather than spin on it.
                     log::warn!("api: accept: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
                     break;
                 }
             }
@@ -505,7 +516,7 @@ impl ApiServer {
         let late: Vec<u64> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.deadline(&self.config) <= now)
+            .filter(|(_, c)| c.deadline(&self.config).is_some_and(|d| d <= now))
             .map(|(&id, _)| id)
             .collect();
         for id in late {
