@@ -2,10 +2,12 @@
 //! options.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use guest_mem::{FaultConfig, FaultMode, Readahead};
 
+use crate::api::ApiConfig;
 use crate::vm::{MemBackend, SerialOut};
 
 /// Boot a Linux kernel (or a flat payload) on file-backed, fault-managed
@@ -63,6 +65,10 @@ pub struct Args {
     #[arg(long, requires = "balloon", action = clap::ArgAction::Set, default_value_t = true,
           value_name = "BOOL")]
     pub balloon_free_page_reporting: bool,
+    /// Ask the guest for fresh balloon statistics every SECS seconds (0:
+    /// never); `GET /balloon` shows the last ones and asks for nothing.
+    #[arg(long, default_value_t = 1, value_name = "SECS")]
+    pub balloon_stats_interval: u64,
     /// Give the guest a virtio-mem window of this size (a multiple of
     /// 128M) above its RAM, plugged and unplugged at run time through the
     /// API (`PUT /memory`). Nothing is plugged at start.
@@ -99,6 +105,15 @@ impl Args {
                 adaptive: true,
             },
             ..FaultConfig::default()
+        }
+    }
+
+    /// The API server's settings these options describe.
+    pub fn api_config(&self) -> ApiConfig {
+        ApiConfig {
+            balloon_stats_interval: (self.balloon_stats_interval > 0)
+                .then(|| Duration::from_secs(self.balloon_stats_interval)),
+            ..ApiConfig::default()
         }
     }
 
@@ -197,5 +212,17 @@ mod tests {
         assert_eq!(a.memory, 1 << 30);
         assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--vcpus", "0"]).is_err());
         assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--memory", "lots"]).is_err());
+    }
+
+    #[test]
+    fn balloon_stats_interval() {
+        let a = Args::try_parse_from(["vmm", "--kernel", "k"]).unwrap();
+        assert_eq!(
+            a.api_config().balloon_stats_interval,
+            Some(Duration::from_secs(1))
+        );
+        let a = Args::try_parse_from(["vmm", "--kernel", "k", "--balloon-stats-interval", "0"])
+            .unwrap();
+        assert_eq!(a.api_config().balloon_stats_interval, None);
     }
 }

@@ -37,6 +37,9 @@ pub enum ExitReason {
     },
     /// The VMM stopped the vCPU.
     Stopped,
+    /// The VMM was asked to stop (SIGTERM, SIGINT: see
+    /// [`ShutdownSignals`](crate::signals::ShutdownSignals)).
+    Signal(i32),
     /// Something went wrong.
     Error(String),
 }
@@ -71,6 +74,9 @@ impl fmt::Display for ExitReason {
                 detail[0], detail[1], detail[2]
             ),
             ExitReason::Stopped => write!(f, "stopped by the VMM"),
+            ExitReason::Signal(n) => {
+                write!(f, "stopped on {}", crate::signals::signal_name(*n))
+            }
             ExitReason::Error(e) => write!(f, "error: {e}"),
         }
     }

@@ -4,13 +4,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::cli::Args;
+use vmm::signals::ShutdownSignals;
 use vmm::vcpu::PayloadArgs;
 use vmm::{Vm, VmConfig};
 
 /// Where a flat payload is loaded and entered.
 const PAYLOAD_LOAD: u64 = 0x10_0000;
 
-fn run(args: Args) -> Result<ExitCode, String> {
+fn run(args: Args, signals: Option<ShutdownSignals>) -> Result<ExitCode, String> {
     log::debug!("vmm started");
     let serial = args.serial_out()?;
     let start = std::time::Instant::now();
@@ -28,6 +29,10 @@ fn run(args: Args) -> Result<ExitCode, String> {
         api_socket: args.api_sock.clone(),
     })
     .map_err(|e| e.to_string())?;
+    vm.set_api_config(args.api_config());
+    if let Some(signals) = signals {
+        vm.stop_on_signals(signals);
+    }
     let created = start.elapsed();
     if let Some(kernel) = &args.kernel {
         vm.boot_linux(kernel, args.initrd.as_deref(), &args.cmdline)
@@ -66,7 +71,9 @@ fn run(args: Args) -> Result<ExitCode, String> {
     if args.stats {
         eprintln!("{}", mem.stats());
     }
-    Ok(if outcome.reason.is_clean() {
+    // A stop asked for by SIGTERM or SIGINT is a clean end too.
+    let stopped = matches!(outcome.reason, vmm::ExitReason::Signal(_));
+    Ok(if outcome.reason.is_clean() || stopped {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
@@ -74,6 +81,9 @@ fn run(args: Args) -> Result<ExitCode, String> {
 }
 
 fn main() -> ExitCode {
+    // First, while this is the only thread: every thread spawned later
+    // inherits the blocked signals, so only the signalfd receives them.
+    let signals = ShutdownSignals::install();
     // Warnings and errors from the VMM, guest-mem and the devices go to
     // stderr; RUST_LOG=info (or debug) shows more. virtio-queue logs every
     // bad ring index a guest writes at error level, unlimited: off by
@@ -84,8 +94,11 @@ fn main() -> ExitCode {
     .format_target(true)
     .format_timestamp_micros()
     .init();
+    let signals = signals
+        .map_err(|e| log::warn!("SIGTERM and SIGINT will not stop the VM cleanly: {e}"))
+        .ok();
     let args = Args::parse();
-    match run(args) {
+    match run(args, signals) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vmm: {e}");

@@ -17,10 +17,11 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::api::{ApiContext, ApiServer, BalloonHandle, HotplugHandle};
+use crate::api::{ApiConfig, ApiContext, ApiServer, BalloonHandle, HotplugHandle, VirtioTransport};
 use crate::boot::{acpi, linux, mptable, BootError};
 use crate::exit::ExitReason;
 use crate::layout::*;
+use crate::signals::ShutdownSignals;
 use crate::vcpu::{self, PayloadArgs, VcpuContext, VcpuError};
 use crate::virtio::VirtioSlot;
 use devices::bus::{Bus, SharedDevice};
@@ -240,15 +241,18 @@ pub struct Vm {
     balloon: Option<BalloonHandle>,
     hotplug: Option<HotplugHandle>,
     api_socket: Option<PathBuf>,
+    api_config: ApiConfig,
+    shutdown: Option<ShutdownSignals>,
     _kvm: Kvm,
 }
 
 /// Wakes the event loop when the guest resets (i8042) or powers off
-/// (ACPI sleep register), or a vCPU stops.
+/// (ACPI sleep register), a vCPU stops, or the VMM gets a stop signal.
 struct ExitWatcher {
     reset: EventFd,
     power_off: EventFd,
     exited: EventFd,
+    signals: Option<ShutdownSignals>,
     /// Guest memory the fault handler could not serve: the VM stops.
     fault_failure: Option<Arc<guest_mem::FaultFailure>>,
     fired: Option<ExitReason>,
@@ -261,8 +265,13 @@ impl MutEventSubscriber for ExitWatcher {
                 log::error!("watching VM exit events: {e:?}");
             }
         }
+        if let Some(s) = &self.signals {
+            if let Err(e) = ops.add(Events::with_data(s, 3, EventSet::IN)) {
+                log::error!("watching the stop signals: {e:?}");
+            }
+        }
         if let Some(f) = &self.fault_failure {
-            if let Err(e) = ops.add(Events::with_data_raw(f.event_fd(), 3, EventSet::IN)) {
+            if let Err(e) = ops.add(Events::with_data_raw(f.event_fd(), 4, EventSet::IN)) {
                 log::error!("watching fault handler failures: {e:?}");
             }
         }
@@ -279,6 +288,12 @@ impl MutEventSubscriber for ExitWatcher {
                 self.fired.get_or_insert(ExitReason::PowerOff);
             }
             3 => {
+                while let Some(n) = self.signals.as_ref().and_then(ShutdownSignals::read) {
+                    log::info!("{}: stopping the VM", crate::signals::signal_name(n));
+                    self.fired.get_or_insert(ExitReason::Signal(n));
+                }
+            }
+            4 => {
                 if let Some(f) = &self.fault_failure {
                     f.acknowledge();
                     let why = f.message().unwrap_or_else(|| "unknown".into());
@@ -487,6 +502,8 @@ impl Vm {
             balloon,
             hotplug,
             api_socket: config.api_socket,
+            api_config: ApiConfig::default(),
+            shutdown: None,
             _kvm: kvm,
         })
     }
@@ -509,6 +526,19 @@ impl Vm {
     /// The virtio-mem device, if the VM has one.
     pub fn hotplug(&self) -> Option<&HotplugHandle> {
         self.hotplug.as_ref()
+    }
+
+    /// Sets the API server's limits and balloon statistics interval
+    /// (defaults: [`ApiConfig::default`]).
+    pub fn set_api_config(&mut self, config: ApiConfig) {
+        self.api_config = config;
+    }
+
+    /// Makes [`Vm::run`] stop the VM when one of `signals` arrives, as it
+    /// does when the guest stops; the outcome's reason is then
+    /// [`ExitReason::Signal`].
+    pub fn stop_on_signals(&mut self, signals: ShutdownSignals) {
+        self.shutdown = Some(signals);
     }
 
     /// The MMIO bus, to add devices before running.
@@ -607,8 +637,9 @@ impl Vm {
 
     /// Runs the vCPUs until the guest stops (Linux: the first vCPU that
     /// stops, or an i8042 reset, ends the VM; payloads: every vCPU reports,
-    /// or one fails). The calling thread runs the event loop: virtio queue
-    /// notifications and the control API.
+    /// or one fails). The calling thread runs the event loop of the virtio
+    /// queue notifications; the control API, if any, runs on a thread of
+    /// its own (`api`), stopped before this returns.
     pub fn run(self) -> Result<RunOutcome, VmError> {
         static SIGNAL: Once = Once::new();
         SIGNAL.call_once(|| {
@@ -634,6 +665,8 @@ impl Vm {
             balloon,
             hotplug,
             api_socket,
+            api_config,
+            shutdown,
             ..
         } = self;
         let io = |what: &str| {
@@ -642,27 +675,45 @@ impl Vm {
         };
         let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
             .map_err(|e| VmError::Config(format!("creating the event loop: {e:?}")))?;
+        let transports: Vec<VirtioTransport> = virtio
+            .iter()
+            .map(|slot| {
+                let t = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
+                VirtioTransport {
+                    name: VirtioTransport::device_name(t.device().device_type()),
+                    mmio_base: slot.base,
+                    transport: slot.transport.clone(),
+                }
+            })
+            .collect();
         for slot in virtio {
             events.add_subscriber(Arc::new(Mutex::new(slot)));
         }
-        if let Some(path) = &api_socket {
-            let ctx = Arc::new(ApiContext {
-                mem: mem.clone(),
-                vcpus: vcpu_count,
-                memory: ram_size,
-                backend: backend_desc,
-                balloon,
-                hotplug,
-            });
-            let server = ApiServer::new(path, ctx)
-                .map_err(io(&format!("creating the API socket {}", path.display())))?;
-            events.add_subscriber(Arc::new(Mutex::new(server)));
-        }
+        // Dropping the handle (also on the error returns below) stops the
+        // thread and removes the socket.
+        let api = match &api_socket {
+            Some(path) => {
+                let ctx = Arc::new(ApiContext {
+                    mem: mem.clone(),
+                    vcpus: vcpu_count,
+                    memory: ram_size,
+                    backend: backend_desc,
+                    balloon,
+                    hotplug,
+                    virtio: transports,
+                });
+                let server = ApiServer::with_config(path, ctx, api_config)
+                    .map_err(io(&format!("creating the API socket {}", path.display())))?;
+                Some(server.spawn().map_err(io("spawning the API thread"))?)
+            }
+            None => None,
+        };
         let exited = EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?;
         let watcher = Arc::new(Mutex::new(ExitWatcher {
             reset: reset_evt,
             power_off: power_off_evt,
             exited: exited.try_clone().map_err(io("eventfd"))?,
+            signals: shutdown,
             fault_failure: mem.fault_failure().cloned(),
             fired: None,
         }));
@@ -718,6 +769,10 @@ impl Vm {
             if first.is_none() {
                 first = requested;
             }
+        }
+        // No more requests while the VM stops; the socket goes.
+        if let Some(api) = api {
+            api.stop();
         }
         // Stop whatever still runs: flag, then kick until every thread is out.
         stop.store(true, Ordering::Release);

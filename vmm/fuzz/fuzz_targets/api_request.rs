@@ -34,7 +34,7 @@ fn context() -> &'static ApiContext {
         ));
         let transport = Arc::new(Mutex::new(MmioTransport::new(
             Box::new(dev),
-            mem.memory(),
+            mem.device_memory(),
             irq,
         )));
         ApiContext {
@@ -44,6 +44,7 @@ fn context() -> &'static ApiContext {
             backend: "Memfd".into(),
             balloon: Some(BalloonHandle { state, transport }),
             hotplug: None,
+            virtio: Vec::new(),
         }
     })
 }
@@ -62,7 +63,7 @@ fn assert_error_shape(status: u16, body: &Option<serde_json::Value>) {
 
 fuzz_target!(|data: &[u8]| {
     let req = match parse(data) {
-        Ok(Parsed::Complete(req)) => req,
+        Ok(Parsed::Complete { request, .. }) => request,
         Ok(Parsed::Partial) => return,
         Err(resp) => return assert_error_shape(resp.status, &resp.body),
     };

@@ -1,27 +1,27 @@
 //! The control API: HTTP on a Unix socket (`curl --unix-socket`), created
 //! owner-only. `GET /vm`, `GET|PUT /balloon`, `GET|PUT /memory`,
-//! `GET /metrics`.
+//! `GET /metrics`. The server runs on its own thread (see [`server`]).
 
 pub mod http;
+pub mod server;
 
 use std::io::ErrorKind;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use devices::virtio::balloon::{BalloonState, BALLOON_PAGE, STAT_NAMES};
 use devices::virtio::mem::{MemState, BLOCK_SIZE};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::resize_timer::ResizeTimer;
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use guest_mem::backend::HotplugBackend;
 use guest_mem::GuestMem;
 use serde_json::{json, Value};
-use vmm_sys_util::epoll::EventSet;
 
 use http::{Request, Response};
+pub use server::{ApiConfig, ApiServer, ApiThread};
 
 /// Tells a device's driver that its configuration changed.
 fn config_changed(transport: &Mutex<MmioTransport>) {
@@ -59,12 +59,23 @@ impl BalloonHandle {
         config_changed(&self.transport);
     }
 
-    /// The balloon as JSON; asks the guest for fresh statistics.
+    /// Hands the statistics buffer back to the guest so that it refills
+    /// it (the API server does so on a timer).
+    pub fn request_stats(&self) {
+        self.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refresh();
+    }
+
+    /// The balloon as JSON, with the guest's last statistics. Only reads:
+    /// the guest sees nothing of it.
     pub fn describe(&self) -> Value {
-        let mut t = self.transport.lock().unwrap_or_else(|p| p.into_inner());
-        t.refresh();
-        let active = t.is_activated();
-        drop(t);
+        let active = self
+            .transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_activated();
         let s = &self.state;
         let mib = |pages: u32| (u64::from(pages) * BALLOON_PAGE) >> 20;
         let target = s.target_pages.load(Ordering::Relaxed);
@@ -158,6 +169,28 @@ impl HotplugHandle {
     }
 }
 
+/// A virtio-mmio transport, for its refusal counter.
+#[derive(Clone)]
+pub struct VirtioTransport {
+    /// The device's name (`balloon`, `virtio-mem`).
+    pub name: String,
+    /// Guest-physical base of its MMIO window.
+    pub mmio_base: u64,
+    /// The transport.
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+impl VirtioTransport {
+    /// The usual name of a virtio device type.
+    pub fn device_name(device_type: u32) -> String {
+        match device_type {
+            5 => "balloon".into(),
+            24 => "virtio-mem".into(),
+            t => format!("virtio-{t}"),
+        }
+    }
+}
+
 /// What the API can see and change.
 pub struct ApiContext {
     /// Guest memory.
@@ -172,6 +205,8 @@ pub struct ApiContext {
     pub balloon: Option<BalloonHandle>,
     /// The virtio-mem window, if the VM has one.
     pub hotplug: Option<HotplugHandle>,
+    /// Every virtio-mmio transport.
+    pub virtio: Vec<VirtioTransport>,
 }
 
 const NO_HOTPLUG: &str = "this VM has no virtio-mem window (start it with --virtio-mem SIZE)";
@@ -213,12 +248,26 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
         ),
         ("GET", "/metrics") => {
             let stats = serde_json::to_value(ctx.mem.stats()).unwrap_or(Value::Null);
+            // The transports log the first refusals only; the counts stay.
+            let virtio: Vec<Value> = ctx
+                .virtio
+                .iter()
+                .map(|v| {
+                    let t = v.transport.lock().unwrap_or_else(|p| p.into_inner());
+                    json!({
+                        "device": v.name,
+                        "mmio_base": v.mmio_base,
+                        "rejected_accesses": t.rejected(),
+                    })
+                })
+                .collect();
             Response::json(
                 200,
                 json!({
                     "guest_mem": stats,
                     "host_allocated_bytes": ctx.mem.allocated_bytes(),
                     "balloon": ctx.balloon.as_ref().map(|b| b.describe()["counters"].clone()),
+                    "virtio": virtio,
                 }),
             )
         }
@@ -287,16 +336,44 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
     }
 }
 
-/// Creates `path` as a Unix socket only the owner can use.
+/// Creates `path` as a Unix socket only the owner can use. A socket left
+/// there by a VMM that died (nobody accepts on it: ECONNREFUSED) is
+/// replaced; a socket someone serves, or anything else at `path`, is
+/// refused.
 pub fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        return Err(std::io::Error::new(
-            ErrorKind::AlreadyExists,
-            format!(
-                "{} already exists; remove it or choose another path",
-                path.display()
-            ),
-        ));
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(std::io::Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "{} already exists and is not a socket; remove it or choose another path",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                log::warn!("api: replacing the stale socket {}", path.display());
+                std::fs::remove_file(path)?;
+            }
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    ErrorKind::AddrInUse,
+                    format!(
+                        "{} is in use: another process serves it (is another VMM running?)",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{} exists and cannot be checked: {e}", path.display()),
+                ))
+            }
+        },
     }
     // SAFETY: umask only changes this process's file-creation mask; it is
     // restored right after the bind, before other threads create files.
@@ -309,67 +386,6 @@ pub fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// The API server: an event-loop subscriber on the listening socket.
-pub struct ApiServer {
-    listener: UnixListener,
-    path: PathBuf,
-    ctx: Arc<ApiContext>,
-}
-
-impl ApiServer {
-    /// Listens on `path` (which must not exist yet).
-    pub fn new(path: &Path, ctx: Arc<ApiContext>) -> std::io::Result<Self> {
-        Ok(ApiServer {
-            listener: bind_owner_only(path)?,
-            path: path.to_path_buf(),
-            ctx,
-        })
-    }
-
-    fn serve(&self, mut stream: UnixStream) {
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-        let resp = match http::read_request(&mut stream) {
-            Ok(req) => handle(&self.ctx, &req),
-            Err(resp) => resp,
-        };
-        if resp.status >= 400 {
-            log::info!("api: answered {}", resp.status);
-        }
-        if let Err(e) = http::write_response(&mut stream, &resp) {
-            log::warn!("api: writing the response: {e}");
-        }
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-impl MutEventSubscriber for ApiServer {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
-            log::error!("api: watching the socket: {e:?}");
-        }
-    }
-
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => self.serve(stream),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    log::warn!("api: accept: {e}");
-                    break;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,9 +396,10 @@ mod tests {
     use guest_mem::RegionConfig;
     use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
     use vmm_sys_util::eventfd::EventFd;
 
-    fn ctx(with_balloon: bool) -> ApiContext {
+    pub(super) fn ctx(with_balloon: bool) -> ApiContext {
         let mem = Arc::new(
             GuestMem::builder()
                 .region(RegionConfig::new(0, 64 << 20))
@@ -395,6 +412,14 @@ mod tests {
             let transport = transport(Box::new(dev), &mem);
             BalloonHandle { state, transport }
         });
+        let virtio = balloon
+            .iter()
+            .map(|b| VirtioTransport {
+                name: "balloon".into(),
+                mmio_base: 0xd000_0000,
+                transport: b.transport.clone(),
+            })
+            .collect();
         ApiContext {
             mem,
             vcpus: 2,
@@ -402,11 +427,12 @@ mod tests {
             backend: "Memfd".into(),
             balloon,
             hotplug: None,
+            virtio,
         }
     }
 
     /// `dev` behind a virtio-mmio transport, as the VMM attaches it.
-    fn transport(
+    pub(super) fn transport(
         dev: Box<dyn devices::virtio::VirtioDevice>,
         mem: &GuestMem,
     ) -> Arc<Mutex<MmioTransport>> {
@@ -423,6 +449,7 @@ mod tests {
             method: method.into(),
             path: path.into(),
             body: body.as_bytes().to_vec(),
+            close: false,
         }
     }
 
@@ -540,6 +567,112 @@ mod tests {
         );
     }
 
+    /// virtio-mmio registers (virtio 1.x, 4.2.2), as a driver writes them.
+    const STATUS: u64 = 0x70;
+    const DRIVER_FEATURES: u64 = 0x20;
+    const DRIVER_FEATURES_SEL: u64 = 0x24;
+    const QUEUE_SEL: u64 = 0x30;
+    const QUEUE_NUM: u64 = 0x38;
+    const QUEUE_READY: u64 = 0x44;
+    const QUEUE_DESC_LOW: u64 = 0x80;
+    const QUEUE_DRIVER_LOW: u64 = 0x90;
+    const QUEUE_DEVICE_LOW: u64 = 0xa0;
+    /// The stats queue's rings: descriptors, driver ring at +4 KiB, device
+    /// (used) ring at +8 KiB.
+    const STATS_RING: u64 = 3 << 20;
+    const STATS_BUF: u64 = 7 << 20;
+
+    /// Plays the guest driver of `c`'s balloon: negotiates VERSION_1 and
+    /// STATS_VQ, sets up queues 0-2 (16 entries at 1, 2, 3 MiB), starts the
+    /// device and hands it a stats buffer (tag 4 = 123, tag 5 = 456).
+    pub(super) fn guest_gives_stats_buffer(c: &ApiContext) {
+        use devices::bus::BusDevice;
+        use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+        let ram = c.mem.memory().memory();
+        let b = c.balloon.as_ref().unwrap();
+        let mut t = b.transport.lock().unwrap();
+        let mut w = |off: u64, v: u32| t.write(off, &v.to_le_bytes());
+        w(STATUS, 1);
+        w(STATUS, 3);
+        w(DRIVER_FEATURES_SEL, 1);
+        w(DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1, bit 32
+        w(DRIVER_FEATURES_SEL, 0);
+        w(DRIVER_FEATURES, 1 << 1); // VIRTIO_BALLOON_F_STATS_VQ
+        w(STATUS, 0xb);
+        for q in 0..3u32 {
+            let base = u64::from(q + 1) << 20;
+            w(QUEUE_SEL, q);
+            w(QUEUE_NUM, 16);
+            w(QUEUE_DESC_LOW, base as u32);
+            w(QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
+            w(QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
+            w(QUEUE_READY, 1);
+        }
+        w(STATUS, 0xf);
+        assert!(t.is_activated());
+        let mut buf = Vec::new();
+        for (tag, val) in [(4u16, 123u64), (5, 456)] {
+            buf.extend_from_slice(&tag.to_le_bytes());
+            buf.extend_from_slice(&val.to_le_bytes());
+        }
+        ram.write_slice(&buf, GuestAddress(STATS_BUF)).unwrap();
+        // Descriptor 0: the buffer, device-readable; driver ring: idx 1.
+        ram.write_obj(STATS_BUF, GuestAddress(STATS_RING)).unwrap();
+        ram.write_obj(buf.len() as u32, GuestAddress(STATS_RING + 8))
+            .unwrap();
+        ram.write_obj(0u32, GuestAddress(STATS_RING + 12)).unwrap();
+        ram.write_obj(0u16, GuestAddress(STATS_RING + 0x1004))
+            .unwrap();
+        ram.write_obj(1u16, GuestAddress(STATS_RING + 0x1002))
+            .unwrap();
+        t.queue_notified(2);
+    }
+
+    /// How many buffers the device has given back on the stats queue.
+    pub(super) fn stats_used_idx(c: &ApiContext) -> u16 {
+        use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+        c.mem
+            .memory()
+            .memory()
+            .read_obj(GuestAddress(STATS_RING + 0x2002))
+            .unwrap()
+    }
+
+    /// `GET /balloon` only reads: the guest keeps waiting for its stats
+    /// buffer however often the host looks (the refresh is the timer's).
+    #[test]
+    fn get_balloon_does_not_hand_the_stats_buffer_back() {
+        let c = ctx(true);
+        guest_gives_stats_buffer(&c);
+        assert_eq!(stats_used_idx(&c), 0, "the device holds the buffer");
+        for _ in 0..3 {
+            let g = handle(&c, &req("GET", "/balloon", "")).body.unwrap();
+            assert_eq!(g["guest_stats"]["total_memory"], 456, "{g}");
+            assert_eq!(g["driver_active"], true);
+        }
+        handle(&c, &req("GET", "/metrics", ""));
+        assert_eq!(stats_used_idx(&c), 0, "a GET returned the buffer");
+        c.balloon.as_ref().unwrap().request_stats();
+        assert_eq!(stats_used_idx(&c), 1, "an explicit refresh does");
+    }
+
+    #[test]
+    fn metrics_count_each_transports_refused_accesses() {
+        use devices::bus::BusDevice;
+        let c = ctx(true);
+        let t = &c.balloon.as_ref().unwrap().transport;
+        let v =
+            |c: &ApiContext| handle(c, &req("GET", "/metrics", "")).body.unwrap()["virtio"].clone();
+        assert_eq!(v(&c)[0]["rejected_accesses"], 0);
+        assert_eq!(v(&c)[0]["device"], "balloon");
+        // More than the transport logs: the count keeps going.
+        for _ in 0..40 {
+            t.lock().unwrap().write(0x70, &[1, 0]); // a 2-byte status write
+        }
+        t.lock().unwrap().queue_notified(9); // no such queue
+        assert_eq!(v(&c)[0]["rejected_accesses"], 41);
+    }
+
     #[test]
     fn socket_is_owner_only_and_answers_over_http() {
         let dir = tempfile::tempdir().unwrap();
@@ -547,33 +680,41 @@ mod tests {
         let server = ApiServer::new(&path, Arc::new(ctx(true))).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
-        assert!(
-            ApiServer::new(&path, Arc::new(ctx(false))).is_err(),
-            "path in use"
-        );
-        let client = std::thread::spawn({
-            let path = path.clone();
-            move || {
-                let mut s = UnixStream::connect(&path).unwrap();
-                s.write_all(
-                    b"PUT /balloon HTTP/1.1\r\nContent-Length: 16\r\n\r\n{\"target_mib\":8}",
-                )
-                .unwrap();
-                let mut out = String::new();
-                s.read_to_string(&mut out).unwrap();
-                out
-            }
-        });
-        let (stream, _) = loop {
-            match server.listener.accept() {
-                Ok(x) => break x,
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        };
-        server.serve(stream);
-        let out = client.join().unwrap();
+        let api = server.spawn().unwrap();
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(
+            b"PUT /balloon HTTP/1.1\r\nConnection: close\r\nContent-Length: 16\r\n\r\n{\"target_mib\":8}",
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+        api.stop();
+        assert!(!path.exists(), "socket removed when the server stops");
+    }
+
+    /// A socket file left by a VMM that died is replaced; one that a live
+    /// process serves, or a file that is not a socket, is refused.
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        assert!(stale.exists(), "the file outlives its listener");
+        let server = ApiServer::new(&stale, Arc::new(ctx(false))).unwrap();
+        assert!(UnixStream::connect(&stale).is_ok(), "listening again");
+
+        let e = ApiServer::new(&stale, Arc::new(ctx(false))).err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::AddrInUse, "{e}");
+        assert!(e.to_string().contains("in use"), "{e}");
+        assert!(UnixStream::connect(&stale).is_ok(), "the live socket kept");
         drop(server);
-        assert!(!path.exists(), "socket removed on drop");
+
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"keep me").unwrap();
+        let e = ApiServer::new(&file, Arc::new(ctx(false))).err().unwrap();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     }
 }

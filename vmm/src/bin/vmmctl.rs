@@ -3,59 +3,128 @@
 //! ```text
 //! vmmctl --sock /tmp/vmm.sock GET /balloon
 //! vmmctl --sock /tmp/vmm.sock PUT /balloon '{"target_mib": 256}'
+//! vmmctl --sock /tmp/vmm.sock PUT /balloon '{"target_mib": 256}' -- GET /balloon
 //! ```
+//!
+//! Requests separated by `--` go over one connection, in order; each
+//! response body is printed. The exit status is 0 when every answer is 2xx.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::Duration;
 
+const USAGE: &str =
+    "usage: vmmctl --sock PATH METHOD PATH [JSON-BODY] [-- METHOD PATH [JSON-BODY]]...";
+
+struct Req {
+    method: String,
+    path: String,
+    body: String,
+}
+
+fn parse_requests(args: &[String]) -> Option<Vec<Req>> {
+    args.split(|a| a == "--")
+        .map(|r| match r {
+            [m, p] => Some(Req {
+                method: m.clone(),
+                path: p.clone(),
+                body: String::new(),
+            }),
+            [m, p, b] => Some(Req {
+                method: m.clone(),
+                path: p.clone(),
+                body: b.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reads one response: its status and body (by Content-Length; without
+/// one, a 204 has none and anything else runs to the end of the stream).
+fn read_response(r: &mut impl BufRead) -> std::io::Result<(u16, String)> {
+    let mut status_line = String::new();
+    if r.read_line(&mut status_line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed without an answer",
+        ));
+    }
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse::<usize>().ok();
+            }
+        }
+    }
+    let mut body = Vec::new();
+    match length {
+        Some(n) => {
+            body.resize(n, 0);
+            r.read_exact(&mut body)?;
+        }
+        None if status == 204 => {}
+        None => {
+            r.read_to_end(&mut body)?;
+        }
+    }
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (sock, rest) = match args.as_slice() {
-        [flag, sock, rest @ ..] if flag == "--sock" => (sock.clone(), rest.to_vec()),
+        [flag, sock, rest @ ..] if flag == "--sock" => (sock.clone(), rest),
         _ => {
-            eprintln!("usage: vmmctl --sock PATH METHOD PATH [JSON-BODY]");
+            eprintln!("{USAGE}");
             return ExitCode::from(2);
         }
     };
-    let (method, path, body) = match rest.as_slice() {
-        [m, p] => (m.clone(), p.clone(), String::new()),
-        [m, p, b] => (m.clone(), p.clone(), b.clone()),
-        _ => {
-            eprintln!("usage: vmmctl --sock PATH METHOD PATH [JSON-BODY]");
-            return ExitCode::from(2);
-        }
+    let Some(requests) = parse_requests(rest) else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
     };
-    let run = || -> std::io::Result<(u16, String)> {
-        let mut s = UnixStream::connect(&sock)?;
+    let mut failed = false;
+    let run = |failed: &mut bool| -> std::io::Result<()> {
+        let s = UnixStream::connect(&sock)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\
-             Content-Type: application/json\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-        Ok((status, body.to_string()))
-    };
-    match run() {
-        Ok((status, body)) => {
+        let mut reader = BufReader::new(s.try_clone()?);
+        let mut writer = s;
+        for (i, req) in requests.iter().enumerate() {
+            let last = i + 1 == requests.len();
+            write!(
+                writer,
+                "{} {} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\
+                 Content-Type: application/json\r\nConnection: {}\r\n\r\n{}",
+                req.method,
+                req.path,
+                req.body.len(),
+                if last { "close" } else { "keep-alive" },
+                req.body
+            )?;
+            let (status, body) = read_response(&mut reader)?;
             print!("{body}");
-            if (200..300).contains(&status) {
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("vmmctl: HTTP {status}");
-                ExitCode::FAILURE
+            if !(200..300).contains(&status) {
+                eprintln!("vmmctl: {} {}: HTTP {status}", req.method, req.path);
+                *failed = true;
             }
         }
+        Ok(())
+    };
+    match run(&mut failed) {
+        Ok(()) if !failed => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("vmmctl: {sock}: {e}");
             ExitCode::FAILURE
