@@ -106,11 +106,15 @@ impl BalloonHandle {
                 "inflated_pages": c.inflated_pages.load(Ordering::Relaxed),
                 "deflated_pages": c.deflated_pages.load(Ordering::Relaxed),
                 "reported_bytes": c.reported_bytes.load(Ordering::Relaxed),
+                "freed_bytes": c.freed_bytes.load(Ordering::Relaxed),
+                "reports_kept_for_poison": c.reports_kept_for_poison.load(Ordering::Relaxed),
                 "discards": c.discards.load(Ordering::Relaxed),
                 "rejected_pfns": c.rejected_pfns.load(Ordering::Relaxed),
                 "rejected_chains": c.rejected_chains.load(Ordering::Relaxed),
                 "discard_errors": c.discard_errors.load(Ordering::Relaxed),
                 "stray_ranges": c.stray_ranges.load(Ordering::Relaxed),
+                "unused_queue_notifies": c.unused_queue_notifies.load(Ordering::Relaxed),
+                "yields": c.yields.load(Ordering::Relaxed),
                 "inflate_batches": c.inflate_batches.load(Ordering::Relaxed),
                 "inflate_us": c.inflate_us.load(Ordering::Relaxed),
             }
@@ -164,6 +168,8 @@ impl HotplugHandle {
                 "refused": c.refused.load(Ordering::Relaxed),
                 "rejected_chains": c.rejected_chains.load(Ordering::Relaxed),
                 "backend_errors": c.backend_errors.load(Ordering::Relaxed),
+                "self_unplug_refused": c.self_unplug_refused.load(Ordering::Relaxed),
+                "unused_queue_notifies": c.unused_queue_notifies.load(Ordering::Relaxed),
             }
         })
     }
@@ -268,6 +274,9 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
                     "host_allocated_bytes": ctx.mem.allocated_bytes(),
                     "balloon": ctx.balloon.as_ref().map(|b| b.describe()["counters"].clone()),
                     "virtio": virtio,
+                    // Guest-triggered log lines the rate limiter held back.
+                    "guest_log_held_back": devices::guest_log::held_back_total(),
+                    "fault_failures": ctx.mem.fault_failure().map(|f| f.count()),
                 }),
             )
         }
