@@ -108,8 +108,10 @@ impl MemoryBackend for GuestMem {
 ///         .build()?,
 /// );
 /// let window = HotplugRegion::new(mem.clone(), 1)?;
-/// window.set_backed_size(8 << 20)?; // plug the first 8 MiB
-/// window.discard_range(2 << 20, 2 << 20)?; // unplug a block inside it
+/// window.set_backed_size(8 << 20)?; // back the first 8 MiB...
+/// window.set_plugged(0, 8 << 20, true)?; // ...and let the guest reach them
+/// window.set_plugged(2 << 20, 2 << 20, false)?; // unplug a block inside it
+/// window.discard_range(2 << 20, 2 << 20)?; // and give it back
 /// window.set_backed_size(0)?; // unplug everything
 /// assert_eq!(mem.regions()[1].plugged_size(), 0);
 /// # Ok::<(), guest_mem::Error>(())
@@ -125,6 +127,11 @@ pub trait HotplugBackend: Send + Sync {
     /// Gives back `[offset, offset + len)` of the window, which must lie in
     /// the backed part: a hole punched as one invalidation.
     fn discard_range(&self, offset: u64, len: u64) -> Result<()>;
+    /// Makes `[offset, offset + len)` of the window reachable (plugged) or
+    /// not: memory that is not plugged is kept out of the memory map, so
+    /// neither the devices nor the guest can make the host back it. A
+    /// window starts with only its backed part plugged.
+    fn set_plugged(&self, offset: u64, len: u64, plugged: bool) -> Result<()>;
     /// Bytes the window's backing file has allocated on the host.
     fn allocated_bytes(&self) -> u64;
 }
@@ -151,6 +158,8 @@ impl HotplugRegion {
         if shared || region.file_offset() != 0 {
             return Err(crate::Error::NotResizable(index));
         }
+        let backed = region.plugged_size();
+        mem.set_accessible(index, backed, region.max_size() - backed, false)?;
         Ok(HotplugRegion { mem, index })
     }
 
@@ -179,6 +188,10 @@ impl HotplugBackend for HotplugRegion {
             .checked_add(offset)
             .ok_or(crate::Error::TooLarge { size: offset })?;
         self.mem.discard(GuestAddress(gpa), len)
+    }
+
+    fn set_plugged(&self, offset: u64, len: u64, plugged: bool) -> Result<()> {
+        self.mem.set_accessible(self.index, offset, len, plugged)
     }
 
     fn allocated_bytes(&self) -> u64 {

@@ -247,7 +247,7 @@ fn check_overlaps(regions: &[Arc<Region>]) -> Result<()> {
 }
 
 fn snapshot(regions: &[Arc<Region>]) -> Result<GuestMemory> {
-    GuestMemory::from_regions(regions.iter().filter_map(|r| r.guest_region()).collect())
+    GuestMemory::from_regions(regions.iter().flat_map(|r| r.guest_regions()).collect())
         .map_err(|e| Error::Config(format!("building the guest memory map: {e}")))
 }
 
@@ -564,14 +564,9 @@ impl GuestMem {
         let regions = self
             .regions
             .iter()
-            .filter_map(|r| {
-                let mut gr = r.guest_region();
-                if let Some((i, size)) = pending {
-                    if i == r.index() {
-                        gr = r.guest_region_of(size);
-                    }
-                }
-                gr
+            .flat_map(|r| match pending {
+                Some((i, size)) if i == r.index() => r.guest_regions_of(size),
+                _ => r.guest_regions(),
             })
             .collect();
         match GuestMemory::from_regions(regions) {
@@ -581,6 +576,50 @@ impl GuestMem {
             }
             Err(e) => log::error!("rebuilding the guest memory map failed: {e}"),
         }
+    }
+
+    /// Keeps `[offset, offset + len)` of region `index` out of the memory
+    /// map (devices and the VMM cannot reach it) or lets it back in: for
+    /// virtio-mem blocks that are not plugged, which the host must not
+    /// back. Taking a range away waits for device accesses in progress, as
+    /// a shrink does.
+    pub fn set_accessible(
+        &self,
+        index: usize,
+        offset: u64,
+        len: u64,
+        accessible: bool,
+    ) -> Result<()> {
+        let region = self.regions.get(index).ok_or(Error::NoSuchRegion(index))?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(Error::TooLarge { size: len })?;
+        if end > region.max_size() {
+            return Err(Error::Config(format!(
+                "region {index}: {offset:#x}+{len:#x} is past its {:#x} bytes",
+                region.max_size()
+            )));
+        }
+        let _serial = self.resize.lock().unwrap_or_else(|e| e.into_inner());
+        if accessible {
+            region.set_accessible(offset, len, true);
+            self.swap_memory(None);
+            return Ok(());
+        }
+        self.gate
+            .exclusive(|| {
+                region.set_accessible(offset, len, false);
+                self.swap_memory(None);
+            })
+            .ok_or(Error::MemoryInUse)
+    }
+
+    /// The accessible `(offset, len)` extents of region `index`'s plugged
+    /// part: what a VMM maps into the guest (KVM memory slots).
+    pub fn accessible_extents(&self, index: usize) -> Vec<(u64, u64)> {
+        self.regions
+            .get(index)
+            .map_or_else(Vec::new, |r| r.accessible_of(r.plugged_size()))
     }
 
     /// Bytes the backing files have allocated (each file counted once).

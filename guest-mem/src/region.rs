@@ -90,6 +90,10 @@ pub struct Region {
     pub(crate) file_offset: u64,
     pub(crate) mapping: Arc<MmapRegion>,
     pub(crate) private: bool,
+    /// Ranges `(offset, len)` of the region kept out of the devices'
+    /// memory map (virtio-mem blocks that are not plugged), sorted and
+    /// disjoint.
+    pub(crate) inaccessible: std::sync::Mutex<Vec<(u64, u64)>>,
     pub(crate) source: Option<RegionSource>,
     pub(crate) readahead: ReadaheadState,
 }
@@ -174,6 +178,7 @@ impl Region {
             file_offset,
             mapping: Arc::new(mapping),
             private,
+            inaccessible: std::sync::Mutex::new(Vec::new()),
             source,
             readahead: ReadaheadState::default(),
         };
@@ -262,19 +267,81 @@ impl Region {
         addr >= self.host_addr() && addr - self.host_addr() < self.max_size
     }
 
-    /// A view of the plugged part for `vm-memory` users.
-    pub(crate) fn guest_region(&self) -> Option<GuestRegion> {
-        self.guest_region_of(self.plugged_size())
+    /// The accessible parts of the plugged size, for `vm-memory` users.
+    pub(crate) fn guest_regions(&self) -> Vec<GuestRegion> {
+        self.guest_regions_of(self.plugged_size())
     }
 
-    /// A view of the first `len` bytes.
-    pub(crate) fn guest_region_of(&self, len: u64) -> Option<GuestRegion> {
+    /// The accessible parts of the first `len` bytes.
+    pub(crate) fn guest_regions_of(&self, len: u64) -> Vec<GuestRegion> {
+        self.accessible_of(len)
+            .into_iter()
+            .map(|(offset, len)| GuestRegion {
+                mapping: self.mapping.clone(),
+                offset,
+                guest_base: GuestAddress(self.guest_base.0 + offset),
+                len,
+                file_offset: self
+                    .mapping
+                    .file_offset()
+                    .map(|f| FileOffset::from_arc(f.arc().clone(), f.start() + offset)),
+            })
+            .collect()
+    }
+
+    /// The accessible `(offset, len)` extents of the first `len` bytes.
+    pub(crate) fn accessible_of(&self, len: u64) -> Vec<(u64, u64)> {
         let len = len.min(self.max_size);
-        (len > 0).then(|| GuestRegion {
-            mapping: self.mapping.clone(),
-            guest_base: self.guest_base,
-            len,
-        })
+        let holes = self.inaccessible.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        let mut at = 0;
+        for &(start, n) in holes.iter() {
+            if start >= len {
+                break;
+            }
+            if start > at {
+                out.push((at, start - at));
+            }
+            at = at.max(start + n);
+        }
+        if at < len {
+            out.push((at, len - at));
+        }
+        out
+    }
+
+    /// Marks `[offset, offset + len)` accessible or not in the set.
+    pub(crate) fn set_accessible(&self, offset: u64, len: u64, accessible: bool) {
+        let mut holes = self.inaccessible.lock().unwrap_or_else(|p| p.into_inner());
+        let end = offset + len;
+        // Cut the range out of every hole, then add it back as one if it
+        // becomes inaccessible; merge neighbours.
+        let mut next: Vec<(u64, u64)> = Vec::with_capacity(holes.len() + 2);
+        for &(s, n) in holes.iter() {
+            let e = s + n;
+            if e <= offset || s >= end {
+                next.push((s, n));
+                continue;
+            }
+            if s < offset {
+                next.push((s, offset - s));
+            }
+            if e > end {
+                next.push((end, e - end));
+            }
+        }
+        if !accessible {
+            next.push((offset, len));
+        }
+        next.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(next.len());
+        for (s, n) in next {
+            match merged.last_mut() {
+                Some((ms, mn)) if *ms + *mn >= s => *mn = (*mn).max(s + n - *ms),
+                _ => merged.push((s, n)),
+            }
+        }
+        *holes = merged;
     }
 
     /// Zaps the VMM's private copies of `[offset, offset + len)`. Shared
@@ -346,14 +413,19 @@ impl DiscardView<'_> {
     }
 }
 
-/// A guest memory region as `vm-memory` sees it: the plugged part of a
-/// [`Region`]'s mapping. Accesses past the plugged size are refused instead
-/// of touching memory past the backing file's end (which would `SIGBUS`).
+/// A guest memory region as `vm-memory` sees it: an accessible, plugged
+/// part of a [`Region`]'s mapping. Accesses past the plugged size are
+/// refused instead of touching memory past the backing file's end (which
+/// would `SIGBUS`), and so are accesses to ranges kept inaccessible
+/// (unplugged virtio-mem blocks).
 #[derive(Debug)]
 pub struct GuestRegion {
     mapping: Arc<MmapRegion>,
+    /// Where this part starts in the mapping.
+    offset: u64,
     guest_base: GuestAddress,
     len: u64,
+    file_offset: Option<FileOffset>,
 }
 
 impl GuestMemoryRegion for GuestRegion {
@@ -372,11 +444,15 @@ impl GuestMemoryRegion for GuestRegion {
     fn get_host_address(&self, addr: MemoryRegionAddress) -> guest_memory::Result<*mut u8> {
         self.check_address(addr)
             .ok_or(guest_memory::Error::InvalidBackendAddress)
-            .map(|addr| self.mapping.as_ptr().wrapping_add(addr.0 as usize))
+            .map(|addr| {
+                self.mapping
+                    .as_ptr()
+                    .wrapping_add((self.offset + addr.0) as usize)
+            })
     }
 
     fn file_offset(&self) -> Option<&FileOffset> {
-        self.mapping.file_offset()
+        self.file_offset.as_ref()
     }
 
     fn get_slice(
@@ -391,7 +467,9 @@ impl GuestMemoryRegion for GuestRegion {
         if end > self.len {
             return Err(guest_memory::Error::InvalidBackendAddress);
         }
-        Ok(self.mapping.get_slice(offset.0 as usize, count)?)
+        Ok(self
+            .mapping
+            .get_slice((self.offset + offset.0) as usize, count)?)
     }
 
     fn is_hugetlbfs(&self) -> Option<bool> {

@@ -129,3 +129,57 @@ fn device_accesses_never_fault_past_a_truncation() {
         assert!(mem.stats().shrinks >= 150);
     }
 }
+
+/// A hotplug window reaches devices only where blocks are plugged: the
+/// holes below the highest plugged block stay out of the memory map, so
+/// nothing the VMM does can make the host back them.
+#[test]
+fn unplugged_parts_of_a_window_are_out_of_reach() {
+    use guest_mem::backend::{HotplugBackend, HotplugRegion};
+    let mut w = RegionConfig::new(BASE, 0);
+    w.max_size = Some(8 * MIB);
+    let mem = Arc::new(
+        GuestMem::builder()
+            .region(RegionConfig::new(0, MIB))
+            .region(w)
+            .build()
+            .unwrap(),
+    );
+    let window = HotplugRegion::new(mem.clone(), 1).unwrap();
+    // Plug the block at 6 MiB only: the file reaches past 0-6 MiB.
+    window.set_backed_size(8 * MIB).unwrap();
+    window.set_plugged(6 * MIB, 2 * MIB, true).unwrap();
+    assert_eq!(mem.accessible_extents(1), vec![(6 * MIB, 2 * MIB)]);
+    let devices = mem.device_memory();
+    let m = devices.memory();
+    m.write_obj(7u64, GuestAddress(BASE + 6 * MIB)).unwrap();
+    for gap in [0, 2 * MIB, 4 * MIB + 4096] {
+        assert!(
+            m.write_obj(1u64, GuestAddress(BASE + gap)).is_err(),
+            "{gap:#x}"
+        );
+        assert!(
+            m.read_obj::<u64>(GuestAddress(BASE + gap)).is_err(),
+            "{gap:#x}"
+        );
+    }
+    drop(m);
+    assert!(
+        window.allocated_bytes() <= 2 * MIB,
+        "only the plugged block is backed"
+    );
+    // Plugging another block and unplugging the first.
+    window.set_plugged(0, 2 * MIB, true).unwrap();
+    window.set_plugged(6 * MIB, 2 * MIB, false).unwrap();
+    assert_eq!(mem.accessible_extents(1), vec![(0, 2 * MIB)]);
+    assert!(devices
+        .memory()
+        .read_obj::<u64>(GuestAddress(BASE + 6 * MIB))
+        .is_err());
+    // Taking memory out of reach waits for device accesses, like a shrink.
+    let _g = devices.memory();
+    assert!(matches!(
+        window.set_plugged(0, 2 * MIB, false),
+        Err(Error::MemoryInUse)
+    ));
+}

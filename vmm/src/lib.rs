@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cpuid;
 pub mod exit;
 pub mod exit_profile;
+pub mod hotplug_slots;
 pub mod layout;
 pub mod signals;
 pub mod vcpu;

@@ -20,6 +20,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::api::{ApiConfig, ApiContext, ApiServer, BalloonHandle, HotplugHandle, VirtioTransport};
 use crate::boot::{acpi, linux, mptable, BootError};
 use crate::exit::ExitReason;
+use crate::hotplug_slots::SlottedWindow;
 use crate::layout::*;
 use crate::signals::ShutdownSignals;
 use crate::vcpu::{self, PayloadArgs, VcpuContext, VcpuError};
@@ -30,7 +31,6 @@ use devices::virtio::balloon::Balloon;
 use devices::virtio::mem::VirtioMem;
 use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use guest_mem::backend::HotplugRegion;
 use vmm_sys_util::epoll::EventSet;
 
 /// Where guest RAM lives.
@@ -225,7 +225,7 @@ pub struct Vm {
     // Field order matters for drop: vCPUs and the VM go before the memory
     // their memslots point into.
     vcpus: Vec<VcpuFd>,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     mem: Arc<GuestMem>,
     supported_cpuid: CpuId,
     pio: Bus,
@@ -382,13 +382,15 @@ impl Vm {
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let mem = Arc::new(mem);
-        for (slot, r) in mem.regions().iter().enumerate() {
+        let fd = Arc::new(fd);
+        // The virtio-mem window (the last region) gets a slot per plugged
+        // extent from its SlottedWindow, not one over the whole window.
+        let fixed = mem.regions().len() - usize::from(config.hotplug.is_some());
+        for (slot, r) in mem.regions().iter().enumerate().take(fixed) {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
                 guest_phys_addr: r.guest_base().0,
-                // The whole window: what is not plugged has no file behind
-                // it, and a guest touching it gets a fault, not memory.
                 memory_size: r.max_size(),
                 userspace_addr: r.host_addr(),
             };
@@ -462,7 +464,12 @@ impl Vm {
         let mut hotplug = None;
         if config.hotplug.is_some() {
             let index = mem.regions().len() - 1;
-            let window = Arc::new(HotplugRegion::new(mem.clone(), index)?);
+            let window = Arc::new(SlottedWindow::new(
+                fd.clone(),
+                mem.clone(),
+                index,
+                index as u32,
+            )?);
             let device = VirtioMem::new(window.clone()).map_err(VmError::Config)?;
             let state = device.state();
             let transport = attach(Box::new(device))?;

@@ -268,11 +268,19 @@ impl VirtioMem {
         if self.plugged_bytes() + bytes > requested {
             return resp::NACK;
         }
-        let end = blocks.end as u64 * BLOCK_SIZE;
+        let (start, end) = (
+            blocks.start as u64 * BLOCK_SIZE,
+            blocks.end as u64 * BLOCK_SIZE,
+        );
         if end > self.backend.backed_size() {
+            // The blocks between the old end and these stay unplugged:
+            // holes the guest cannot reach, so the host never backs them.
             if let Err(e) = self.backend.set_backed_size(end) {
                 return self.backend_failed("growing the backing file", e);
             }
+        }
+        if let Err(e) = self.backend.set_plugged(start, end - start, true) {
+            return self.backend_failed("plugging", e);
         }
         self.plugged[blocks].fill(true);
         self.set_plugged_bytes(self.plugged_bytes() + bytes);
@@ -287,6 +295,11 @@ impl VirtioMem {
             blocks.start as u64 * BLOCK_SIZE,
             blocks.end as u64 * BLOCK_SIZE,
         );
+        // Out of reach first (no device access in progress there any more),
+        // then given back.
+        if let Err(e) = self.backend.set_plugged(start, end - start, false) {
+            return self.backend_failed("unplugging", e);
+        }
         self.plugged[blocks.clone()].fill(false);
         // The part below the new end of plugged memory becomes a hole; the
         // part above it goes with the truncation.
@@ -299,6 +312,7 @@ impl VirtioMem {
         .and_then(|()| self.shrink_to(new_end));
         if let Err(e) = result {
             self.plugged[blocks].fill(true);
+            let _ = self.backend.set_plugged(start, end - start, true);
             return self.backend_failed("unplugging", e);
         }
         self.set_plugged_bytes(self.plugged_bytes() - (end - start));
@@ -314,6 +328,9 @@ impl VirtioMem {
     }
 
     fn unplug_all(&mut self) -> u16 {
+        if let Err(e) = self.backend.set_plugged(0, self.region_size, false) {
+            return self.backend_failed("unplugging everything", e);
+        }
         if let Err(e) = self.backend.set_backed_size(0) {
             return self.backend_failed("unplugging everything", e);
         }

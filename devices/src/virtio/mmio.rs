@@ -295,13 +295,16 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let mem = self.mem.memory();
-        let bad = self
-            .queues
-            .iter()
-            .enumerate()
-            .find(|(i, q)| q.ready() && (self.bad_size[*i] || !q.is_valid(&*mem)))
-            .map(|(i, _)| i);
+        // The guard is dropped before the device runs: a notification
+        // served below may unplug memory, which waits for every guard.
+        let bad = {
+            let mem = self.mem.memory();
+            self.queues
+                .iter()
+                .enumerate()
+                .find(|(i, q)| q.ready() && (self.bad_size[*i] || !q.is_valid(&*mem)))
+                .map(|(i, _)| i)
+        };
         let copies: Result<Vec<Queue>, _> = self
             .queues
             .iter()
@@ -309,7 +312,7 @@ impl MmioTransport {
             .collect();
         let result = match (bad, copies) {
             (Some(i), _) => Err(super::ActivateError::BadQueues(format!(
-                "queue {i} does not lie in guest memory"
+                "queue {i} has a size the device cannot use or does not lie in guest memory"
             ))),
             (None, Err(e)) => Err(super::ActivateError::BadQueues(e.to_string())),
             (None, Ok(queues)) => {
@@ -749,5 +752,66 @@ mod tests {
             w(&mut t, reg::STATUS, 0xf);
             assert!(t.is_activated(), "size {size}, then 16");
         }
+    }
+
+    /// A device that shrinks guest memory when notified, as virtio-mem's
+    /// unplug does.
+    struct Shrinker(Arc<guest_mem::GuestMem>, Arc<Mutex<Vec<bool>>>);
+
+    impl VirtioDevice for Shrinker {
+        fn device_type(&self) -> u32 {
+            24
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn ack_features(&mut self, _: u64) {}
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(
+            &mut self,
+            _: DeviceMemory,
+            _: Arc<Interrupt>,
+            _: Vec<Queue>,
+        ) -> Result<(), super::super::ActivateError> {
+            Ok(())
+        }
+        fn process_queue(&mut self, _: usize) -> Progress {
+            let ok = self.0.resize(1, 2 << 20).is_ok();
+            self.1.lock().unwrap().push(ok);
+            Progress::Done
+        }
+        fn reset(&mut self) {}
+    }
+
+    /// A notification queued before DRIVER_OK is served at activation with
+    /// no memory guard held, so an unplug it asks for can run.
+    #[test]
+    fn an_early_notification_may_unplug_memory() {
+        let mut window = guest_mem::RegionConfig::new(1 << 30, 4 << 20);
+        window.max_size = Some(4 << 20);
+        let mem = Arc::new(
+            guest_mem::GuestMem::builder()
+                .region(guest_mem::RegionConfig::new(0, 1 << 20))
+                .region(window)
+                .build()
+                .unwrap(),
+        );
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(
+            Box::new(Shrinker(mem.clone(), results.clone())),
+            mem.device_memory(),
+            irq,
+        );
+        negotiate(&mut t, 1, 0);
+        setup_queue(&mut t, 0, 0x10000);
+        t.queue_notified(0); // early: served at DRIVER_OK
+        w(&mut t, reg::STATUS, 0xf);
+        assert_eq!(*results.lock().unwrap(), vec![true]);
+        assert_eq!(mem.regions()[1].plugged_size(), 2 << 20);
     }
 }

@@ -1,0 +1,161 @@
+//! The virtio-mem window as KVM sees it: one memory slot per plugged
+//! extent, not one slot over the whole window.
+//!
+//! With a single slot, a guest touching a block it never plugged (or one it
+//! unplugged) faults in memory the host then backs: host allocation beyond
+//! the plugged blocks, and the holes below the highest plugged block become
+//! usable memory nobody accounts for. With a slot per extent, such an access
+//! has no slot behind it and exits to the VMM as an MMIO access no device
+//! claims (reads all ones, writes dropped, counted). The devices' memory
+//! map leaves the same ranges out (`GuestMem::set_accessible`).
+
+use std::sync::{Arc, Mutex};
+
+use guest_mem::backend::{HotplugBackend, HotplugRegion};
+use guest_mem::vm_memory::GuestAddress;
+use guest_mem::GuestMem;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+
+/// Most KVM memory slots the window may use (a fully fragmented 1 GiB
+/// window of 2 MiB blocks needs 256).
+pub const MAX_WINDOW_SLOTS: usize = 4096;
+
+/// A hotplug window whose KVM memory slots follow its plugged extents.
+pub struct SlottedWindow {
+    // Declared first: dropped before the memory the slots point into.
+    vm: Arc<VmFd>,
+    inner: HotplugRegion,
+    mem: Arc<GuestMem>,
+    index: usize,
+    first_slot: u32,
+    /// Slot `first_slot + i` maps extent `slots[i]` (guest address, length).
+    slots: Mutex<Vec<Option<(u64, u64)>>>,
+}
+
+impl SlottedWindow {
+    /// The window of region `index` of `mem`, mapped into `vm` with slots
+    /// numbered from `first_slot`.
+    pub fn new(
+        vm: Arc<VmFd>,
+        mem: Arc<GuestMem>,
+        index: usize,
+        first_slot: u32,
+    ) -> guest_mem::Result<Self> {
+        let inner = HotplugRegion::new(mem.clone(), index)?;
+        let w = SlottedWindow {
+            vm,
+            inner,
+            mem,
+            index,
+            first_slot,
+            slots: Mutex::new(Vec::new()),
+        };
+        w.sync()?;
+        Ok(w)
+    }
+
+    fn set_slot(&self, slot: u32, gpa: u64, len: u64) -> guest_mem::Result<()> {
+        let region = &self.mem.regions()[self.index];
+        let offset = gpa - region.guest_base().0;
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: region.host_addr() + offset,
+        };
+        // SAFETY: the host range is part of the region's own mapping
+        // (offset + len <= max_size, from the region's accessible extents),
+        // which lives as long as `self.mem`; `self.vm` is dropped before
+        // `self.mem`, and the Vm drops its own VM fd before its memory. A
+        // length of 0 deletes the slot. No other slot covers these guest
+        // addresses: the window's extents are disjoint and the window lies
+        // apart from boot RAM.
+        unsafe { self.vm.set_user_memory_region(r) }.map_err(|e| {
+            guest_mem::Error::Config(format!(
+                "KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}+{len:#x}: {e}"
+            ))
+        })
+    }
+
+    /// Makes the KVM slots match the accessible extents.
+    fn sync(&self) -> guest_mem::Result<()> {
+        let base = self.mem.regions()[self.index].guest_base().0;
+        let want: Vec<(u64, u64)> = self
+            .mem
+            .accessible_extents(self.index)
+            .into_iter()
+            .map(|(off, len)| (base + off, len))
+            .collect();
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        // Slots whose extent went (or changed) are deleted first, so that
+        // no two slots ever overlap.
+        for (i, s) in slots.iter_mut().enumerate() {
+            if let Some((gpa, _)) = s.filter(|e| !want.contains(e)) {
+                self.set_slot(self.first_slot + i as u32, gpa, 0)?;
+                *s = None;
+            }
+        }
+        for e in want {
+            if slots.contains(&Some(e)) {
+                continue;
+            }
+            let i = match slots.iter().position(Option::is_none) {
+                Some(i) => i,
+                None if slots.len() < MAX_WINDOW_SLOTS => {
+                    slots.push(None);
+                    slots.len() - 1
+                }
+                None => {
+                    return Err(guest_mem::Error::Config(format!(
+                        "the virtio-mem window needs more than {MAX_WINDOW_SLOTS} memory slots"
+                    )))
+                }
+            };
+            self.set_slot(self.first_slot + i as u32, e.0, e.1)?;
+            slots[i] = Some(e);
+        }
+        Ok(())
+    }
+
+    /// Memory slots in use (one per plugged extent).
+    pub fn slots_in_use(&self) -> usize {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .flatten()
+            .count()
+    }
+}
+
+impl HotplugBackend for SlottedWindow {
+    fn window(&self) -> (GuestAddress, u64) {
+        self.inner.window()
+    }
+
+    fn backed_size(&self) -> u64 {
+        self.inner.backed_size()
+    }
+
+    fn set_backed_size(&self, size: u64) -> guest_mem::Result<()> {
+        let r = self.inner.set_backed_size(size);
+        self.sync()?;
+        r
+    }
+
+    fn discard_range(&self, offset: u64, len: u64) -> guest_mem::Result<()> {
+        self.inner.discard_range(offset, len)
+    }
+
+    fn set_plugged(&self, offset: u64, len: u64, plugged: bool) -> guest_mem::Result<()> {
+        let r = self.inner.set_plugged(offset, len, plugged);
+        self.sync()?;
+        r
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        self.inner.allocated_bytes()
+    }
+}
