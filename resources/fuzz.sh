@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the cargo-fuzz targets for a bounded time each: the balloon's queue
-# handling (devices/fuzz: balloon_queue) and the control API's request
-# parser and router (vmm/fuzz: api_request). Installs cargo-fuzz when it is
+# handling (devices/fuzz: balloon_queue), virtio-mem's request queue
+# (devices/fuzz: virtio_mem_queue), the virtio-mmio transport's registers
+# (devices/fuzz: mmio_transport) and the control API's request parser and
+# router (vmm/fuzz: api_request). Installs cargo-fuzz when it is
 # missing. Fuzzing needs nightly-only compiler flags; on a stable toolchain
 # they are enabled with RUSTC_BOOTSTRAP=1, for these fuzz builds only.
 # Corpora are kept in build/fuzz/<target> so later runs start where the
@@ -10,7 +12,8 @@
 #
 # Usage: resources/fuzz.sh [--seconds N] [TARGET...]
 #   --seconds N  time per target (default 60)
-#   TARGET       balloon_queue, api_request (default: both)
+#   TARGET       balloon_queue, virtio_mem_queue, mmio_transport, api_request
+#                (default: all four)
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -21,11 +24,11 @@ while (($#)); do
     case "$1" in
         --seconds) [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || die "--seconds needs a number"; seconds="$2"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
-        balloon_queue | api_request) targets+=("$1"); shift ;;
+        balloon_queue | virtio_mem_queue | mmio_transport | api_request) targets+=("$1"); shift ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
-((${#targets[@]})) || targets=(balloon_queue api_request)
+((${#targets[@]})) || targets=(balloon_queue virtio_mem_queue mmio_transport api_request)
 
 need_cmd cargo "install Rust with rustup"
 need_cmd c++ "libFuzzer is built from source: Debian package g++"
@@ -37,7 +40,7 @@ export RUSTC_BOOTSTRAP=1
 
 crate_of() {
     case "$1" in
-        balloon_queue) echo devices ;;
+        balloon_queue | virtio_mem_queue | mmio_transport) echo devices ;;
         api_request) echo vmm ;;
     esac
 }
