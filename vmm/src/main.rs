@@ -11,8 +11,27 @@ use vmm::{Vm, VmConfig};
 /// Where a flat payload is loaded and entered.
 const PAYLOAD_LOAD: u64 = 0x10_0000;
 
+/// Whether the host CPU advertises hardware virtualization (`vmx` or
+/// `svm` in /proc/cpuinfo); `None` when that cannot be read.
+fn host_has_hardware_virtualization() -> Option<bool> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let flags = info.lines().find(|l| l.starts_with("flags"))?;
+    Some(flags.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
 fn run(args: Args, signals: Option<ShutdownSignals>) -> Result<ExitCode, String> {
     log::debug!("vmm started");
+    if args.kernel.is_some() && host_has_hardware_virtualization() == Some(false) {
+        // /dev/kvm without vmx/svm (a software-assisted KVM) runs only
+        // CPL3 code at speed and fails on a stock kernel's ring-0 code; say
+        // so now rather than sit silent.
+        eprintln!(
+            "vmm: warning: this CPU shows no vmx/svm, so /dev/kvm here cannot run a stock Linux \
+             kernel (its ring-0 code is emulated and fails early). Boot Linux inside the nested \
+             QEMU L1 instead: resources/demo.sh does that automatically (see README.md); \
+             --payload runs CPL3 code directly."
+        );
+    }
     let serial = args.serial_out()?;
     let start = std::time::Instant::now();
     let mut vm = Vm::new(VmConfig {

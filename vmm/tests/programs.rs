@@ -195,3 +195,30 @@ fn vmmctl_sends_several_requests_over_one_connection() {
     signal(&vmm, libc::SIGTERM);
     assert!(wait(&mut vmm).success());
 }
+
+/// On a CPU without vmx/svm (as on these machines), `vmm --kernel` says at
+/// once that a stock kernel cannot run here and where to run it instead.
+#[test]
+fn a_kernel_on_a_host_without_hardware_virtualization_gets_a_clear_word() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hardware = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .is_some_and(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["--memory", "16M", "--serial", "none", "--kernel"])
+        .arg(&kernel)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "not a kernel: {err}");
+    assert_eq!(
+        err.contains("no vmx/svm") && err.contains("resources/demo.sh"),
+        !hardware,
+        "{err}"
+    );
+}
