@@ -202,6 +202,17 @@ pub fn build_memory(
     Ok(builder.build()?)
 }
 
+/// The command line with what the platform implies added: this VMM has no
+/// PCI bus, so `pci=off` spares the guest probing one (as Firecracker
+/// does), unless the command line already says something about PCI.
+pub fn with_platform_args(cmdline: &str) -> String {
+    if cmdline.split_whitespace().any(|w| w.starts_with("pci=")) {
+        cmdline.to_string()
+    } else {
+        format!("{} pci=off", cmdline.trim_end())
+    }
+}
+
 /// Checks a virtio-mem window size: whole Linux memory blocks, and the
 /// window must end inside the address space the guest can reach.
 pub fn check_hotplug_size(ram: u64, window: u64) -> Result<(), VmError> {
@@ -584,7 +595,7 @@ impl Vm {
             )?),
             None => None,
         };
-        let len = linux::write_cmdline(&*mem, cmdline)?;
+        let len = linux::write_cmdline(&*mem, &with_platform_args(cmdline))?;
         let mut params = linux::boot_params(&k, len, initrd, self.ram_size)?;
         // SMP and power-off through ACPI (kernels without MPPARSE ignore the
         // MP table); the MP table stays for those that have it.
@@ -837,6 +848,15 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_gets_pci_off_unless_it_speaks_of_pci() {
+        assert_eq!(
+            with_platform_args("console=ttyS0 panic=-1 "),
+            "console=ttyS0 panic=-1 pci=off"
+        );
+        assert_eq!(with_platform_args("pci=noacpi quiet"), "pci=noacpi quiet");
+    }
 
     #[test]
     fn memory_sizes_are_checked() {
