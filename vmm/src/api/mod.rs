@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod server;
+pub mod wait;
 
 use std::io::ErrorKind;
 use std::os::unix::fs::FileTypeExt;

@@ -19,7 +19,8 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::http::{self, Parsed, Request, Response};
-use super::{bind_owner_only, handle, ApiContext};
+use super::wait::{self, Answer, Wait};
+use super::{bind_owner_only, ApiContext};
 
 /// Limits and timers of the API server.
 #[derive(Debug, Clone)]
@@ -101,6 +102,9 @@ struct Conn {
     since: Instant,
     /// Whether epoll watches for writability (else readability).
     watching_out: bool,
+    /// A request waiting for the guest (`"wait_ms"`), and whether the
+    /// client asked to close after it; later requests wait behind it.
+    waiting: Option<(Wait, bool)>,
 }
 
 impl Conn {
@@ -110,12 +114,16 @@ impl Conn {
 
     /// No request in progress and nothing to send: may be evicted.
     fn idle(&self) -> bool {
-        self.input.is_empty() && !self.writing()
+        self.input.is_empty() && !self.writing() && self.waiting.is_none()
     }
 
     /// When the current phase runs out (`None`: a timeout too large to
     /// represent, never).
     fn deadline(&self, config: &ApiConfig) -> Option<Instant> {
+        if let Some((w, _)) = &self.waiting {
+            // A wait ends by itself; its answer then starts a new phase.
+            return w.deadline.checked_add(config.request_timeout);
+        }
         let limit = if self.idle() {
             config.idle_timeout
         } else {
@@ -304,12 +312,38 @@ impl ApiServer {
                     id => self.service(id),
                 }
             }
+            self.poll_waits(Instant::now());
             self.expire(Instant::now());
         }
     }
 
-    /// Milliseconds until the first connection deadline (-1: none).
+    /// Answers the waits whose guest reached the target or whose deadline
+    /// passed, and moves their connections along.
+    fn poll_waits(&mut self, now: Instant) {
+        let done: Vec<(u64, Response)> = self
+            .conns
+            .iter()
+            .filter_map(|(&id, c)| {
+                let (w, _) = c.waiting.as_ref()?;
+                w.poll(&self.ctx, now).map(|r| (id, r))
+            })
+            .collect();
+        for (id, resp) in done {
+            if let Some(conn) = self.conns.get_mut(&id) {
+                if let Some((_, close)) = conn.waiting.take() {
+                    conn.queue(&resp, close);
+                }
+            }
+            self.service(id);
+        }
+    }
+
+    /// Milliseconds until the first connection deadline, or the next look
+    /// at a waiting request (-1: none).
     fn timeout_ms(&self) -> i32 {
+        if self.conns.values().any(|c| c.waiting.is_some()) {
+            return wait::POLL.as_millis() as i32;
+        }
         let Some(first) = self
             .conns
             .values()
@@ -405,6 +439,7 @@ impl ApiServer {
                 eof: false,
                 since: Instant::now(),
                 watching_out: false,
+                waiting: None,
             },
         );
     }
@@ -446,8 +481,11 @@ impl ApiServer {
         }
         conn.fill(self.config.max_request)?;
         // Requests sent ahead are answered in turn, as long as the answers
-        // go out at once.
+        // go out at once (and none is waiting for the guest).
         loop {
+            if conn.waiting.is_some() {
+                return Ok(true);
+            }
             if conn.input.is_empty() {
                 return Ok(!conn.eof);
             }
@@ -461,8 +499,13 @@ impl ApiServer {
                     conn.input.drain(..len.min(conn.input.len()));
                     // A request left behind starts its clock now.
                     conn.since = Instant::now();
-                    let resp = self.answer(&request);
-                    conn.queue(&resp, request.close);
+                    match self.answer(&request) {
+                        Answer::Now(resp) => conn.queue(&resp, request.close),
+                        Answer::Wait(w) => {
+                            conn.waiting = Some((w, request.close));
+                            return Ok(true);
+                        }
+                    }
                 }
                 Err(resp) => {
                     if matches!(resp.status, 413 | 431) {
@@ -481,9 +524,12 @@ impl ApiServer {
         }
     }
 
-    fn answer(&mut self, req: &Request) -> Response {
+    fn answer(&mut self, req: &Request) -> Answer {
         self.counters.requests += 1;
-        let mut resp = handle(&self.ctx, req);
+        let mut resp = match wait::answer(&self.ctx, req) {
+            Answer::Now(resp) => resp,
+            wait => return wait,
+        };
         if resp.status >= 400 {
             log::info!("api: answered {}", resp.status);
         }
@@ -492,7 +538,7 @@ impl ApiServer {
                 m.insert("api".into(), self.metrics());
             }
         }
-        resp
+        Answer::Now(resp)
     }
 
     fn metrics(&self) -> Value {
@@ -878,5 +924,102 @@ mod tests {
         );
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(stats_used_idx(&api.ctx), 0);
+    }
+
+    fn put(path: &str, body: &str) -> String {
+        format!(
+            "PUT {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// `"wait_ms"`: the answer comes when the guest reaches the target,
+    /// with its state; meanwhile another client is served at once.
+    #[test]
+    fn a_put_with_wait_ms_answers_when_the_guest_reaches_the_target() {
+        let api = start(ApiConfig::default());
+        let mut s = connect(&api.path);
+        let asked = Instant::now();
+        s.write_all(put("/balloon", r#"{"target_mib": 8, "wait_ms": 5000}"#).as_bytes())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        // Another client is not held up by the waiting one.
+        let other = Instant::now();
+        let m = metrics(&api.path);
+        assert!(other.elapsed() < Duration::from_millis(500));
+        assert_eq!(m["api"]["requests"], 2);
+        // The guest reaches the target.
+        let b = &api.ctx.balloon.as_ref().unwrap().state;
+        b.set_actual(8 * 256);
+        let (status, _, body) = response(&mut s);
+        let waited = asked.elapsed();
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["reached"], true, "{v}");
+        assert_eq!(v["actual_mib"], 8);
+        assert!(waited >= Duration::from_millis(150), "{waited:?}");
+        assert!(
+            waited < Duration::from_secs(4),
+            "answered at once it reached: {waited:?}"
+        );
+        // The connection carries on.
+        s.write_all(b"GET /vm HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(response(&mut s).0, 200);
+    }
+
+    #[test]
+    fn a_wait_that_runs_out_answers_with_the_state_at_the_deadline() {
+        let api = start(ApiConfig::default());
+        let mut s = connect(&api.path);
+        let asked = Instant::now();
+        s.write_all(put("/balloon", r#"{"target_mib": 16, "wait_ms": 300}"#).as_bytes())
+            .unwrap();
+        let (status, _, body) = response(&mut s);
+        assert!(asked.elapsed() >= Duration::from_millis(300));
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["reached"].clone(), v["actual_mib"].clone()),
+            (json!(false), json!(0))
+        );
+        assert_eq!(v["target_mib"], 16);
+        // Already there: answered at once. Without wait_ms: 204 as before.
+        s.write_all(put("/balloon", r#"{"target_mib": 0, "wait_ms": 60000}"#).as_bytes())
+            .unwrap();
+        let (status, _, body) = response(&mut s);
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["reached"], true, "{v}");
+        s.write_all(put("/balloon", r#"{"target_mib": 1}"#).as_bytes())
+            .unwrap();
+        assert_eq!(response(&mut s).0, 204);
+    }
+
+    #[test]
+    fn bad_wait_values_are_refused_and_change_nothing() {
+        let api = start(ApiConfig::default());
+        let b = &api.ctx.balloon.as_ref().unwrap().state;
+        for bad in [
+            r#"{"target_mib": 4, "wait_ms": -1}"#,
+            r#"{"target_mib": 4, "wait_ms": "soon"}"#,
+            r#"{"target_mib": 4, "wait_ms": 60001}"#,
+            r#"{"target_mib": 4, "wait_ms": 1.5}"#,
+        ] {
+            let mut s = connect(&api.path);
+            s.write_all(put("/balloon", bad).as_bytes()).unwrap();
+            let (status, _, body) = response(&mut s);
+            assert_eq!(status, 400, "{bad}: {body}");
+            assert!(body.contains("wait_ms"), "{body}");
+        }
+        assert_eq!(
+            b.target_pages.load(Ordering::Relaxed),
+            0,
+            "target unchanged"
+        );
+        // The memory target the same way.
+        let mut s = connect(&api.path);
+        s.write_all(put("/memory", r#"{"requested_mib": 0, "wait_ms": 99999999}"#).as_bytes())
+            .unwrap();
+        assert_eq!(response(&mut s).0, 400);
     }
 }
