@@ -88,6 +88,7 @@ pub struct MemRequest {
 // SAFETY: plain little-endian integers with no implicit padding; any byte
 // pattern is a valid value.
 unsafe impl ByteValued for MemRequest {}
+const _: () = assert!(size_of::<MemRequest>() == 24);
 
 impl MemRequest {
     /// A request of `kind` for `nb_blocks` blocks at `addr`.
@@ -115,6 +116,7 @@ pub struct MemResponse {
 // SAFETY: plain little-endian integers (10 bytes, 2-aligned, no implicit
 // padding); any byte pattern is a valid value.
 unsafe impl ByteValued for MemResponse {}
+const _: () = assert!(size_of::<MemResponse>() == 10);
 
 /// Counters of what the device did and refused.
 #[derive(Debug, Default)]
