@@ -17,7 +17,6 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Seek;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::FromRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -111,13 +110,7 @@ impl Rng {
 }
 
 fn memfd(name: &str) -> File {
-    let cname = std::ffi::CString::new(name).expect("memfd name");
-    // SAFETY: cname is a valid NUL-terminated string that memfd_create only
-    // reads; it returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fd was just created and nothing else owns it.
-    unsafe { File::from_raw_fd(fd) }
+    guest_mem::backing::memfd_file(name, false).expect("memfd_create")
 }
 
 /// A memfd of `len` bytes, every MiB of it a copy of `chunk` (1 MiB).
@@ -566,7 +559,7 @@ fn discard_throughput(mem: &GuestMem, bytes: u64, chunk: u64) -> f64 {
 }
 
 // ---------------------------------------------------------------------------
-// JSON (std only)
+// JSON: a small tree for the figures, written with serde_json
 // ---------------------------------------------------------------------------
 
 enum Json {
@@ -587,61 +580,24 @@ fn num(v: f64) -> Json {
 }
 
 impl Json {
-    fn write(&self, out: &mut String, indent: usize) {
-        let pad = |out: &mut String, n: usize| out.push_str(&" ".repeat(n));
+    fn to_value(&self) -> serde_json::Value {
+        use serde_json::Value;
         match self {
-            Json::Num(v) if v.is_finite() => {
-                // Four decimals are plenty; Display never uses an exponent.
-                let _ = write!(out, "{}", (v * 1e4).round() / 1e4);
-            }
-            Json::Num(_) => out.push_str("null"),
-            Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Json::Int(v) => {
-                let _ = write!(out, "{v}");
-            }
-            Json::Str(s) => write_str(out, s),
-            Json::Arr(items) => {
-                out.push('[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(", ");
-                    }
-                    item.write(out, indent);
-                }
-                out.push(']');
-            }
-            Json::Obj(pairs) => {
-                out.push('{');
-                for (i, (k, v)) in pairs.iter().enumerate() {
-                    out.push_str(if i > 0 { ",\n" } else { "\n" });
-                    pad(out, indent + 2);
-                    write_str(out, k);
-                    out.push_str(": ");
-                    v.write(out, indent + 2);
-                }
-                if !pairs.is_empty() {
-                    out.push('\n');
-                    pad(out, indent);
-                }
-                out.push('}');
-            }
+            // Four decimals are plenty; NaN and infinities have no JSON form.
+            Json::Num(v) => serde_json::Number::from_f64((v * 1e4).round() / 1e4)
+                .map_or(Value::Null, Value::Number),
+            Json::Bool(b) => Value::Bool(*b),
+            Json::Int(v) => Value::from(*v),
+            Json::Str(s) => Value::String(s.clone()),
+            Json::Arr(items) => Value::Array(items.iter().map(Json::to_value).collect()),
+            Json::Obj(pairs) => Value::Object(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_value()))
+                    .collect(),
+            ),
         }
     }
-}
-
-fn write_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 fn output_path() -> PathBuf {
@@ -1225,8 +1181,7 @@ fn main() {
         ),
         ("elapsed_s", num(started.elapsed().as_secs_f64())),
     ]);
-    let mut text = String::new();
-    json.write(&mut text, 0);
+    let mut text = serde_json::to_string_pretty(&json.to_value()).unwrap_or_default();
     text.push('\n');
     let path = output_path();
     if let Some(dir) = path.parent() {

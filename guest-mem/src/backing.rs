@@ -107,6 +107,24 @@ fn fs_magic_and_block(fd: RawFd) -> io::Result<(i64, u64)> {
     Ok((st.f_type, st.f_bsize as u64))
 }
 
+/// A new, empty anonymous memfd (close-on-exec; on hugetlbfs if `huge`).
+/// The one place this crate, its tests and its benches create memfds.
+pub fn memfd_file(name: &str, huge: bool) -> Result<File> {
+    let cname = CString::new(name).map_err(|_| Error::InvalidName(name.to_string()))?;
+    let mut flags = libc::MFD_CLOEXEC;
+    if huge {
+        flags |= libc::MFD_HUGETLB;
+    }
+    // SAFETY: cname is a valid NUL-terminated string; memfd_create only
+    // reads it and returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(Error::Memfd(io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a freshly created descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
 fn check_size(size: u64, page: u64) -> Result<()> {
     if size == 0 {
         return Err(Error::ZeroSize);
@@ -143,19 +161,7 @@ impl BackingFile {
     }
 
     fn create_memfd(name: &str, size: u64, huge: bool, may_be_empty: bool) -> Result<Self> {
-        let cname = CString::new(name).map_err(|_| Error::InvalidName(name.to_string()))?;
-        let mut flags = libc::MFD_CLOEXEC;
-        if huge {
-            flags |= libc::MFD_HUGETLB;
-        }
-        // SAFETY: cname is a valid NUL-terminated string; memfd_create only
-        // reads it and returns a new descriptor or -1.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
-        if fd < 0 {
-            return Err(Error::Memfd(io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a freshly created descriptor that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let file = memfd_file(name, huge)?;
         let (kind, page) = if huge {
             let (_, block) = fs_magic_and_block(file.as_raw_fd()).map_err(Error::Memfd)?;
             (BackingKind::Hugetlbfs, block)

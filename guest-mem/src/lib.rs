@@ -28,7 +28,11 @@
 //! println!("{}", mem.stats());
 //! # Ok::<(), guest_mem::Error>(())
 //! ```
-#![deny(missing_docs, unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![deny(
+    missing_docs,
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks
+)]
 
 pub mod access;
 pub mod backend;

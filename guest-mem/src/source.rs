@@ -109,11 +109,6 @@ mod tests {
     }
 
     fn tempfile() -> File {
-        let name = std::ffi::CString::new("src-test").unwrap();
-        // SAFETY: valid C string; returns a new descriptor or -1.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fd is new and owned by nothing else.
-        unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) }
+        crate::backing::memfd_file("src-test", false).unwrap()
     }
 }

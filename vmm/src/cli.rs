@@ -8,6 +8,7 @@ use clap::{Parser, ValueEnum};
 use guest_mem::{FaultConfig, FaultMode, Readahead};
 
 use crate::api::ApiConfig;
+use crate::boot::mptable::MAX_CPUS_IN_EBDA;
 use crate::vm::{MemBackend, SerialOut};
 
 /// Boot a Linux kernel (or a flat payload) on file-backed, fault-managed
@@ -33,8 +34,12 @@ pub struct Args {
     /// Guest memory size: bytes, or with a K, M, G or T suffix.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=37))]
+    /// Number of vCPUs (at most what the MP table in the EBDA can list).
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_CPUS_IN_EBDA))
+    )]
     pub vcpus: u8,
     /// Where guest RAM lives: `memfd`, `file:PATH`, `hugetlbfs` or
     /// `hugetlbfs:PATH`.
@@ -211,6 +216,12 @@ mod tests {
         let a = Args::try_parse_from(["vmm", "--kernel", "k", "--memory", "1G"]).unwrap();
         assert_eq!(a.memory, 1 << 30);
         assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--vcpus", "0"]).is_err());
+        let n = |v: u8| Args::try_parse_from(["vmm", "--kernel", "k", "--vcpus", &v.to_string()]);
+        assert!(n(MAX_CPUS_IN_EBDA).is_ok());
+        assert!(
+            n(MAX_CPUS_IN_EBDA + 1).is_err(),
+            "more than the MP table can list"
+        );
         assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--memory", "lots"]).is_err());
     }
 

@@ -39,6 +39,10 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APICs.
 pub const LAPIC_START: u64 = 0xfee0_0000;
+/// Largest vCPU count: APIC IDs are 8 bits, 0xff is the broadcast ID, and
+/// the I/O APIC takes the ID right after the last CPU. The ACPI and MP
+/// tables and the configuration checks all use this one.
+pub const MAX_VCPUS: u8 = 254;
 /// KVM's TSS (three pages) just below the identity map page.
 pub const KVM_TSS: u64 = 0xfffb_d000;
 /// KVM's identity-map page (needed on Intel without unrestricted guest).

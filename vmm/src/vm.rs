@@ -360,9 +360,9 @@ impl Vm {
     /// `mem` is the virtio-mem window. `config.backend` and `config.fault`
     /// are not used.
     pub fn with_memory(config: VmConfig, mem: GuestMem) -> Result<Vm, VmError> {
-        if config.vcpus == 0 || config.vcpus > 254 {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(VmError::Config(format!(
-                "{} vCPUs requested; between 1 and 254 are supported",
+                "{} vCPUs requested; between 1 and {MAX_VCPUS} are supported",
                 config.vcpus
             )));
         }

@@ -28,19 +28,14 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemory
 
 /// Guest-physical address of the MP floating pointer (start of the EBDA).
 pub const MPTABLE_START: u64 = 0x9fc00;
-/// Guest-physical address of the I/O APIC registers.
-pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
-/// Guest-physical address of the local APIC registers.
-pub const APIC_ADDR: u64 = 0xfee0_0000;
 
 /// End (exclusive) of the area the MP table must fit in: the BIOS/VGA hole.
 const MPTABLE_END: u64 = 0xa0000;
 /// Room available for the MP table, in bytes.
 const MPTABLE_AREA_SIZE: usize = (MPTABLE_END - MPTABLE_START) as usize;
 
-/// Largest vCPU count accepted: APIC IDs are 8 bits, 0xff is the broadcast
-/// ID, and the I/O APIC takes the ID right after the last CPU.
-pub const MAX_CPUS: u8 = 254;
+pub use crate::layout::MAX_VCPUS as MAX_CPUS;
+use crate::layout::{IOAPIC_START as IOAPIC_ADDR, LAPIC_START as APIC_ADDR};
 
 /// Largest vCPU count whose table fits in the 1 KiB EBDA area.
 pub const MAX_CPUS_IN_EBDA: u8 = {
