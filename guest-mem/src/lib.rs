@@ -42,6 +42,7 @@ pub mod fault;
 pub mod generation;
 pub mod image;
 mod memory;
+pub mod memory_file;
 pub mod pagemap;
 pub mod region;
 pub mod source;

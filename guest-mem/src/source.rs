@@ -66,8 +66,25 @@ impl PageSource for FileSource {
         Some(self.len)
     }
 
-    fn is_zero(&self, offset: u64, _len: u64) -> bool {
-        offset >= self.len
+    fn is_zero(&self, offset: u64, len: u64) -> bool {
+        if offset >= self.len {
+            return true;
+        }
+        // A hole in a sparse image (a page the guest never had) reads zero
+        // without reading anything.
+        // SAFETY: lseek on an open descriptor has no memory effects.
+        let data = unsafe {
+            libc::lseek64(
+                std::os::unix::io::AsRawFd::as_raw_fd(&self.file),
+                offset as i64,
+                libc::SEEK_DATA,
+            )
+        };
+        if data < 0 {
+            // ENXIO: no data past `offset`; anything else: read to be sure.
+            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        data as u64 >= offset.saturating_add(len)
     }
 
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {

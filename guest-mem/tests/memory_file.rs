@@ -1,0 +1,142 @@
+//! Saving guest memory to a sparse memory file and restoring from it:
+//! holes stay holes (a mostly empty guest writes little), every page the
+//! guest had comes back, and every page it gave back reads zero.
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use guest_mem::{
+    memory_file, Backing, BackingFile, FileSource, GuestMem, RegionConfig, RegionSource,
+};
+
+const MIB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+const WINDOW: u64 = 8 << 30;
+
+fn dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("guest-mem-memfile-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Boot RAM in one file as two regions (as around an MMIO gap) and a
+/// resizable window with a file of its own.
+fn layout(sources: Option<(&std::path::Path, &memory_file::SavedLayout)>) -> GuestMem {
+    let file = Arc::new(BackingFile::memfd("ram", 48 * MIB).unwrap());
+    let mut configs = vec![
+        (
+            0,
+            32 * MIB,
+            Backing::Shared {
+                file: file.clone(),
+                offset: 0,
+            },
+            None,
+        ),
+        (
+            1 << 32,
+            16 * MIB,
+            Backing::Shared {
+                file,
+                offset: 32 * MIB,
+            },
+            None,
+        ),
+        (WINDOW, 16 * MIB, Backing::Memfd, Some(32 * MIB)),
+    ];
+    let mut b = GuestMem::builder();
+    for (i, (gpa, size, backing, max)) in configs.drain(..).enumerate() {
+        let mut rc = RegionConfig::new(gpa, size);
+        rc.backing = backing;
+        rc.max_size = max;
+        if let Some((path, saved)) = sources {
+            rc.source = Some(RegionSource {
+                source: Arc::new(FileSource::open(path).unwrap()),
+                offset: saved.regions[i].offset,
+            });
+        }
+        b = b.region(rc);
+    }
+    b.build().unwrap()
+}
+
+#[test]
+fn a_saved_memory_is_sparse_and_restores_page_for_page() {
+    let d = dir();
+    let path = d.join("memory");
+    let _ = std::fs::remove_file(&path);
+    let mem = layout(None);
+    let ram = mem.memory().memory();
+    // 300 pages with data across the three regions; 20 of them given back.
+    let pages: Vec<u64> = (0..100)
+        .flat_map(|i| {
+            [
+                i * 7 * PAGE,
+                (1 << 32) + i * 5 * PAGE,
+                WINDOW + i * 3 * PAGE,
+            ]
+        })
+        .collect();
+    for &gpa in &pages {
+        ram.write_obj(gpa ^ 0xfeed_0000_0000_0000, GuestAddress(gpa))
+            .unwrap();
+    }
+    let given_back: Vec<u64> = pages.iter().copied().step_by(15).collect();
+    for &gpa in &given_back {
+        mem.discard(GuestAddress(gpa), PAGE).unwrap();
+    }
+    let saved = memory_file::save(&mem, &path).unwrap();
+    assert_eq!(
+        saved.regions[1].offset,
+        32 * MIB,
+        "the second region follows the first in one file"
+    );
+    let kept = (pages.len() - given_back.len()) as u64;
+    assert_eq!(saved.bytes_written, kept * PAGE, "only the pages with data");
+    let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(
+        allocated <= kept * PAGE + MIB,
+        "{allocated} bytes allocated on disk"
+    );
+    assert!(saved.file_len >= 48 * MIB + 16 * MIB);
+
+    let restored = layout(Some((&path, &saved)));
+    let r = restored.memory().memory();
+    for &gpa in &pages {
+        let v: u64 = r.read_obj(GuestAddress(gpa)).unwrap();
+        let want = if given_back.contains(&gpa) {
+            0
+        } else {
+            gpa ^ 0xfeed_0000_0000_0000
+        };
+        assert_eq!(v, want, "at {gpa:#x}");
+    }
+    assert_eq!(r.read_obj::<u64>(GuestAddress(PAGE + 8)).unwrap(), 0);
+    // Holes in the image cost no read: the handler installs zero pages.
+    let s = restored.settled_stats(std::time::Duration::from_secs(1));
+    assert!(s.installs_zero > 0, "{s}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn saving_refuses_an_existing_file_and_private_regions() {
+    let d = dir().join("refusals");
+    std::fs::create_dir_all(&d).unwrap();
+    let path = d.join("exists");
+    std::fs::write(&path, b"keep me").unwrap();
+    let mem = GuestMem::builder()
+        .region(RegionConfig::new(0, 2 * MIB))
+        .build()
+        .unwrap();
+    assert!(memory_file::save(&mem, &path).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
+    let mut rc = RegionConfig::new(0, 2 * MIB);
+    rc.private = true;
+    let private = GuestMem::builder().region(rc).build().unwrap();
+    let e = memory_file::save(&private, &d.join("new"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("private"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}
