@@ -12,6 +12,7 @@ pub mod exit_profile;
 pub mod hotplug_slots;
 pub mod layout;
 pub mod signals;
+pub mod uffd_handshake;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
