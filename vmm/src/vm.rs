@@ -806,9 +806,11 @@ impl Vm {
                 done += 1;
             }
         }
+        // A vCPU that reported its reason is on its way out: join it. One
+        // that never reported may still be in the guest.
         let mut stuck = 0;
-        for h in handles {
-            if h.is_finished() {
+        for (id, h) in handles.into_iter().enumerate() {
+            if reasons[id].is_some() || h.is_finished() {
                 let _ = h.join();
             } else {
                 stuck += 1;
