@@ -10,6 +10,7 @@ pub mod cpuid;
 pub mod exit;
 pub mod exit_profile;
 pub mod layout;
+pub mod seccomp;
 pub mod signals;
 pub mod vcpu;
 pub mod virtio;
