@@ -77,6 +77,10 @@ pub struct Args {
     /// Serve the control API on this Unix socket (created owner-only).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// Run without the seccomp filters that otherwise confine the vCPU,
+    /// fault handler and event loop threads (to debug a refused call).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// Who serves faults.
@@ -212,6 +216,9 @@ mod tests {
         assert_eq!(a.memory, 1 << 30);
         assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--vcpus", "0"]).is_err());
         assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--memory", "lots"]).is_err());
+        assert!(!a.no_seccomp, "seccomp is on by default");
+        let a = Args::try_parse_from(["vmm", "--kernel", "k", "--no-seccomp"]).unwrap();
+        assert!(a.no_seccomp);
     }
 
     #[test]
