@@ -181,7 +181,7 @@ fn rules(kind: ThreadKind) -> Rules {
     match kind {
         ThreadKind::Vcpu => {
             device_rules(&mut r);
-            let mut req = vec![u64::from(KVM_RUN()), u64::from(KVM_GET_REGS())];
+            let mut req = vec![KVM_RUN(), KVM_GET_REGS()];
             req.extend_from_slice(&uffd_discard);
             ioctls(&mut r, &req);
         }
@@ -502,7 +502,7 @@ mod tests {
             let v = vec![7u8; 8 << 20]; // mmap'd by the allocator
             (
                 socket(),
-                ioctl(fd, u64::from(KVM_RUN())),
+                ioctl(fd, KVM_RUN()),
                 ioctl(fd, 0xAE01), // KVM_CREATE_VM
                 eventfd_write(fd),
                 v.iter().map(|b| u64::from(*b)).sum::<u64>(),
@@ -533,7 +533,7 @@ mod tests {
             (
                 socket(),
                 ioctl(fd, u64::from(userfaultfd_sys::UFFDIO_COPY)),
-                ioctl(fd, u64::from(KVM_RUN())),
+                ioctl(fd, KVM_RUN()),
                 punch_hole(fd),
                 exec,
             )
@@ -557,7 +557,7 @@ mod tests {
                 punch_hole(fd),
                 open_etc_hostname(),
                 eventfd_write(efd),
-                ioctl(efd, u64::from(KVM_RUN())),
+                ioctl(efd, KVM_RUN()),
             )
         });
         assert_eq!(sock, libc::EPERM, "socket()");
@@ -585,7 +585,7 @@ mod tests {
                 socket(),
                 got.map_err(|e| e.to_string()),
                 open_etc_hostname(),
-                ioctl(listener.as_raw_fd(), u64::from(KVM_RUN())),
+                ioctl(listener.as_raw_fd(), KVM_RUN()),
             )
         });
         assert_eq!(sock, libc::EPERM, "socket()");
