@@ -159,6 +159,20 @@ fn device_rules(r: &mut Rules) {
             libc::SYS_epoll_ctl,
         ],
     );
+    fstatat(r);
+}
+
+/// glibc's `fstat` is `newfstatat(fd, "", buf, AT_EMPTY_PATH)`: allowed
+/// with that flag only, which names the descriptor and looks up no path.
+fn fstatat(r: &mut Rules) {
+    let empty = libc::AT_EMPTY_PATH as u64;
+    r.insert(
+        libc::SYS_newfstatat,
+        vec![
+            SeccompRule::new(vec![cond(3, SeccompCmpOp::MaskedEq(empty), empty)])
+                .expect("one condition"),
+        ],
+    );
 }
 
 /// The userfaultfd ioctls a discard of private memory makes (zero pages
@@ -199,6 +213,7 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_fstat,
                 ],
             );
+            fstatat(&mut r);
             ioctls(
                 &mut r,
                 &[
@@ -252,6 +267,8 @@ fn rules(kind: ThreadKind) -> Rules {
             let mut req = uffd_discard.to_vec();
             // Non-blocking connections (std sets it with FIONBIO).
             req.push(libc::FIONBIO);
+            // The server may hold the last reference to guest memory.
+            req.push(u64::from(userfaultfd_sys::UFFDIO_UNREGISTER));
             ioctls(&mut r, &req);
         }
     }
@@ -488,6 +505,17 @@ mod tests {
         errno(unsafe { libc::fallocate(fd, mode, 0, 4096) })
     }
 
+    /// fstat of `fd`, and a stat by path (not an fd's).
+    fn stat(fd: i32) -> (i32, i32) {
+        // SAFETY: stat is plain data; zeroed is a valid value for it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: an open descriptor and a stat we own.
+        let by_fd = errno(unsafe { libc::fstat(fd, &mut st) });
+        // SAFETY: a NUL-terminated path and a stat we own.
+        let by_path = errno(unsafe { libc::stat(c"/etc/hostname".as_ptr(), &mut st) });
+        (by_fd, by_path)
+    }
+
     fn memfd() -> std::fs::File {
         let f = tempfile::tempfile().unwrap();
         f.set_len(1 << 20).unwrap();
@@ -551,17 +579,20 @@ mod tests {
         let fd = file.as_raw_fd();
         let evt = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
         let efd = evt.as_raw_fd();
-        let (sock, punch, open, write, run) = under_filter(ThreadKind::EventLoop, move || {
-            (
-                socket(),
-                punch_hole(fd),
-                open_etc_hostname(),
-                eventfd_write(efd),
-                ioctl(efd, KVM_RUN()),
-            )
-        });
+        let (sock, punch, open, write, run, stat) =
+            under_filter(ThreadKind::EventLoop, move || {
+                (
+                    socket(),
+                    punch_hole(fd),
+                    open_etc_hostname(),
+                    eventfd_write(efd),
+                    ioctl(efd, KVM_RUN()),
+                    stat(fd),
+                )
+            });
         assert_eq!(sock, libc::EPERM, "socket()");
         assert_eq!(punch, 0, "punching a hole");
+        assert_eq!(stat, (0, libc::EPERM), "fstat, and stat of a path");
         assert_eq!(open, libc::EACCES, "open: the deny layer");
         assert_eq!(write, 0, "writing an eventfd");
         assert_eq!(run, libc::EPERM, "KVM_RUN is a vCPU's");
