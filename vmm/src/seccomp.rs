@@ -19,6 +19,7 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
+
 /// The exit status of a process one of whose threads made a refused call.
 pub const SECCOMP_EXIT_CODE: i32 = 128 + libc::SIGSYS;
 
@@ -39,14 +40,6 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [
-        ThreadKind::Vcpu,
-        ThreadKind::FaultHandler,
-        ThreadKind::EventLoop,
-        ThreadKind::Api,
-    ];
-
     fn name(self) -> &'static str {
         match self {
             ThreadKind::Vcpu => "vcpu",
@@ -175,8 +168,8 @@ fn fstatat(r: &mut Rules) {
     );
 }
 
-/// The userfaultfd ioctls a discard of private memory makes (zero pages
-/// over what it dropped) and the fault handler's own.
+/// The userfaultfd ioctls a discard of private memory makes: zero pages
+/// over what it dropped, and a wake.
 const UFFD_DISCARD: [u32; 2] = [
     userfaultfd_sys::UFFDIO_ZEROPAGE,
     userfaultfd_sys::UFFDIO_WAKE,
