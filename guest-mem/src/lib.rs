@@ -52,7 +52,7 @@ mod sync;
 pub use access::{DeviceMemory, MemoryGuard};
 pub use backing::{BackingFile, BackingKind};
 pub use error::{Error, Result};
-pub use fault::{FaultConfig, FaultFailure, FaultMode, Readahead};
+pub use fault::{FaultConfig, FaultFailure, FaultMode, Readahead, ThreadStartHook};
 pub use generation::{FileRange, RetryPolicy};
 pub use memory::{Backing, GuestMem, GuestMemBuilder, RegionConfig};
 pub use region::{GuestMemory, GuestMemoryAtomic, GuestRegion, Region, RegionSource};

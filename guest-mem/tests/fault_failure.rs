@@ -145,3 +145,59 @@ fn a_handler_thread_that_stops_is_reported() {
     drop(quiet);
     assert_eq!(f.count(), 0);
 }
+
+/// The start hook runs once on every handler thread, on that thread; one
+/// that fails stops its thread, and the failure says why.
+#[test]
+fn the_thread_start_hook_runs_on_each_handler_thread_and_its_failure_is_reported() {
+    let names = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hook = {
+        let names = names.clone();
+        guest_mem::ThreadStartHook::new(move || {
+            let name = std::thread::current().name().map(str::to_owned);
+            names.lock().unwrap().push(name);
+            Ok(())
+        })
+    };
+    let src = || {
+        Arc::new(Flaky {
+            failures: 0,
+            fetches: AtomicU64::new(0),
+        })
+    };
+    let mem = memory(
+        src(),
+        FaultConfig {
+            threads: 2,
+            on_thread_start: Some(hook),
+            ..FaultConfig::default()
+        },
+    );
+    assert_eq!(
+        mem.memory()
+            .memory()
+            .read_obj::<u8>(GuestAddress(0))
+            .unwrap(),
+        0xab
+    );
+    drop(mem);
+    let mut seen = names.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(seen, [Some("uffd-0".into()), Some("uffd-1".into())]);
+
+    let failing = guest_mem::ThreadStartHook::new(|| Err("no filter for you".into()));
+    let mem = memory(
+        src(),
+        FaultConfig {
+            on_thread_start: Some(failing),
+            ..FaultConfig::default()
+        },
+    );
+    let failure = mem.fault_failure().expect("userfaultfd in use").clone();
+    assert!(wait_readable(failure.event_fd(), Duration::from_secs(5)));
+    let msg = failure.message().unwrap();
+    assert!(
+        msg.contains("start hook failed: no filter for you"),
+        "{msg}"
+    );
+}

@@ -26,6 +26,7 @@ fn vm(memory: u64, vcpus: u8, readahead: Readahead) -> Vm {
         balloon: None,
         hotplug: None,
         api_socket: None,
+        seccomp: true,
     })
     .expect("creating the VM")
 }
@@ -188,6 +189,7 @@ fn memory_that_cannot_be_served_stops_the_vm_with_the_page() {
         .region(rc)
         .fault_config(FaultConfig {
             readahead: Readahead::NONE,
+            on_thread_start: Some(vmm::seccomp::fault_thread_hook()),
             ..FaultConfig::default()
         })
         .build()
@@ -202,6 +204,7 @@ fn memory_that_cannot_be_served_stops_the_vm_with_the_page() {
             balloon: None,
             hotplug: None,
             api_socket: None,
+            seccomp: true,
         },
         mem,
     )
@@ -221,4 +224,89 @@ fn memory_that_cannot_be_served_stops_the_vm_with_the_page() {
     assert!(why.contains("offset 0x800000"), "{why}");
     assert!(why.contains("Input/output error"), "{why}");
     assert!(start.elapsed() < Duration::from_secs(20));
+}
+
+/// The `Seccomp:` mode of each of this process's threads named `prefix*`
+/// (2: filtered), from /proc.
+fn seccomp_modes(prefix: &str) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim().to_string();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        out.push((comm, mode));
+    }
+    out
+}
+
+/// With seccomp on, the vCPU, fault handler and event loop threads of a
+/// running VM are filtered, and the thread that called `Vm::run` is not.
+#[test]
+fn a_running_vm_has_its_threads_filtered_and_its_caller_not() {
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    const FLAG: u32 = 0x20_0000;
+    // spin: mov eax, [FLAG]; test eax, eax; jz spin; xor eax, eax;
+    //       out 0xe0, eax; hlt
+    let mut code = vec![0x8b, 0x04, 0x25];
+    code.extend_from_slice(&FLAG.to_le_bytes());
+    code.extend_from_slice(&[0x85, 0xc0, 0x74, 0xf5, 0x31, 0xc0, 0xe7, 0xe0, 0xf4]);
+    let mut vm = vm(16 << 20, 1, Readahead::NONE);
+    vm.load_payload(&code, LOAD, true, |_| PayloadArgs {
+        entry: LOAD,
+        stack: LOAD,
+        args: [0; 6],
+    })
+    .unwrap();
+    let mem = vm.memory().clone();
+    let caller = std::thread::Builder::new()
+        .name("runner".into())
+        .spawn(move || (vm.run(), seccomp_modes("runner")))
+        .unwrap();
+    // Other tests' VMs run in this process too, under the same names and
+    // with the same filters.
+    let names = ["vcpu0", "uffd-0", "vmm-events"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen: Vec<Vec<(String, u32)>> = Vec::new();
+    while std::time::Instant::now() < deadline {
+        seen = names.map(seccomp_modes).to_vec();
+        if seen
+            .iter()
+            .all(|t| !t.is_empty() && t.iter().all(|(_, m)| *m == 2))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    mem.memory()
+        .memory()
+        .write_obj(1u32, GuestAddress(u64::from(FLAG)))
+        .unwrap();
+    let (outcome, caller_modes) = caller.join().unwrap();
+    let outcome = outcome.unwrap();
+    assert!(
+        matches!(outcome.reason, ExitReason::PayloadDone { code: 0, .. }),
+        "{}",
+        outcome.reason
+    );
+    for (name, threads) in names.iter().zip(&seen) {
+        assert!(!threads.is_empty(), "no {name} thread seen");
+        assert!(threads.iter().all(|(_, m)| *m == 2), "{name}: {threads:?}");
+    }
+    assert_eq!(
+        caller_modes,
+        [("runner".to_string(), 0)],
+        "the caller is not"
+    );
 }

@@ -82,6 +82,10 @@ pub struct Args {
     /// Serve the control API on this Unix socket (created owner-only).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// Run without the seccomp filters that otherwise confine the vCPU,
+    /// fault handler and event loop threads (to debug a refused call).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// Who serves faults.
@@ -223,6 +227,9 @@ mod tests {
             "more than the MP table can list"
         );
         assert!(Args::try_parse_from(["vmm", "--kernel", "k", "--memory", "lots"]).is_err());
+        assert!(!a.no_seccomp, "seccomp is on by default");
+        let a = Args::try_parse_from(["vmm", "--kernel", "k", "--no-seccomp"]).unwrap();
+        assert!(a.no_seccomp);
     }
 
     #[test]

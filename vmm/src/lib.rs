@@ -11,6 +11,7 @@ pub mod exit;
 pub mod exit_profile;
 pub mod hotplug_slots;
 pub mod layout;
+pub mod seccomp;
 pub mod signals;
 pub mod uffd_handshake;
 pub mod vcpu;

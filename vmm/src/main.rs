@@ -46,6 +46,7 @@ fn run(args: Args, signals: Option<ShutdownSignals>) -> Result<ExitCode, String>
         }),
         hotplug: args.virtio_mem,
         api_socket: args.api_sock.clone(),
+        seccomp: !args.no_seccomp,
     })
     .map_err(|e| e.to_string())?;
     vm.set_api_config(args.api_config());

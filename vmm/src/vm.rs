@@ -22,6 +22,7 @@ use crate::boot::{acpi, linux, mptable, BootError};
 use crate::exit::ExitReason;
 use crate::hotplug_slots::SlottedWindow;
 use crate::layout::*;
+use crate::seccomp::{install, ThreadKind};
 use crate::signals::ShutdownSignals;
 use crate::vcpu::{self, PayloadArgs, VcpuContext, VcpuError};
 use crate::virtio::VirtioSlot;
@@ -75,6 +76,12 @@ pub struct VmConfig {
     pub hotplug: Option<u64>,
     /// Where to serve the control API, if anywhere.
     pub api_socket: Option<PathBuf>,
+    /// Confine the vCPU, fault handler and event loop threads with their
+    /// seccomp filters ([`crate::seccomp`]) before the guest runs. With
+    /// [`Vm::with_memory`], the fault handler threads are confined only if
+    /// the caller's memory was built with
+    /// [`crate::seccomp::fault_thread_hook`].
+    pub seccomp: bool,
 }
 
 /// Balloon options: the device's optional features.
@@ -254,6 +261,7 @@ pub struct Vm {
     api_socket: Option<PathBuf>,
     api_config: ApiConfig,
     shutdown: Option<ShutdownSignals>,
+    seccomp: bool,
     _kvm: Kvm,
 }
 
@@ -345,12 +353,11 @@ impl Write for SharedWriter {
 impl Vm {
     /// Opens KVM, creates the VM, its memory, devices and vCPUs.
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
-        let mem = build_memory(
-            config.memory,
-            &config.backend,
-            config.fault.clone(),
-            config.hotplug,
-        )?;
+        let mut fault = config.fault.clone();
+        if config.seccomp && fault.on_thread_start.is_none() {
+            fault.on_thread_start = Some(crate::seccomp::fault_thread_hook());
+        }
+        let mem = build_memory(config.memory, &config.backend, fault, config.hotplug)?;
         Vm::with_memory(config, mem)
     }
 
@@ -522,6 +529,7 @@ impl Vm {
             api_socket: config.api_socket,
             api_config: ApiConfig::default(),
             shutdown: None,
+            seccomp: config.seccomp,
             _kvm: kvm,
         })
     }
@@ -655,10 +663,20 @@ impl Vm {
 
     /// Runs the vCPUs until the guest stops (Linux: the first vCPU that
     /// stops, or an i8042 reset, ends the VM; payloads: every vCPU reports,
-    /// or one fails). The calling thread runs the event loop of the virtio
-    /// queue notifications; the control API, if any, runs on a thread of
-    /// its own (`api`), stopped before this returns.
+    /// or one fails). The event loop of the virtio queue notifications runs
+    /// on a thread of its own (`vmm-events`), so that its seccomp filter
+    /// does not confine the caller; the control API, if any, runs on
+    /// another (`api`). Both are stopped before this returns.
     pub fn run(self) -> Result<RunOutcome, VmError> {
+        std::thread::Builder::new()
+            .name("vmm-events".into())
+            .spawn(move || self.run_events())
+            .map_err(io_err("spawning the event loop thread"))?
+            .join()
+            .unwrap_or_else(|_| Err(VmError::Config("the event loop thread panicked".into())))
+    }
+
+    fn run_events(self) -> Result<RunOutcome, VmError> {
         static SIGNAL: Once = Once::new();
         SIGNAL.call_once(|| {
             extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -685,6 +703,7 @@ impl Vm {
             api_socket,
             api_config,
             shutdown,
+            seccomp,
             ..
         } = self;
         let io = |what: &str| {
@@ -722,7 +741,11 @@ impl Vm {
                 });
                 let server = ApiServer::with_config(path, ctx, api_config)
                     .map_err(io(&format!("creating the API socket {}", path.display())))?;
-                Some(server.spawn().map_err(io("spawning the API thread"))?)
+                Some(
+                    server
+                        .spawn_sandboxed(seccomp)
+                        .map_err(io("spawning the API thread"))?,
+                )
             }
             None => None,
         };
@@ -755,7 +778,10 @@ impl Vm {
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let reason = vcpu::run(&mut v, &ctx);
+                    let reason = match seccomp.then(|| install(ThreadKind::Vcpu)) {
+                        Some(Err(e)) => ExitReason::Error(format!("vCPU {id}: {e}")),
+                        _ => vcpu::run(&mut v, &ctx),
+                    };
                     let _ = tx.send((ctx.id, reason));
                     let _ = exited.write(1);
                 })
@@ -766,6 +792,13 @@ impl Vm {
         let n = handles.len();
         let mut reasons: Vec<Option<ExitReason>> = vec![None; n];
         let mut first: Option<ExitReason> = None;
+        // Everything that opens, maps or spawns is done: from here on the
+        // loop only serves the guest and tears the VM down.
+        if seccomp {
+            if let Err(e) = install(ThreadKind::EventLoop) {
+                first = Some(ExitReason::Error(e.to_string()));
+            }
+        }
         let mut done = 0;
         while done < n && first.is_none() {
             if let Err(e) = events.run_with_timeout(100) {
@@ -961,6 +994,7 @@ mod tests {
                 balloon: None,
                 hotplug: None,
                 api_socket: None,
+                seccomp: true,
             })
             .unwrap();
             vm.load_payload(&code, 0x10_0000, true, |_| vcpu::PayloadArgs {

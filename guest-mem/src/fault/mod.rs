@@ -53,6 +53,10 @@ pub struct FaultConfig {
     /// before the failure is reported ([`FaultFailure`]); they are spaced
     /// 1, 2, 4... ms apart.
     pub failed_attempts: u32,
+    /// Called first by every handler thread, on that thread (an embedder
+    /// installs its seccomp filter there). An error stops the thread and is
+    /// reported like any other handler failure.
+    pub on_thread_start: Option<ThreadStartHook>,
     /// Test-only: each handler thread stops after serving this many
     /// faults, as if it had failed.
     #[cfg(feature = "test-switches")]
@@ -75,6 +79,7 @@ impl Default for FaultConfig {
             readahead: Readahead::default(),
             retry_policy: RetryPolicy::Overlapping,
             failed_attempts: 5,
+            on_thread_start: None,
             #[cfg(feature = "test-switches")]
             stop_after_faults: None,
             #[cfg(feature = "test-switches")]
@@ -122,6 +127,27 @@ impl FaultConfig {
             )));
         }
         Ok(())
+    }
+}
+
+/// A function each fault handler thread runs before serving anything.
+#[derive(Clone)]
+pub struct ThreadStartHook(Arc<dyn Fn() -> std::result::Result<(), String> + Send + Sync>);
+
+impl ThreadStartHook {
+    /// Wraps `f`; its error message says why the thread cannot serve.
+    pub fn new(f: impl Fn() -> std::result::Result<(), String> + Send + Sync + 'static) -> Self {
+        ThreadStartHook(Arc::new(f))
+    }
+
+    fn call(&self) -> std::result::Result<(), String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for ThreadStartHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadStartHook")
     }
 }
 
@@ -232,7 +258,14 @@ impl FaultHandler {
             let t = std::thread::Builder::new()
                 .name(format!("uffd-{i}"))
                 .spawn(move || {
-                    let why = run(&ctx, stop_fd);
+                    let started = match &ctx.config.on_thread_start {
+                        Some(hook) => hook.call(),
+                        None => Ok(()),
+                    };
+                    let why = match started {
+                        Ok(()) => run(&ctx, stop_fd),
+                        Err(e) => format!("its start hook failed: {e}"),
+                    };
                     if !ctx.stopping.load(Ordering::Acquire) {
                         ctx.failure.report(format!(
                             "fault handler thread uffd-{i} stopped ({why}): faults are no \

@@ -42,6 +42,9 @@ struct Args {
     /// Run twice, re-check on and off (no delay), and compare throughput.
     #[arg(long)]
     compare_recheck: bool,
+    /// Run without the VMM's seccomp filters (to measure what they cost).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Where to write the JSON verdict.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -55,13 +58,14 @@ fn write(path: &std::path::Path, text: &str) -> Result<(), String> {
 
 fn run_one(cfg: &StressConfig) -> Result<Verdict, String> {
     eprintln!(
-        "stress: {:.0} s, {} vCPUs, {} MiB + {} MiB window, seed {}, re-check {}",
+        "stress: {:.0} s, {} vCPUs, {} MiB + {} MiB window, seed {}, re-check {}, seccomp {}",
         cfg.duration.as_secs_f64(),
         cfg.vcpus,
         cfg.memory >> 20,
         cfg.window >> 20,
         cfg.seed,
-        if cfg.skip_recheck { "off" } else { "on" }
+        if cfg.skip_recheck { "off" } else { "on" },
+        if cfg.seccomp { "on" } else { "off" }
     );
     let v = stress::run(cfg)?;
     println!("{}", v.table());
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
             }
         },
         progress: true,
+        seccomp: !a.no_seccomp,
     };
     let result = if a.compare_recheck {
         compare(

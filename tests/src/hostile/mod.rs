@@ -225,6 +225,7 @@ where
         balloon: Some(Default::default()),
         hotplug: Some(WINDOW),
         api_socket: Some(api_sock.to_path_buf()),
+        seccomp: true,
     })
     .expect("creating the VM");
     let mem = vm.memory().clone();

@@ -46,6 +46,9 @@ pub struct StressConfig {
     pub readahead: Readahead,
     /// Print a line every few seconds.
     pub progress: bool,
+    /// The VMM's seccomp filters on the vCPU, fault handler and event loop
+    /// threads (on unless measuring what they cost).
+    pub seccomp: bool,
 }
 
 impl Default for StressConfig {
@@ -60,6 +63,7 @@ impl Default for StressConfig {
             fetch_delay: Duration::ZERO,
             readahead: Readahead::default(),
             progress: false,
+            seccomp: true,
         }
     }
 }
@@ -116,6 +120,7 @@ fn build_memory(cfg: &StressConfig, window_base: u64) -> Result<GuestMem, String
             readahead: cfg.readahead,
             skip_recheck: cfg.skip_recheck,
             fetch_delay: cfg.fetch_delay,
+            on_thread_start: cfg.seccomp.then(vmm::seccomp::fault_thread_hook),
             ..FaultConfig::default()
         });
     if cfg.window > 0 {
@@ -157,6 +162,7 @@ pub fn run(cfg: &StressConfig) -> Result<Verdict, String> {
             }),
             hotplug: None,
             api_socket: None,
+            seccomp: cfg.seccomp,
         },
         mem,
     )

@@ -283,10 +283,25 @@ impl ApiServer {
     /// Serves on a thread named `api` until the handle is stopped or
     /// dropped; the socket is removed then.
     pub fn spawn(self) -> std::io::Result<ApiThread> {
+        self.spawn_sandboxed(false)
+    }
+
+    /// Like [`spawn`](Self::spawn), with the `api` thread's seccomp filter
+    /// installed first when `seccomp` is set (the server then serves under
+    /// it; a filter that cannot be installed leaves the API off, logged).
+    pub fn spawn_sandboxed(self, seccomp: bool) -> std::io::Result<ApiThread> {
         let stop = self.stop.try_clone()?;
         let handle = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || self.run())?;
+            .spawn(move || {
+                if seccomp {
+                    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Api) {
+                        log::error!("api: installing the seccomp filter: {e}; the API is off");
+                        return;
+                    }
+                }
+                self.run()
+            })?;
         Ok(ApiThread {
             stop,
             handle: Some(handle),
