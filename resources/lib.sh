@@ -49,19 +49,59 @@ abspath() {
 # Which kernel the guest and the L1 use (absolute, so a relative value from
 # the caller's directory keeps working after a cd).
 GUEST_KERNEL_DIR="$(abspath "${GUEST_KERNEL_DIR:-$KERNEL_DIR}")"
+GUEST_KERNEL_DIR="${GUEST_KERNEL_DIR%/}"
 L1_KERNEL_DIR="$(abspath "${L1_KERNEL_DIR:-$KERNEL_DIR}")"
+L1_KERNEL_DIR="${L1_KERNEL_DIR%/}"
 
 # fetch_hint DIR: the fetch-kernel.sh command that fills kernel cache DIR.
 fetch_hint() {
+    local suite
+    suite="$(suite_of_kernel_dir "$1")"
+    case "$suite" in
+        bookworm) printf 'resources/fetch-kernel.sh\n' ;;
+        '') printf 'resources/fetch-kernel.sh (its outputs go to %s/kernel[-SUITE])\n' "$GUEST_CACHE" ;;
+        *) printf 'resources/fetch-kernel.sh --suite %s\n' "$suite" ;;
+    esac
+}
+
+# suite_of_kernel_dir DIR: the suite whose fetch fills kernel cache DIR,
+# or nothing for a directory fetch-kernel.sh does not write.
+suite_of_kernel_dir() {
     local base
     base="$(basename "$1")"
     if [[ "$1" == "$KERNEL_DIR" ]]; then
-        printf 'resources/fetch-kernel.sh\n'
+        printf 'bookworm\n'
     elif [[ "$(dirname "$1")" == "$GUEST_CACHE" && "$base" == kernel-* ]]; then
-        printf 'resources/fetch-kernel.sh --suite %s\n' "${base#kernel-}"
-    else
-        printf 'resources/fetch-kernel.sh (its outputs go to %s/kernel[-SUITE])\n' "$GUEST_CACHE"
+        printf '%s\n' "${base#kernel-}"
     fi
+}
+
+# guest_initramfs_path: build-initramfs.sh's default output for
+# GUEST_KERNEL_DIR: guest-initramfs.cpio.gz for the default kernel,
+# guest-initramfs-NAME.cpio.gz for kernel-NAME (so that images built from
+# different kernels do not replace each other).
+guest_initramfs_path() {
+    local name
+    if [[ "$GUEST_KERNEL_DIR" == "$KERNEL_DIR" ]]; then
+        printf '%s\n' "$GUEST_CACHE/guest-initramfs.cpio.gz"
+    else
+        name="$(basename "$GUEST_KERNEL_DIR")"
+        printf '%s\n' "$GUEST_CACHE/guest-initramfs-${name#kernel-}.cpio.gz"
+    fi
+}
+
+# fetch_kernels: runs fetch-kernel.sh for the default kernel and for the
+# suites behind GUEST_KERNEL_DIR and L1_KERNEL_DIR (each once; a no-op when
+# cached).
+fetch_kernels() {
+    local -A done_=()
+    local d s
+    for d in "$KERNEL_DIR" "$GUEST_KERNEL_DIR" "$L1_KERNEL_DIR"; do
+        s="$(suite_of_kernel_dir "$d")"
+        [[ -n "$s" && -z "${done_[$s]:-}" ]] || continue
+        done_[$s]=1
+        "$RESOURCES_DIR/fetch-kernel.sh" --suite "$s"
+    done
 }
 
 # need_kernel [DIR]: fail clearly when fetch-kernel.sh has not filled kernel
