@@ -98,7 +98,7 @@ SCRIPT
 bench_run_l1 boot "$script" --add "$image:/guest/bench.cpio.gz"
 
 mkdir -p "$REPO_ROOT/target/bench"
-python3 - "$GUEST_CACHE/bench/boot.log" "$(cat "$KERNEL_DIR/VERSION")" "$memory" "$vcpus" \
+python3 - "$GUEST_CACHE/bench/boot.log" "$(cat "$GUEST_KERNEL_DIR/VERSION")" "$memory" "$vcpus" \
     "$REPO_ROOT/target/bench/boot.json" <<'PY'
 import json, re, statistics, sys
 log, version, memory, vcpus, out_path = sys.argv[1:6]

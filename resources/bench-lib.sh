@@ -10,7 +10,7 @@
 # initramfs, and release builds of vmm and vmmctl.
 bench_prepare() {
     "$RESOURCES_DIR/install-host-deps.sh"
-    "$RESOURCES_DIR/fetch-kernel.sh"
+    fetch_kernels
     "$RESOURCES_DIR/build-initramfs.sh"
     log "building vmm and vmmctl (release)"
     (cd "$REPO_ROOT" && cargo build --release -p vmm --bins)
@@ -29,8 +29,8 @@ bench_run_l1() {
         --add "$REPO_ROOT/target/release/vmmctl:/bin/vmmctl" \
         --add "$(command -v qemu-system-x86_64):/usr/bin/" \
         --add /usr/share/qemu:/usr/share/qemu \
-        --add "$KERNEL_DIR/vmlinux:/guest/vmlinux" \
-        --add "$GUEST_CACHE/guest-initramfs.cpio.gz:/guest/" \
+        --add "$GUEST_KERNEL_DIR/vmlinux:/guest/vmlinux" \
+        --add "$(guest_initramfs_path):/guest/guest-initramfs.cpio.gz" \
         "$@"
     "$RESOURCES_DIR/run-l1.sh" --initrd "$dir/l1-$name.cpio.gz" --timeout 1500 \
         --log "$dir/$name.log" >&2

@@ -7,7 +7,9 @@
 #            [--extra SRC[:DEST] ...] [--module NAME ...] [--force]
 #
 #   --init FILE        use FILE as /init instead of the default one
-#   --out FILE         output (default: $GUEST_CACHE/guest-initramfs.cpio.gz)
+#   --out FILE         output (default: $GUEST_CACHE/guest-initramfs.cpio.gz;
+#                      guest-initramfs-NAME.cpio.gz with GUEST_KERNEL_DIR
+#                      $GUEST_CACHE/kernel-NAME)
 #   --extra SRC[:DEST] copy host file/dir SRC to DEST in the image (default
 #                      DEST: /basename(SRC); DEST ending in / = a directory);
 #                      dynamic executables get their ldd libraries too.
@@ -23,6 +25,10 @@
 # `poweroff -f` (or `reboot -f` if the kernel command line has
 # guest.exit=reboot, for VMMs that see a reset but no ACPI power-off).
 #
+# Env: GUEST_KERNEL_DIR  the kernel whose modules go in (default
+#      $GUEST_CACHE/kernel; e.g. build/kernel-trixie after
+#      `fetch-kernel.sh --suite trixie`)
+#
 # The image also has /lib/modules/load.sh (module loader for custom inits)
 # and /lib/modules/load-order. The output is rebuilt only when an input
 # changed (content digest kept in OUT.stamp).
@@ -31,7 +37,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 init_file=""
-out="$GUEST_CACHE/guest-initramfs.cpio.gz"
+out="$(guest_initramfs_path)"
 extras=()
 modules=(virtio_ring virtio virtio_mmio virtio_balloon virtio_mem)
 force=0
@@ -47,7 +53,7 @@ while (($#)); do
     esac
 done
 [[ -z "$init_file" || -f "$init_file" ]] || die "--init file not found: $init_file"
-need_kernel
+need_kernel "$GUEST_KERNEL_DIR"
 need_cmd cpio
 need_cmd gzip
 

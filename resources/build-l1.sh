@@ -17,6 +17,10 @@
 #                      no gunzip in L1; measured: no boot-time difference)
 #   --force            rebuild even if the output is current
 #
+# Env: L1_KERNEL_DIR  the L1 kernel whose kvm modules go in (default
+#      $GUEST_CACHE/kernel); boot the image with the same kernel
+#      (run-l1.sh's default follows L1_KERNEL_DIR too).
+#
 # L1 /init: mounts proc, sysfs, devtmpfs, devpts, tmpfs on /tmp and /dev/shm;
 # insmods irqbypass, kvm, kvm_amd; waits until the kernel RNG is initialised
 # (getrandom() blocks on a fresh L1); pins itself to CPU 0 (children inherit
@@ -47,7 +51,7 @@ while (($#)); do
 done
 [[ -n "$out" ]] || die "--out FILE is required (see --help)"
 [[ -z "$script" || -f "$script" ]] || die "--script file not found: $script"
-need_kernel
+need_kernel "$L1_KERNEL_DIR"
 need_cmd cpio
 need_cmd gzip
 
@@ -69,6 +73,11 @@ mount -t tmpfs tmpfs /tmp
 ln -sf /proc/self/fd /dev/fd 2>/dev/null
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
+# The kvm modules only load into the kernel they were built for: say so
+# plainly when run-l1.sh booted another one (L1_KERNEL_DIR differing).
+if [ "$(uname -r)" != "$(cat /etc/l1-kernel-release)" ]; then
+    echo "L1: warning: booted kernel $(uname -r), but the modules are for $(cat /etc/l1-kernel-release) (set the same L1_KERNEL_DIR for build-l1.sh and run-l1.sh)"
+fi
 /lib/modules/load.sh L1
 [ -c /dev/kvm ] || echo "L1: warning: /dev/kvm is missing (kvm_amd not loaded?)"
 
@@ -149,6 +158,7 @@ populate_busybox "$root"
 stage_modules "$root" "${modules[@]}"
 grep -qx kvm_amd "$root/lib/modules/load-order" ||
     die "kvm_amd module not available in kernel $KVER; L1 would have no /dev/kvm"
+printf '%s\n' "$KVER" >"$root/etc/l1-kernel-release"
 l1_init >"$root/init"
 chmod 0755 "$root/init"
 if [[ -n "$script" ]]; then

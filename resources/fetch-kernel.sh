@@ -3,22 +3,34 @@
 # registry (apt-get download), unpacks them into the cache and extracts the
 # ELF vmlinux from the compressed bzImage.
 #
-# Usage: resources/fetch-kernel.sh [--package linux-image-X-cloud-amd64] [--force]
+# Usage: resources/fetch-kernel.sh [--suite SUITE] [--package NAME] [--force]
+#
+#   --suite SUITE   Debian suite to take the kernel from (default bookworm,
+#                   the host's own apt lists). Any other suite (e.g. trixie:
+#                   Linux 6.12) is read through a private source list,
+#                   $GUEST_CACHE/apt-SUITE/, holding the URI of the host's
+#                   bookworm source with that suite; the host's apt sources
+#                   and lists are left alone.
+#   --package NAME  a concrete linux-image-*-cloud-amd64 package
+#   --force         refetch even if the outputs are there
 #
 # Env:  GUEST_CACHE     cache dir (default: <repo>/build)
+#       KERNEL_SUITE    same as --suite
 #       KERNEL_PACKAGE  same as --package
 #
 # Without --package, the concrete package that the metapackage
 # linux-image-cloud-amd64 depends on (its candidate version) is used.
 #
-# Outputs (in $GUEST_CACHE):
-#   kernel/vmlinux     ELF kernel (PVH entry), loadable directly
-#   kernel/bzImage     the original compressed kernel (boot/vmlinuz-*)
-#   kernel/modules/    the unpacked lib/modules/<release> tree
-#   kernel/VERSION     kernel release, e.g. 6.1.0-56-cloud-amd64
-#   kernel/PACKAGE     "<package> <version>" of the .deb used
-#   kernel/config      the kernel's boot/config-* file
-#   busybox            static busybox binary
+# Outputs (in $GUEST_CACHE; KDIR is kernel/ for bookworm, kernel-SUITE/
+# for any other suite, e.g. kernel-trixie/):
+#   KDIR/vmlinux       ELF kernel (PVH entry), loadable directly; the
+#                      bzImage itself if no ELF could be extracted
+#   KDIR/bzImage       the original compressed kernel (boot/vmlinuz-*)
+#   KDIR/modules/      the unpacked [usr/]lib/modules/<release> tree
+#   KDIR/VERSION       kernel release, e.g. 6.1.0-56-cloud-amd64
+#   KDIR/PACKAGE       "<package> <version>" of the .deb used
+#   KDIR/config        the kernel's boot/config-* file
+#   busybox            static busybox binary (always from the host's lists)
 #   debs/              the downloaded .deb files
 # Re-running with all outputs present is a no-op (use --force to refetch).
 set -euo pipefail
@@ -26,15 +38,20 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 pkg="${KERNEL_PACKAGE:-}"
+suite="${KERNEL_SUITE:-bookworm}"
 force=0
 while (($#)); do
     case "$1" in
         --package) [[ $# -ge 2 ]] || die "--package needs a value"; pkg="$2"; shift 2 ;;
+        --suite) [[ $# -ge 2 ]] || die "--suite needs a value (bookworm, trixie, ...)"; suite="$2"; shift 2 ;;
         --force) force=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
+# The suite becomes a directory name and an apt source field.
+[[ "$suite" =~ ^[a-z][a-z0-9-]*$ ]] || die "bad --suite '$suite' (expected a Debian suite name such as trixie)"
+KERNEL_DIR="$(kernel_dir_for_suite "$suite")"
 
 outputs_ok() {
     [[ -s "$KERNEL_DIR/VERSION" && -s "$KERNEL_DIR/vmlinux" && -s "$KERNEL_DIR/bzImage" &&
@@ -68,58 +85,156 @@ need_cmd cpio
 
 mkdir -p "$GUEST_CACHE/debs"
 
-updated=0
+# host_bookworm_source: prints "URI [KEYRING]" of the host's first enabled
+# `deb` source for suite bookworm (one-line .list or deb822 .sources files),
+# so that another suite is fetched from the same mirror with the same key.
+host_bookworm_source() {
+    local f all
+    all="$(
+        for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+            [[ -f "$f" ]] || continue
+            awk '
+                $1 != "deb" { next }
+                {
+                    i = 2; key = ""
+                    if ($2 ~ /^\[/) { # options: [a=b c=d]
+                        for (; i <= NF; i++) {
+                            o = $i; gsub(/[][]/, "", o)
+                            if (o ~ /^signed-by=/) key = substr(o, 11)
+                            if ($i ~ /\]$/) { i++; break }
+                        }
+                    }
+                    if ($(i + 1) == "bookworm") { print $i, key; exit }
+                }' "$f"
+        done
+        for f in /etc/apt/sources.list.d/*.sources; do
+            [[ -f "$f" ]] || continue
+            awk '
+                function flush() {
+                    if (enabled && (" " types " ") ~ / deb / && (" " suites " ") ~ / bookworm / && uri != "") {
+                        print uri, key; found = 1; exit
+                    }
+                    types = suites = uri = key = ""; enabled = 1
+                }
+                BEGIN { enabled = 1 }
+                /^[ \t]*$/ { flush(); next }
+                /^[ \t#]/ { next } # comments, continuation lines
+                {
+                    f = tolower($0); sub(/:.*/, "", f)
+                    v = $0; sub(/^[^:]*:[ \t]*/, "", v); gsub(/[ \t]+/, " ", v)
+                    if (f == "types") types = v
+                    else if (f == "suites") suites = v
+                    else if (f == "uris") { split(v, u, " "); uri = u[1] }
+                    else if (f == "signed-by" && v ~ /^\//) key = v
+                    else if (f == "enabled") enabled = (tolower(v) != "no")
+                }
+                END { if (!found) flush() }' "$f"
+        done
+    )"
+    printf '%s\n' "${all%%$'\n'*}"
+}
+
+# apt options for the kernel's suite: none for bookworm (the host's own
+# lists); otherwise a private source list, lists and package cache under
+# $GUEST_CACHE/apt-SUITE/, so that neither the host's sources nor its
+# /var/cache/apt/*.bin are touched.
+KAPT=()
+if [[ "$suite" != bookworm ]]; then
+    host_src="$(host_bookworm_source)"
+    [[ -n "$host_src" ]] ||
+        die "no enabled 'deb' source for bookworm in /etc/apt/sources.list or /etc/apt/sources.list.d/ (needed for its archive URI)"
+    read -r uri keyring <<<"$host_src"
+    aptdir="$GUEST_CACHE/apt-$suite"
+    mkdir -p "$aptdir/lists/partial" "$aptdir/cache"
+    line="deb ${keyring:+[signed-by=$keyring] }$uri $suite main"
+    # Rewritten only on change, so that apt keeps trusting the lists.
+    [[ "$(cat "$aptdir/sources.list" 2>/dev/null)" == "$line" ]] || printf '%s\n' "$line" >"$aptdir/sources.list"
+    KAPT=(-o "Dir::Etc::SourceList=$aptdir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$aptdir/lists" -o "Dir::Cache=$aptdir/cache")
+    log "suite $suite via $aptdir/sources.list: $line"
+fi
+
+# apt_update host|kernel: refreshes the host's lists (needs root) or the
+# kernel suite's private ones, each at most once.
+updated_host=0
+updated_kernel=0
 apt_update() {
-    ((updated)) && return 0
+    if [[ "$1" == kernel && ${#KAPT[@]} -gt 0 ]]; then
+        ((updated_kernel)) && return 0
+        log "apt-get update (suite $suite, lists in $aptdir/lists)"
+        apt-get "${KAPT[@]}" update -qq || die "apt-get update for suite $suite failed (source list $aptdir/sources.list)"
+        updated_kernel=1
+        return 0
+    fi
+    ((updated_host)) && return 0
     [[ "$(id -u)" -eq 0 ]] || die "package lists are missing/stale and updating them needs root"
     log "apt-get update"
     apt-get update -qq || die "apt-get update failed"
-    updated=1
+    updated_host=1
 }
 
+# apt_opts host|kernel: sets APT to the options for those lists.
+apt_opts() {
+    APT=()
+    if [[ "$1" == kernel ]]; then APT=("${KAPT[@]}"); fi
+}
+
+# candidate host|kernel PKG: the version apt would install, or nothing.
 candidate() {
-    apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: *//p' | grep -v '^(none)$' || true
+    apt_opts "$1"
+    apt-cache "${APT[@]}" policy "$2" 2>/dev/null | sed -n 's/^ *Candidate: *//p' | grep -v '^(none)$' || true
 }
 
 resolve_kernel_pkg() {
-    # The metapackage's candidate depends on exactly one concrete image package.
-    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-        sed -n 's/^ *Depends: *\(linux-image-[0-9][^ ]*-cloud-amd64\)$/\1/p' | head -n1
+    # The metapackage's candidate depends on exactly one concrete image
+    # package. Missing/empty lists (apt-cache fails) print nothing.
+    apt-cache "${KAPT[@]}" depends linux-image-cloud-amd64 2>/dev/null |
+        sed -n 's/^ *Depends: *\(linux-image-[0-9][^ ]*-cloud-amd64\)$/\1/p' | head -n1 || true
 }
 
 if [[ -z "$pkg" ]]; then
     pkg="$(resolve_kernel_pkg)"
     if [[ -z "$pkg" ]]; then
-        apt_update
+        apt_update kernel
         pkg="$(resolve_kernel_pkg)"
     fi
-    [[ -n "$pkg" ]] || die "could not resolve linux-image-cloud-amd64 to a concrete kernel package (apt-cache depends)"
+    [[ -n "$pkg" ]] || die "could not resolve linux-image-cloud-amd64 to a concrete kernel package in suite $suite (apt-cache depends)"
 fi
-[[ -n "$(candidate "$pkg")" ]] || apt_update
-kver_pkg="$(candidate "$pkg")"
-[[ -n "$kver_pkg" ]] || die "package $pkg has no install candidate in the apt lists"
-bb_ver="$(candidate busybox-static)"
-if [[ -z "$bb_ver" ]]; then
-    apt_update
-    bb_ver="$(candidate busybox-static)"
-    [[ -n "$bb_ver" ]] || die "package busybox-static has no install candidate"
+[[ -n "$(candidate kernel "$pkg")" ]] || apt_update kernel
+kver_pkg="$(candidate kernel "$pkg")"
+[[ -n "$kver_pkg" ]] || die "package $pkg has no install candidate in the apt lists of suite $suite"
+# busybox always comes from the host's lists: one busybox serves every
+# kernel, and fetching another suite's kernel must not change it.
+fetch_bb=1
+[[ "$suite" == bookworm || ! -x "$GUEST_CACHE/busybox" ]] || fetch_bb=0
+bb_ver=""
+if ((fetch_bb)); then
+    bb_ver="$(candidate host busybox-static)"
+    if [[ -z "$bb_ver" ]]; then
+        apt_update host
+        bb_ver="$(candidate host busybox-static)"
+        [[ -n "$bb_ver" ]] || die "package busybox-static has no install candidate"
+    fi
 fi
-log "kernel package: $pkg $kver_pkg; busybox-static $bb_ver"
+log "kernel package: $pkg $kver_pkg ($suite); busybox-static ${bb_ver:-kept}"
 
-# download PKG: apt-get download into debs/ unless a matching .deb is there.
+# download host|kernel PKG VER: apt-get download into debs/ unless a
+# matching .deb is there.
 download() {
-    local p="$1" ver="$2" file
+    local lists="$1" p="$2" ver="$3" file
+    apt_opts "$lists"
     # .deb names encode the epoch's ':' as '%3a'.
     file="$GUEST_CACHE/debs/${p}_${ver//:/%3a}_amd64.deb"
     if [[ -s "$file" ]] && dpkg-deb --info "$file" >/dev/null 2>&1; then
         log "using cached $(basename "$file")"
     else
         log "apt-get download $p=$ver"
-        (cd "$GUEST_CACHE/debs" && apt-get download -q "$p=$ver" 2>&1 | grep -v 'unsandboxed' >&2) || true
+        (cd "$GUEST_CACHE/debs" && apt-get "${APT[@]}" download -q "$p=$ver" 2>&1 | grep -v 'unsandboxed' >&2) || true
         if [[ ! -s "$file" ]]; then
             # Stale lists (version gone from the mirror): refresh once and retry.
-            apt_update
-            (cd "$GUEST_CACHE/debs" && apt-get download -q "$p=$ver" 2>&1 | grep -v 'unsandboxed' >&2) || true
+            apt_update "$lists"
+            apt_opts "$lists"
+            (cd "$GUEST_CACHE/debs" && apt-get "${APT[@]}" download -q "$p=$ver" 2>&1 | grep -v 'unsandboxed' >&2) || true
         fi
         [[ -s "$file" ]] || die "apt-get download $p=$ver did not produce $file"
     fi
@@ -127,10 +242,13 @@ download() {
 }
 
 t0=$SECONDS
-download "$pkg" "$kver_pkg"
+download kernel "$pkg" "$kver_pkg"
 kdeb="$DL"
-download busybox-static "$bb_ver"
-bbdeb="$DL"
+bbdeb=""
+if ((fetch_bb)); then
+    download host busybox-static "$bb_ver"
+    bbdeb="$DL"
+fi
 log "downloads done in $((SECONDS - t0)) s"
 
 work="$(mktemp -d "$GUEST_CACHE/.fetch.XXXXXX")"
@@ -138,14 +256,15 @@ trap 'rm -rf "$work"' EXIT
 
 log "unpacking $(basename "$kdeb")"
 dpkg -x "$kdeb" "$work/k"
-dpkg -x "$bbdeb" "$work/bb"
+[[ -z "$bbdeb" ]] || dpkg -x "$bbdeb" "$work/bb"
 
 shopt -s nullglob
 vmlinuz=("$work"/k/boot/vmlinuz-*)
-mods=("$work"/k/lib/modules/*/)
+# Merged-/usr packages (trixie) ship the modules under usr/lib/modules/.
+mods=("$work"/k/lib/modules/*/ "$work"/k/usr/lib/modules/*/)
 shopt -u nullglob
 ((${#vmlinuz[@]} == 1)) || die "expected one boot/vmlinuz-* in $kdeb, found ${#vmlinuz[@]}"
-((${#mods[@]} == 1)) || die "expected one lib/modules/<release>/ in $kdeb, found ${#mods[@]}"
+((${#mods[@]} == 1)) || die "expected one lib/modules/<release>/ or usr/lib/modules/<release>/ in $kdeb, found ${#mods[@]}"
 kver="$(basename "${mods[0]}")"
 [[ "$(basename "${vmlinuz[0]}")" == "vmlinuz-$kver" ]] ||
     log "warning: $(basename "${vmlinuz[0]}") does not match modules release $kver"
@@ -186,8 +305,12 @@ extract_vmlinux() {
 
 mkdir -p "$work/out/kernel"
 cp "${vmlinuz[0]}" "$work/out/kernel/bzImage"
-extract_vmlinux "$work/out/kernel/bzImage" "$work/out/kernel/vmlinux" ||
-    die "could not extract an ELF vmlinux from ${vmlinuz[0]}"
+if ! extract_vmlinux "$work/out/kernel/bzImage" "$work/out/kernel/vmlinux"; then
+    # The VMM and QEMU load bzImages too (only slower: the kernel
+    # decompresses itself), so a kernel we cannot unpack still boots.
+    log "warning: no ELF vmlinux found in $(basename "${vmlinuz[0]}") (tried lz4, zstd, xz, gzip); vmlinux is a copy of the bzImage"
+    cp "$work/out/kernel/bzImage" "$work/out/kernel/vmlinux"
+fi
 if command -v file >/dev/null 2>&1; then
     log "vmlinux: $(file -b "$work/out/kernel/vmlinux" | cut -c1-100)"
 fi
@@ -198,9 +321,11 @@ fi
 printf '%s\n' "$kver" >"$work/out/kernel/VERSION"
 printf '%s %s\n' "$pkg" "$kver_pkg" >"$work/out/kernel/PACKAGE"
 
-[[ -x "$work/bb/bin/busybox" ]] || die "bin/busybox not found in $bbdeb"
-"$work/bb/bin/busybox" true 2>/dev/null || die "the extracted busybox does not run on this host"
-cp "$work/bb/bin/busybox" "$work/out/busybox"
+if [[ -n "$bbdeb" ]]; then
+    [[ -x "$work/bb/bin/busybox" ]] || die "bin/busybox not found in $bbdeb"
+    "$work/bb/bin/busybox" true 2>/dev/null || die "the extracted busybox does not run on this host"
+    cp "$work/bb/bin/busybox" "$work/out/busybox"
+fi
 
 # Module compression report (informational; build scripts decompress as needed).
 nko=$(find "$work/out/kernel/modules" -name '*.ko' | wc -l)
@@ -211,6 +336,6 @@ log "modules: $nko plain .ko, $ncomp compressed"
 rm -rf "$KERNEL_DIR.old"
 [[ -e "$KERNEL_DIR" ]] && mv "$KERNEL_DIR" "$KERNEL_DIR.old"
 mv "$work/out/kernel" "$KERNEL_DIR"
-mv -f "$work/out/busybox" "$GUEST_CACHE/busybox"
+[[ -z "$bbdeb" ]] || mv -f "$work/out/busybox" "$GUEST_CACHE/busybox"
 rm -rf "$KERNEL_DIR.old"
 log "kernel $kver ready in $KERNEL_DIR ($((SECONDS - t0)) s)"

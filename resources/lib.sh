@@ -4,13 +4,27 @@
 #   RESOURCES_DIR  directory holding these scripts
 #   REPO_ROOT      directory containing resources/
 #   GUEST_CACHE    cache/output directory (default: $REPO_ROOT/build)
-#   KERNEL_DIR     $GUEST_CACHE/kernel
+#   KERNEL_DIR     the default kernel cache, $GUEST_CACHE/kernel (bookworm)
+#   GUEST_KERNEL_DIR  kernel cache of the L2 guest (env; default KERNEL_DIR)
+#   L1_KERNEL_DIR     kernel cache of the L1 VM (env; default KERNEL_DIR)
+# fetch-kernel.sh --suite SUITE fills kernel_dir_for_suite SUITE; point
+# GUEST_KERNEL_DIR / L1_KERNEL_DIR there to use that kernel.
 
 RESOURCES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$RESOURCES_DIR/.." && pwd)"
 GUEST_CACHE="${GUEST_CACHE:-$REPO_ROOT/build}"
 KERNEL_DIR="$GUEST_CACHE/kernel"
 export GUEST_CACHE
+
+# kernel_dir_for_suite SUITE: one cache per Debian suite so that kernels
+# coexist; bookworm keeps the historical path build/kernel.
+kernel_dir_for_suite() {
+    if [[ "$1" == bookworm ]]; then
+        printf '%s\n' "$GUEST_CACHE/kernel"
+    else
+        printf '%s\n' "$GUEST_CACHE/kernel-$1"
+    fi
+}
 
 # usage: prints the calling script's header comment (its help text).
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
@@ -32,12 +46,74 @@ abspath() {
     esac
 }
 
-# need_kernel: fail clearly when fetch-kernel.sh has not been run.
+# Which kernel the guest and the L1 use (absolute, so a relative value from
+# the caller's directory keeps working after a cd).
+GUEST_KERNEL_DIR="$(abspath "${GUEST_KERNEL_DIR:-$KERNEL_DIR}")"
+GUEST_KERNEL_DIR="${GUEST_KERNEL_DIR%/}"
+L1_KERNEL_DIR="$(abspath "${L1_KERNEL_DIR:-$KERNEL_DIR}")"
+L1_KERNEL_DIR="${L1_KERNEL_DIR%/}"
+
+# fetch_hint DIR: the fetch-kernel.sh command that fills kernel cache DIR.
+fetch_hint() {
+    local suite
+    suite="$(suite_of_kernel_dir "$1")"
+    case "$suite" in
+        bookworm) printf 'resources/fetch-kernel.sh\n' ;;
+        '') printf 'resources/fetch-kernel.sh (its outputs go to %s/kernel[-SUITE])\n' "$GUEST_CACHE" ;;
+        *) printf 'resources/fetch-kernel.sh --suite %s\n' "$suite" ;;
+    esac
+}
+
+# suite_of_kernel_dir DIR: the suite whose fetch fills kernel cache DIR,
+# or nothing for a directory fetch-kernel.sh does not write.
+suite_of_kernel_dir() {
+    local base
+    base="$(basename "$1")"
+    if [[ "$1" == "$KERNEL_DIR" ]]; then
+        printf 'bookworm\n'
+    elif [[ "$(dirname "$1")" == "$GUEST_CACHE" && "$base" == kernel-* ]]; then
+        printf '%s\n' "${base#kernel-}"
+    fi
+}
+
+# guest_initramfs_path: build-initramfs.sh's default output for
+# GUEST_KERNEL_DIR: guest-initramfs.cpio.gz for the default kernel,
+# guest-initramfs-NAME.cpio.gz for kernel-NAME (so that images built from
+# different kernels do not replace each other).
+guest_initramfs_path() {
+    local name
+    if [[ "$GUEST_KERNEL_DIR" == "$KERNEL_DIR" ]]; then
+        printf '%s\n' "$GUEST_CACHE/guest-initramfs.cpio.gz"
+    else
+        name="$(basename "$GUEST_KERNEL_DIR")"
+        printf '%s\n' "$GUEST_CACHE/guest-initramfs-${name#kernel-}.cpio.gz"
+    fi
+}
+
+# fetch_kernels: runs fetch-kernel.sh for the default kernel and for the
+# suites behind GUEST_KERNEL_DIR and L1_KERNEL_DIR (each once; a no-op when
+# cached).
+fetch_kernels() {
+    local -A done_=()
+    local d s
+    for d in "$KERNEL_DIR" "$GUEST_KERNEL_DIR" "$L1_KERNEL_DIR"; do
+        s="$(suite_of_kernel_dir "$d")"
+        [[ -n "$s" && -z "${done_[$s]:-}" ]] || continue
+        done_[$s]=1
+        "$RESOURCES_DIR/fetch-kernel.sh" --suite "$s"
+    done
+}
+
+# need_kernel [DIR]: fail clearly when fetch-kernel.sh has not filled kernel
+# cache DIR (default KERNEL_DIR); sets KVER and MODDIR from it.
 need_kernel() {
-    [[ -s "$KERNEL_DIR/VERSION" && -s "$KERNEL_DIR/vmlinux" && -d "$KERNEL_DIR/modules" && -x "$GUEST_CACHE/busybox" ]] ||
-        die "kernel/busybox not found in $GUEST_CACHE; run resources/fetch-kernel.sh first"
-    KVER="$(cat "$KERNEL_DIR/VERSION")"
-    MODDIR="$KERNEL_DIR/modules"
+    local dir="${1:-$KERNEL_DIR}"
+    [[ -s "$dir/VERSION" && -s "$dir/vmlinux" && -d "$dir/modules" ]] ||
+        die "no kernel in $dir; run $(fetch_hint "$dir") first"
+    [[ -x "$GUEST_CACHE/busybox" ]] ||
+        die "busybox not found in $GUEST_CACHE; run resources/fetch-kernel.sh first"
+    KVER="$(cat "$dir/VERSION")"
+    MODDIR="$dir/modules"
 }
 
 # install_module SRC DESTFILE: copies a module to DESTFILE (plain .ko),

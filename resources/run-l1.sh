@@ -12,7 +12,9 @@
 #   --log FILE      console log (default: $GUEST_CACHE/logs/l1-<time>-<pid>.log)
 #   --mem MiB       L1 memory (default 3072)
 #   --smp N         L1 vCPUs (default 2)
-#   --kernel FILE   L1 kernel (default: $GUEST_CACHE/kernel/vmlinux)
+#   --kernel FILE   L1 kernel (default: $L1_KERNEL_DIR/vmlinux, that is
+#                   $GUEST_CACHE/kernel/vmlinux unless L1_KERNEL_DIR is set;
+#                   it must match the kvm modules build-l1.sh packed)
 #   --append ARGS   extra L1 kernel command-line arguments
 #
 # Exit status: the script's code from L1-EXIT-CODE=<n>; 124 when the timeout
@@ -28,7 +30,7 @@ timeout_s=900
 log_file=""
 mem=3072
 smp=2
-kernel="$KERNEL_DIR/vmlinux"
+kernel="$L1_KERNEL_DIR/vmlinux"
 append_extra=""
 extra_qemu=()
 while (($#)); do
@@ -47,7 +49,7 @@ while (($#)); do
 done
 [[ -n "$initrd" ]] || die "--initrd FILE is required (see --help)"
 [[ -f "$initrd" ]] || die "initrd not found: $initrd (build it with resources/build-l1.sh)"
-[[ -f "$kernel" ]] || die "kernel not found: $kernel (run resources/fetch-kernel.sh)"
+[[ -f "$kernel" ]] || die "L1 kernel not found: $kernel (run $(fetch_hint "$(dirname "$kernel")"))"
 [[ "$timeout_s" =~ ^[0-9]+$ && "$timeout_s" -gt 0 ]] || die "--timeout must be a positive integer"
 [[ "$mem" =~ ^[0-9]+$ ]] || die "--mem must be an integer (MiB)"
 [[ "$smp" =~ ^[0-9]+$ ]] || die "--smp must be an integer"

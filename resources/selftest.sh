@@ -7,6 +7,7 @@
 # inside L1 with the host's QEMU on nested KVM (expects GUEST-INIT-OK).
 #
 # Usage: resources/selftest.sh [--l2-qemu] [--timeout SECS]
+# GUEST_KERNEL_DIR / L1_KERNEL_DIR (see lib.sh) choose the kernels.
 # Ends with a line "selftest: N passed, N failed"; exits 1 if any failed.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -43,13 +44,14 @@ timed() {
 }
 
 timed install-host-deps "$R/install-host-deps.sh"
-timed fetch-kernel "$R/fetch-kernel.sh"
+timed fetch-kernel fetch_kernels
 timed build-initramfs "$R/build-initramfs.sh"
 
 img="$GUEST_CACHE/l1-selftest.cpio.gz"
+guest_img="$(guest_initramfs_path)"
 timed build-l1 "$R/build-l1.sh" --out "$img" --script "$R/l1-selftest.sh" \
-    --add "$GUEST_CACHE/guest-initramfs.cpio.gz:/guest/" \
-    --add "$KERNEL_DIR/vmlinux:/guest/vmlinux"
+    --add "$guest_img:/guest/guest-initramfs.cpio.gz" \
+    --add "$GUEST_KERNEL_DIR/vmlinux:/guest/vmlinux"
 mkdir -p "$GUEST_CACHE/logs"
 
 rc=0
@@ -87,8 +89,8 @@ exit $rc
 EOF
     qimg="$GUEST_CACHE/l1-l2-qemu.cpio.gz"
     timed build-l1-qemu "$R/build-l1.sh" --out "$qimg" --script "$script" \
-        --add "$GUEST_CACHE/guest-initramfs.cpio.gz:/guest/" \
-        --add "$KERNEL_DIR/vmlinux:/guest/vmlinux" \
+        --add "$guest_img:/guest/guest-initramfs.cpio.gz" \
+        --add "$GUEST_KERNEL_DIR/vmlinux:/guest/vmlinux" \
         --add "$(command -v qemu-system-x86_64):/usr/bin/" \
         --add /usr/share/qemu:/usr/share/qemu \
         --add /usr/share/seabios:/usr/share/seabios
