@@ -550,10 +550,16 @@ pub fn cases() -> Vec<Case> {
             },
             script: || {
                 let mut ops = start_device(BALLOON, BALLOON_FEATURES, &balloon_queues());
-                let (_, a, _) = rings(3);
+                let (_, a, u) = rings(3);
+                let notify = Op::Write(4, reg(BALLOON, m::VIRTIO_MMIO_QUEUE_NOTIFY), 3);
+                // One report served for sure, then the flood, which outruns
+                // the device (it refuses an avail index too far ahead).
+                ops.push(Op::Add16(a + 2, 1));
+                ops.push(notify);
+                ops.push(Op::Wait16(u + 2, 1));
                 let at = ops.len();
                 ops.push(Op::Add16(a + 2, 1));
-                ops.push(Op::Write(4, reg(BALLOON, m::VIRTIO_MMIO_QUEUE_NOTIFY), 3));
+                ops.push(notify);
                 ops.push(Op::Repeat {
                     to: at,
                     times: 50_000,
