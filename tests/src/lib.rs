@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: guest payloads assembled in
 //! Rust, and checks for what this machine can run.
 
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
 pub mod hostile;
 pub mod l1;
 pub mod payload;

@@ -3,6 +3,8 @@
 //! `bzImage`, with an initramfs) or a flat payload entered in long mode,
 //! optionally at CPL3.
 
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
 pub mod api;
 pub mod boot;
 pub mod cli;
