@@ -2,7 +2,7 @@
 //!
 //! A hostile driver can make a device refuse something on every
 //! notification; logging each refusal would let it fill the host's disk and
-//! slow the event loop. Every such line goes through [`guest_warn!`]: a
+//! slow the event loop. Every such line goes through [`guest_warn!`](crate::guest_warn): a
 //! token bucket shared by all devices lets a burst through, then about
 //! [`RATE_PER_SEC`] lines a second, and says how many it held back. The
 //! refusals themselves are always counted (each device's counters, shown by

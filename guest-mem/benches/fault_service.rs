@@ -204,7 +204,7 @@ fn touch(mem: &GuestMem, offset: u64, len: u64) {
     let region = &mem.regions()[0];
     let end = offset + len;
     assert!(
-        end <= region.plugged_size(),
+        end <= region.backed_size(),
         "touching past the plugged size"
     );
     let page = region.page_size();
@@ -213,7 +213,7 @@ fn touch(mem: &GuestMem, offset: u64, len: u64) {
     while at < end {
         // SAFETY: `base` is the start of region 0's mapping, which `mem`
         // keeps mapped (read-write, MAP_SHARED) for at least as long as the
-        // borrow we hold. `at < end <= plugged_size <= max_size`, so the byte
+        // borrow we hold. `at < end <= backed_size <= max_size`, so the byte
         // lies inside the mapping and inside the backing file (no SIGBUS);
         // the fault, if any, is served by the kernel or the handler thread.
         // Guest memory is plain bytes that no Rust reference points into (it
@@ -228,7 +228,7 @@ fn touch(mem: &GuestMem, offset: u64, len: u64) {
 /// part).
 fn peek(mem: &GuestMem, offset: u64) -> u8 {
     let region = &mem.regions()[0];
-    assert!(offset < region.plugged_size());
+    assert!(offset < region.backed_size());
     // SAFETY: as in `touch`: the byte lies in the plugged part of the live
     // mapping that `mem` owns, and guest memory is only accessed through raw
     // pointers, so a volatile read aliases no Rust reference.

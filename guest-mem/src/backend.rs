@@ -60,7 +60,7 @@ impl MemoryBackend for GuestMem {
         let mut at = gpa.0;
         while at < end {
             match self.find(GuestAddress(at)) {
-                Some((r, off)) => at += r.plugged_size() - off,
+                Some((r, off)) => at += r.backed_size() - off,
                 None => return false,
             }
         }
@@ -80,7 +80,7 @@ impl MemoryBackend for GuestMem {
             if r.is_private() {
                 return None;
             }
-            let n = (end - at).min(r.plugged_size() - off);
+            let n = (end - at).min(r.backed_size() - off);
             any |= r.backing().has_data(r.file_range(off, n)).ok()?;
             at += n;
         }
@@ -113,7 +113,7 @@ impl MemoryBackend for GuestMem {
 /// window.set_plugged(2 << 20, 2 << 20, false)?; // unplug a block inside it
 /// window.discard_range(2 << 20, 2 << 20)?; // and give it back
 /// window.set_backed_size(0)?; // unplug everything
-/// assert_eq!(mem.regions()[1].plugged_size(), 0);
+/// assert_eq!(mem.regions()[1].backed_size(), 0);
 /// # Ok::<(), guest_mem::Error>(())
 /// ```
 pub trait HotplugBackend: Send + Sync {
@@ -158,7 +158,7 @@ impl HotplugRegion {
         if shared || region.file_offset() != 0 {
             return Err(crate::Error::NotResizable(index));
         }
-        let backed = region.plugged_size();
+        let backed = region.backed_size();
         mem.set_accessible(index, backed, region.max_size() - backed, false)?;
         Ok(HotplugRegion { mem, index })
     }
@@ -175,7 +175,7 @@ impl HotplugBackend for HotplugRegion {
     }
 
     fn backed_size(&self) -> u64 {
-        self.region().plugged_size()
+        self.region().backed_size()
     }
 
     fn set_backed_size(&self, size: u64) -> Result<()> {

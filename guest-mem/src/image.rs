@@ -99,7 +99,7 @@ impl<'m> ImageFile<'m> {
         let offset = ptr - region.host_addr();
         let kind = region.backing().kind();
         let writable = !region.is_private() && kind != BackingKind::Hugetlbfs;
-        (writable && offset.checked_add(len)? <= region.plugged_size()).then_some((region, offset))
+        (writable && offset.checked_add(len)? <= region.backed_size()).then_some((region, offset))
     }
 
     fn pipe(&mut self) -> io::Result<(RawFd, RawFd, usize)> {

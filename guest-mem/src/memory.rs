@@ -38,7 +38,7 @@ pub enum Backing {
 pub struct RegionConfig {
     /// Guest-physical address of the first byte.
     pub guest_addr: u64,
-    /// Bytes plugged at start.
+    /// Bytes backed at start.
     pub size: u64,
     /// Largest size the region may grow to (`None`: `size`, not resizable).
     pub max_size: Option<u64>,
@@ -383,11 +383,11 @@ impl GuestMem {
     }
 
     /// The region holding a guest-physical address and the offset in it,
-    /// within the plugged size.
+    /// within the backed size.
     pub fn find(&self, gpa: GuestAddress) -> Option<(&Arc<Region>, u64)> {
         self.regions.iter().find_map(|r| {
             let off = gpa.0.checked_sub(r.guest_base().0)?;
-            (off < r.plugged_size()).then_some((r, off))
+            (off < r.backed_size()).then_some((r, off))
         })
     }
 
@@ -411,7 +411,7 @@ impl GuestMem {
                 len: end - at,
             })?;
             let page = region.page_size();
-            let n = (end - at).min(region.plugged_size() - off);
+            let n = (end - at).min(region.backed_size() - off);
             if off % page != 0 || n % page != 0 {
                 return Err(Error::Unaligned {
                     what: "discard range",
@@ -517,7 +517,7 @@ impl GuestMem {
             // mapping must never do.
             return Err(Error::NotResizable(index));
         }
-        let file_end = region.file_offset() + region.plugged_size();
+        let file_end = region.file_offset() + region.backed_size();
         if backing.size() > file_end
             || self.regions.iter().any(|r| {
                 r.index() != index
@@ -527,7 +527,7 @@ impl GuestMem {
         {
             return Err(Error::NotResizable(index));
         }
-        let old = region.plugged_size();
+        let old = region.backed_size();
         let target = region.file_offset() + new_size;
         if new_size < old {
             // No device access may be in progress past the new end: the
@@ -614,12 +614,12 @@ impl GuestMem {
             .ok_or(Error::MemoryInUse)
     }
 
-    /// The accessible `(offset, len)` extents of region `index`'s plugged
+    /// The accessible `(offset, len)` extents of region `index`'s backed
     /// part: what a VMM maps into the guest (KVM memory slots).
     pub fn accessible_extents(&self, index: usize) -> Vec<(u64, u64)> {
         self.regions
             .get(index)
-            .map_or_else(Vec::new, |r| r.accessible_of(r.plugged_size()))
+            .map_or_else(Vec::new, |r| r.accessible_of(r.backed_size()))
     }
 
     /// Bytes the backing files have allocated (each file counted once).
@@ -636,8 +636,8 @@ impl GuestMem {
         total
     }
 
-    /// Total plugged bytes.
-    pub fn plugged_bytes(&self) -> u64 {
+    /// Bytes the memory map covers: backed and accessible.
+    pub fn mapped_bytes(&self) -> u64 {
         self.memory
             .memory()
             .iter()

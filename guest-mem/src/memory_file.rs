@@ -54,7 +54,7 @@ use crate::{Error, GuestMem, Result};
 pub struct SavedRegion {
     /// Guest-physical address of the region.
     pub guest_addr: u64,
-    /// Bytes of the region that were backed (its plugged size).
+    /// Bytes of the region that were backed (its backed size).
     pub size: u64,
     /// Offset of the region's first byte in the memory file.
     pub offset: u64,
@@ -174,7 +174,7 @@ pub fn save(mem: &GuestMem, path: &Path) -> Result<SavedLayout> {
                 .map_or(0, |(_, b)| *b);
             SavedRegion {
                 guest_addr: r.guest_base().0,
-                size: r.plugged_size(),
+                size: r.backed_size(),
                 offset: base + r.file_offset(),
             }
         })

@@ -104,7 +104,7 @@ impl fmt::Debug for Region {
             .field("index", &self.index)
             .field("guest_base", &format_args!("{:#x}", self.guest_base.0))
             .field("max_size", &self.max_size)
-            .field("plugged", &self.plugged_size())
+            .field("backed", &self.backed_size())
             .field("backing", &self.backing.kind())
             .field("file_offset", &self.file_offset)
             .field("private", &self.private)
@@ -182,10 +182,10 @@ impl Region {
             source,
             readahead: ReadaheadState::default(),
         };
-        // Pages past the plugged size have no source contents.
+        // Pages past the backed size have no source contents.
         region
             .discarded()
-            .set_range(region.plugged_size() / page, pages);
+            .set_range(region.backed_size() / page, pages);
         Ok(region)
     }
 
@@ -199,13 +199,13 @@ impl Region {
         self.guest_base
     }
 
-    /// Largest size the region can be plugged to (the mapping's length).
+    /// Largest size the region can be backed to (the mapping's length).
     pub fn max_size(&self) -> u64 {
         self.max_size
     }
 
     /// Bytes of the region the backing file currently covers.
-    pub fn plugged_size(&self) -> u64 {
+    pub fn backed_size(&self) -> u64 {
         self.backing
             .size()
             .saturating_sub(self.file_offset)
@@ -267,9 +267,9 @@ impl Region {
         addr >= self.host_addr() && addr - self.host_addr() < self.max_size
     }
 
-    /// The accessible parts of the plugged size, for `vm-memory` users.
+    /// The accessible parts of the backed size, for `vm-memory` users.
     pub(crate) fn guest_regions(&self) -> Vec<GuestRegion> {
-        self.guest_regions_of(self.plugged_size())
+        self.guest_regions_of(self.backed_size())
     }
 
     /// The accessible parts of the first `len` bytes.
@@ -413,8 +413,8 @@ impl DiscardView<'_> {
     }
 }
 
-/// A guest memory region as `vm-memory` sees it: an accessible, plugged
-/// part of a [`Region`]'s mapping. Accesses past the plugged size are
+/// A guest memory region as `vm-memory` sees it: an accessible, backed
+/// part of a [`Region`]'s mapping. Accesses past the backed size are
 /// refused instead of touching memory past the backing file's end (which
 /// would `SIGBUS`), and so are accesses to ranges kept inaccessible
 /// (unplugged virtio-mem blocks).
@@ -479,7 +479,7 @@ impl GuestMemoryRegion for GuestRegion {
 
 impl GuestMemoryRegionBytes for GuestRegion {}
 
-/// The guest memory that devices use: the plugged part of every region.
+/// The guest memory that devices use: the backed, accessible part of every region.
 pub type GuestMemory = vm_memory::GuestRegionCollection<GuestRegion>;
 
 /// Swapped atomically when a region is resized.

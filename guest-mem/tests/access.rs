@@ -55,7 +55,7 @@ fn a_shrink_waits_for_the_device_access_in_progress() {
         devices.memory().read_obj::<u8>(tail).is_err(),
         "a new snapshot no longer reaches the tail"
     );
-    assert_eq!(mem.regions()[0].plugged_size(), 4 * MIB);
+    assert_eq!(mem.regions()[0].backed_size(), 4 * MIB);
 }
 
 #[test]

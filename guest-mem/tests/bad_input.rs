@@ -204,6 +204,6 @@ fn only_the_tail_window_of_a_shared_file_can_resize() {
         Err(Error::NotResizable(0))
     ));
     mem.resize(1, 8 * PAGE).unwrap();
-    assert_eq!(mem.regions()[1].plugged_size(), 8 * PAGE);
-    assert_eq!(mem.regions()[0].plugged_size(), 16 * PAGE);
+    assert_eq!(mem.regions()[1].backed_size(), 8 * PAGE);
+    assert_eq!(mem.regions()[0].backed_size(), 16 * PAGE);
 }

@@ -140,7 +140,7 @@ fn resizer(mem: &GuestMem, seed: u64, stop: &AtomicBool) -> (u64, Vec<String>) {
     let mut errors = Vec::new();
     let mut cycles = 0;
     while !stop.load(Ordering::Relaxed) {
-        let plugged = mem.regions()[1].plugged_size() / PAGE;
+        let plugged = mem.regions()[1].backed_size() / PAGE;
         let small = B_MIN + rng.below(plugged - B_MIN + 1);
         mem.resize(1, small * PAGE).unwrap();
         for t in &mut truncated[small as usize..plugged as usize] {

@@ -931,7 +931,7 @@ mod tests {
         .unwrap();
         let w = &mem.regions()[1];
         assert_eq!(
-            (w.guest_base().0, w.max_size(), w.plugged_size()),
+            (w.guest_base().0, w.max_size(), w.backed_size()),
             (4 << 30, 256 << 20, 0)
         );
     }

@@ -246,7 +246,7 @@ fn check(dev: &mut VirtioMem, mem: &GuestMem) {
         file, end,
         "window file size against the last plugged block's end"
     );
-    assert_eq!(region.plugged_size(), file);
+    assert_eq!(region.backed_size(), file);
     // Past the file's end nothing is mapped: reads fail, never fault.
     if end < WINDOW_SIZE {
         assert!(map.read_obj::<u8>(GuestAddress(WINDOW + end)).is_err());

@@ -744,7 +744,7 @@ mod tests {
         // The tail: truncated down to the last plugged block.
         assert_eq!(ask(&mut d, req::UNPLUG, 5, 3).0, resp::ACK);
         assert_eq!(file_size(&mem), 10 * MIB);
-        assert_eq!(mem.regions()[1].plugged_size(), 10 * MIB);
+        assert_eq!(mem.regions()[1].backed_size(), 10 * MIB);
         assert_eq!(ask(&mut d, req::UNPLUG, 4, 1).0, resp::ACK);
         assert_eq!(file_size(&mem), 4 * MIB, "down past the earlier hole");
         assert_eq!(d.state().plugged_size.load(Ordering::Relaxed), 4 * MIB);

@@ -812,6 +812,6 @@ mod tests {
         t.queue_notified(0); // early: served at DRIVER_OK
         w(&mut t, reg::STATUS, 0xf);
         assert_eq!(*results.lock().unwrap(), vec![true]);
-        assert_eq!(mem.regions()[1].plugged_size(), 2 << 20);
+        assert_eq!(mem.regions()[1].backed_size(), 2 << 20);
     }
 }

@@ -116,11 +116,11 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
     };
     loop {
         let sample = gen.sample();
-        let plugged = region.plugged_size();
+        let plugged = region.backed_size();
         if offset >= plugged {
             stats.out_of_range.fetch_add(1, Relaxed);
             log::warn!(
-                "fault at region {} offset {offset:#x} is past the plugged size {plugged:#x}; \
+                "fault at region {} offset {offset:#x} is past the backed size {plugged:#x}; \
                  not installed (the access will fail)",
                 region.index()
             );
@@ -218,7 +218,7 @@ fn resolve(
     minor: bool,
 ) -> Resolved {
     let page = region.page_size();
-    let plugged_pages = region.plugged_size() / page;
+    let plugged_pages = region.backed_size() / page;
     if page_index >= plugged_pages {
         return Resolved::Gone;
     }
@@ -275,7 +275,7 @@ fn install(
             stats.installs_zero.fetch_add(1, Relaxed);
             let zeros = scratch.zeros(len as usize);
             // SAFETY: zeros is len readable bytes; dst..dst+len lies inside
-            // the region's registered mapping (offset + len <= plugged size).
+            // the region's registered mapping (offset + len <= backed size).
             unsafe { ioctl::copy(fd, dst, zeros.as_ptr(), len) }
         }
         Contents::Zero => {

@@ -223,7 +223,7 @@ pub(crate) fn judge(i: Inputs) -> Result<Verdict, String> {
     let regions = i.mem.regions();
     let window_plugged = regions
         .get(WINDOW_REGION)
-        .map_or(0, |r| r.plugged_size() / 4096);
+        .map_or(0, |r| r.backed_size() / 4096);
     let mut check = |pool: &Pool, region: usize, plugged: u64| -> Result<(u64, u64), String> {
         let mut states = vec![0u8; (pool.pages * 4) as usize];
         m.read_slice(&mut states, GuestAddress(pool.state))

@@ -247,7 +247,7 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
                 "memory_mib": ctx.memory >> 20,
                 "mem_backend": ctx.backend,
                 "userfaultfd": ctx.mem.userfault_enabled(),
-                "plugged_mib": ctx.mem.plugged_bytes() >> 20,
+                "plugged_mib": ctx.mem.mapped_bytes() >> 20,
                 "host_allocated_mib": ctx.mem.allocated_bytes() >> 20,
                 "balloon": ctx.balloon.is_some(),
                 "virtio_mem": ctx.hotplug.is_some(),
