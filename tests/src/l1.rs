@@ -70,6 +70,24 @@ pub fn guest_images() -> Result<(PathBuf, PathBuf), String> {
     ))
 }
 
+/// Fetches Debian `suite`'s cloud kernel (e.g. `trixie`: 6.12) into
+/// `build/kernel-SUITE` and builds a guest initramfs with its modules;
+/// returns (vmlinux, initramfs).
+pub fn guest_images_of(suite: &str) -> Result<(PathBuf, PathBuf), String> {
+    run(Command::new("bash")
+        .arg("resources/fetch-kernel.sh")
+        .arg("--suite")
+        .arg(suite))?;
+    let dir = repo_root().join(format!("build/kernel-{suite}"));
+    let image = repo_root().join(format!("build/guest-initramfs-{suite}.cpio.gz"));
+    run(Command::new("bash")
+        .arg("resources/build-initramfs.sh")
+        .arg("--out")
+        .arg(&image)
+        .env("GUEST_KERNEL_DIR", &dir))?;
+    Ok((dir.join("vmlinux"), image))
+}
+
 /// A guest initramfs `build/guest-NAME.cpio.gz` whose init runs the
 /// repository file `script` as its test (after [`guest_images`]).
 pub fn guest_image_with(name: &str, script: &str) -> Result<PathBuf, String> {
