@@ -238,6 +238,10 @@ pub fn check_hotplug_size(ram: u64, window: u64) -> Result<(), VmError> {
     Ok(())
 }
 
+/// How long [`Vm::run`] waits for the VM to stop after guest memory could
+/// not be served before it ends the process.
+pub const FAILURE_GRACE: Duration = Duration::from_secs(5);
+
 /// A VM ready to boot.
 pub struct Vm {
     // Field order matters for drop: vCPUs and the VM go before the memory
@@ -667,11 +671,36 @@ impl Vm {
     /// on a thread of its own (`vmm-events`), so that its seccomp filter
     /// does not confine the caller; the control API, if any, runs on
     /// another (`api`). Both are stopped before this returns.
+    ///
+    /// Guest memory the fault handler cannot serve stops the VM through the
+    /// event loop. Should the event loop itself be stuck on such a page (a
+    /// device reading a queue from it), nothing else could stop the VM: if
+    /// it has not stopped [`FAILURE_GRACE`] after the failure, the process
+    /// exits with the failure's message and status 1.
     pub fn run(self) -> Result<RunOutcome, VmError> {
-        std::thread::Builder::new()
+        let failure = self.mem.fault_failure().cloned();
+        let events = std::thread::Builder::new()
             .name("vmm-events".into())
             .spawn(move || self.run_events())
-            .map_err(io_err("spawning the event loop thread"))?
+            .map_err(io_err("spawning the event loop thread"))?;
+        let mut failed_at = None;
+        while !events.is_finished() {
+            std::thread::sleep(Duration::from_millis(50));
+            let Some(f) = failure.as_ref().filter(|f| f.count() > 0) else {
+                continue;
+            };
+            let since = *failed_at.get_or_insert_with(Instant::now);
+            if since.elapsed() > FAILURE_GRACE && !events.is_finished() {
+                let why = f.message().unwrap_or_default();
+                eprintln!(
+                    "vmm: guest memory could not be served ({why}) and the VM did not stop \
+                     within {} s; exiting",
+                    FAILURE_GRACE.as_secs()
+                );
+                std::process::exit(1);
+            }
+        }
+        events
             .join()
             .unwrap_or_else(|_| Err(VmError::Config("the event loop thread panicked".into())))
     }

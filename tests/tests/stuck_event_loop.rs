@@ -1,0 +1,158 @@
+//! Guest memory the fault handler cannot serve normally stops the VM
+//! through the event loop. Here the event loop itself is the thread stuck on
+//! such a page (the balloon reads a PFN list from it): the VMM must still
+//! end, with the failure's message, instead of hanging for ever. The VM
+//! runs in a child copy of this test, since the way out ends its process.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use guest_mem::{FaultConfig, GuestMem, PageSource, Readahead, RegionConfig, RegionSource};
+use integration_tests::hostile::script::{self, Op};
+use integration_tests::hostile::{
+    publish, put_desc, reg, rings, start_device, BALLOON, BALLOON_FEATURES, BUFFERS, LOAD, SCRIPT,
+};
+use integration_tests::kvm_available;
+use vmm::vcpu::PayloadArgs;
+use vmm::{SerialOut, Vm, VmConfig};
+
+const RAM: u64 = 64 << 20;
+const BAD: u64 = 40 << 20;
+
+/// Pages from `BAD` on cannot be read.
+#[derive(Debug)]
+struct FailingPast;
+
+impl PageSource for FailingPast {
+    fn size(&self) -> Option<u64> {
+        None
+    }
+    fn is_zero(&self, offset: u64, len: u64) -> bool {
+        offset + len <= BAD
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if offset + buf.len() as u64 > BAD {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+fn child() {
+    let mut rc = RegionConfig::new(0, RAM);
+    rc.source = Some(RegionSource {
+        source: Arc::new(FailingPast),
+        offset: 0,
+    });
+    let mem = GuestMem::builder()
+        .region(rc)
+        .fault_config(FaultConfig {
+            readahead: Readahead::NONE,
+            on_thread_start: Some(vmm::seccomp::fault_thread_hook()),
+            ..FaultConfig::default()
+        })
+        .build()
+        .unwrap();
+    let mut vm = Vm::with_memory(
+        VmConfig {
+            memory: RAM,
+            vcpus: 1,
+            backend: vmm::MemBackend::Memfd,
+            fault: FaultConfig::default(),
+            serial: SerialOut::Sink,
+            balloon: Some(Default::default()),
+            hotplug: None,
+            api_socket: None,
+            seccomp: true,
+        },
+        mem,
+    )
+    .unwrap();
+    let m = vm.memory().clone();
+    // An inflate whose PFN list lies in memory that cannot be served.
+    let (t, a, _) = rings(0);
+    put_desc(&m, t, 0, (BAD + 0x1000, 1024, 0, 0));
+    publish(&m, a, &[0]);
+    let mut ops = start_device(
+        BALLOON,
+        BALLOON_FEATURES,
+        &integration_tests::hostile::balloon_queues(),
+    );
+    ops.push(Op::Write(
+        4,
+        reg(
+            BALLOON,
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY,
+        ),
+        0,
+    ));
+    let at = ops.len();
+    ops.push(Op::Read(4, BUFFERS));
+    ops.push(Op::Repeat {
+        to: at,
+        times: u64::MAX,
+    });
+    m.memory()
+        .memory()
+        .write_slice(&script::encode(&ops, SCRIPT), GuestAddress(SCRIPT))
+        .unwrap();
+    vm.load_payload(&script::interpreter(LOAD), LOAD, true, |_| PayloadArgs {
+        entry: LOAD,
+        stack: LOAD - 0x1000,
+        args: [0, SCRIPT, 0, 0, 0, 0],
+    })
+    .unwrap();
+    let outcome = vm.run();
+    // Not reached: the event loop cannot stop the VM, Vm::run ends the
+    // process.
+    eprintln!("child: run returned {:?}", outcome.map(|o| o.reason));
+}
+
+#[test]
+fn an_event_loop_stuck_on_unservable_memory_still_ends_the_vm() {
+    if std::env::var_os("STUCK_EVENT_LOOP_CHILD").is_some() {
+        return child();
+    }
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    let mut c = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "an_event_loop_stuck_on_unservable_memory_still_ends_the_vm",
+            "--nocapture",
+        ])
+        .env("STUCK_EVENT_LOOP_CHILD", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("the VMM hung with its event loop stuck on unservable memory");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(c.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("could not be served"), "{status}: {err}");
+    assert!(
+        err.contains("offset 0x2801000") || err.contains("offset 0x2800000"),
+        "{err}"
+    );
+    assert!(
+        !status.success() || err.contains("child: run returned"),
+        "{status}: {err}"
+    );
+}
