@@ -679,18 +679,32 @@ impl Vm {
     /// exits with the failure's message and status 1.
     pub fn run(self) -> Result<RunOutcome, VmError> {
         let failure = self.mem.fault_failure().cloned();
+        let (tx, rx) = mpsc::channel();
         let events = std::thread::Builder::new()
             .name("vmm-events".into())
-            .spawn(move || self.run_events())
+            .spawn(move || {
+                let _ = tx.send(self.run_events());
+            })
             .map_err(io_err("spawning the event loop thread"))?;
+        // The outcome arrives the moment the event loop ends; meanwhile the
+        // caller looks at the failure count every 50 ms.
         let mut failed_at = None;
-        while !events.is_finished() {
-            std::thread::sleep(Duration::from_millis(50));
+        let outcome = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(outcome) => break outcome,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    break Err(VmError::Config("the event loop thread panicked".into()))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
             let Some(f) = failure.as_ref().filter(|f| f.count() > 0) else {
                 continue;
             };
             let since = *failed_at.get_or_insert_with(Instant::now);
-            if since.elapsed() > FAILURE_GRACE && !events.is_finished() {
+            if since.elapsed() > FAILURE_GRACE {
+                if let Ok(outcome) = rx.try_recv() {
+                    break outcome; // it stopped after all
+                }
                 let why = f.message().unwrap_or_default();
                 eprintln!(
                     "vmm: guest memory could not be served ({why}) and the VM did not stop \
@@ -699,10 +713,9 @@ impl Vm {
                 );
                 std::process::exit(1);
             }
-        }
-        events
-            .join()
-            .unwrap_or_else(|_| Err(VmError::Config("the event loop thread panicked".into())))
+        };
+        let _ = events.join();
+        outcome
     }
 
     fn run_events(self) -> Result<RunOutcome, VmError> {
