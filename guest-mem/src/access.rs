@@ -18,7 +18,7 @@
 //! [`Error::MemoryInUse`](crate::Error::MemoryInUse) instead of a deadlock.
 //!
 //! ```
-//! use guest_mem::{GuestMem, RegionConfig};
+//! use guest_mem::{GuestMem, RegionConfig, RegionIndex};
 //! use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 //!
 //! let mut window = RegionConfig::new(1 << 30, 8 << 20);
@@ -30,9 +30,9 @@
 //!     let m = devices.memory(); // holds off shrinks while in use
 //!     m.write_obj(1u8, top).unwrap();
 //!     // This thread holds a guard: shrinking now would wait on itself.
-//!     assert!(mem.resize(0, 4 << 20).is_err());
+//!     assert!(mem.resize(RegionIndex(0), 4 << 20).is_err());
 //! }
-//! mem.resize(0, 4 << 20)?; // no guard: the tail goes
+//! mem.resize(RegionIndex(0), 4 << 20)?; // no guard: the tail goes
 //! assert!(devices.memory().read_obj::<u8>(top).is_err()); // refused, no SIGBUS
 //! # Ok::<(), guest_mem::Error>(())
 //! ```
@@ -44,7 +44,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use vm_memory::GuestAddressSpace;
 
-use crate::region::{GuestMemory, GuestMemoryAtomic};
+use crate::region::{AtomicMemoryMap, GuestMemoryMap};
 
 thread_local! {
     /// Guards this thread holds (of any gate).
@@ -119,18 +119,18 @@ impl AccessGate {
 /// snapshots hold off shrinks while they live. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct DeviceMemory {
-    map: GuestMemoryAtomic,
+    map: AtomicMemoryMap,
     gate: Arc<AccessGate>,
 }
 
 impl DeviceMemory {
-    pub(crate) fn new(map: GuestMemoryAtomic, gate: Arc<AccessGate>) -> Self {
+    pub(crate) fn new(map: AtomicMemoryMap, gate: Arc<AccessGate>) -> Self {
         DeviceMemory { map, gate }
     }
 }
 
 impl GuestAddressSpace for DeviceMemory {
-    type M = GuestMemory;
+    type M = GuestMemoryMap;
     type T = MemoryGuard;
 
     fn memory(&self) -> MemoryGuard {
@@ -144,7 +144,7 @@ impl GuestAddressSpace for DeviceMemory {
 
 #[derive(Debug)]
 struct GuardInner {
-    map: Arc<GuestMemory>,
+    map: Arc<GuestMemoryMap>,
     gate: Arc<AccessGate>,
 }
 
@@ -161,9 +161,9 @@ impl Drop for GuardInner {
 pub struct MemoryGuard(Rc<GuardInner>);
 
 impl Deref for MemoryGuard {
-    type Target = GuestMemory;
+    type Target = GuestMemoryMap;
 
-    fn deref(&self) -> &GuestMemory {
+    fn deref(&self) -> &GuestMemoryMap {
         &self.0.map
     }
 }

@@ -96,7 +96,7 @@ impl MemoryBackend for GuestMem {
 ///
 /// ```
 /// use guest_mem::backend::{HotplugBackend, HotplugRegion};
-/// use guest_mem::{GuestMem, RegionConfig};
+/// use guest_mem::{GuestMem, RegionConfig, RegionIndex};
 /// use std::sync::Arc;
 ///
 /// let mut hotplug = RegionConfig::new(4 << 30, 0);
@@ -107,7 +107,7 @@ impl MemoryBackend for GuestMem {
 ///         .region(hotplug)
 ///         .build()?,
 /// );
-/// let window = HotplugRegion::new(mem.clone(), 1)?;
+/// let window = HotplugRegion::new(mem.clone(), RegionIndex(1))?;
 /// window.set_backed_size(8 << 20)?; // back the first 8 MiB...
 /// window.set_plugged(0, 8 << 20, true)?; // ...and let the guest reach them
 /// window.set_plugged(2 << 20, 2 << 20, false)?; // unplug a block inside it
@@ -141,16 +141,13 @@ pub trait HotplugBackend: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct HotplugRegion {
     mem: std::sync::Arc<GuestMem>,
-    index: usize,
+    index: crate::RegionIndex,
 }
 
 impl HotplugRegion {
     /// The window of region `index`.
-    pub fn new(mem: std::sync::Arc<GuestMem>, index: usize) -> Result<Self> {
-        let region = mem
-            .regions()
-            .get(index)
-            .ok_or(crate::Error::NoSuchRegion(index))?;
+    pub fn new(mem: std::sync::Arc<GuestMem>, index: crate::RegionIndex) -> Result<Self> {
+        let region = mem.region(index).ok_or(crate::Error::NoSuchRegion(index))?;
         let shared = mem
             .regions()
             .iter()
@@ -164,7 +161,7 @@ impl HotplugRegion {
     }
 
     fn region(&self) -> &crate::Region {
-        &self.mem.regions()[self.index]
+        &self.mem.regions()[self.index.0]
     }
 }
 

@@ -83,7 +83,7 @@ pub enum Error {
     )]
     SourceTooShort {
         /// The region.
-        region: usize,
+        region: crate::RegionIndex,
         /// The source's length.
         len: u64,
         /// Bytes needed.
@@ -121,10 +121,10 @@ pub enum Error {
     },
     /// No region with this index.
     #[error("no region {0}")]
-    NoSuchRegion(usize),
+    NoSuchRegion(crate::RegionIndex),
     /// A region that does not end its backing file.
     #[error("region {0} does not end its backing file and cannot be resized")]
-    NotResizable(usize),
+    NotResizable(crate::RegionIndex),
     /// userfaultfd could not be set up.
     #[error("userfaultfd: {0}")]
     Userfault(String),

@@ -55,7 +55,7 @@ pub use error::{Error, Result};
 pub use fault::{FaultConfig, FaultFailure, FaultMode, Readahead, ThreadStartHook};
 pub use generation::{FileRange, RetryPolicy};
 pub use memory::{Backing, GuestMem, GuestMemBuilder, RegionConfig};
-pub use region::{GuestMemory, GuestMemoryAtomic, GuestRegion, Region, RegionSource};
+pub use region::{AtomicMemoryMap, GuestMemoryMap, GuestRegion, Region, RegionIndex, RegionSource};
 pub use source::{FileSource, PageSource, ZeroSource};
 pub use stats::{Stats, StatsSnapshot};
 /// The `vm-memory` this crate is built against, for embedders.

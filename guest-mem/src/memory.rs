@@ -9,7 +9,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use crate::access::{AccessGate, DeviceMemory};
 use crate::backing::BackingFile;
 use crate::fault::{regions_support_userfault, FaultConfig, FaultHandler, FaultMode};
-use crate::region::{GuestMemory, GuestMemoryAtomic, Region, RegionSource};
+use crate::region::{AtomicMemoryMap, GuestMemoryMap, Region, RegionIndex, RegionSource};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::{Error, Result};
 
@@ -110,7 +110,7 @@ impl GuestMemBuilder {
         }
         let mut regions = Vec::with_capacity(self.regions.len());
         for (index, rc) in self.regions.into_iter().enumerate() {
-            regions.push(Arc::new(build_region(index, rc)?));
+            regions.push(Arc::new(build_region(RegionIndex(index), rc)?));
         }
         check_overlaps(&regions)?;
         let stats = Arc::new(Stats::default());
@@ -141,7 +141,7 @@ impl GuestMemBuilder {
                 ok
             }
         };
-        let memory = GuestMemoryAtomic::new(snapshot(&regions)?);
+        let memory = AtomicMemoryMap::new(snapshot(&regions)?);
         let handler = if use_uffd {
             Some(FaultHandler::start(
                 regions.clone(),
@@ -163,7 +163,7 @@ impl GuestMemBuilder {
     }
 }
 
-fn build_region(index: usize, rc: RegionConfig) -> Result<Region> {
+fn build_region(index: RegionIndex, rc: RegionConfig) -> Result<Region> {
     let max = rc.max_size.unwrap_or(rc.size);
     if rc.size > max {
         return Err(Error::Config(format!(
@@ -230,7 +230,7 @@ fn nonzero(size: u64) -> Result<u64> {
 }
 
 fn check_overlaps(regions: &[Arc<Region>]) -> Result<()> {
-    let mut spans: Vec<(u64, u64, usize)> = regions
+    let mut spans: Vec<(u64, u64, RegionIndex)> = regions
         .iter()
         .map(|r| (r.guest_base().0, r.guest_base().0 + r.max_size(), r.index()))
         .collect();
@@ -246,8 +246,8 @@ fn check_overlaps(regions: &[Arc<Region>]) -> Result<()> {
     Ok(())
 }
 
-fn snapshot(regions: &[Arc<Region>]) -> Result<GuestMemory> {
-    GuestMemory::from_regions(regions.iter().flat_map(|r| r.guest_regions()).collect())
+fn snapshot(regions: &[Arc<Region>]) -> Result<GuestMemoryMap> {
+    GuestMemoryMap::from_regions(regions.iter().flat_map(|r| r.guest_regions()).collect())
         .map_err(|e| Error::Config(format!("building the guest memory map: {e}")))
 }
 
@@ -275,7 +275,7 @@ fn snapshot(regions: &[Arc<Region>]) -> Result<GuestMemory> {
 /// ```
 pub struct GuestMem {
     regions: Vec<Arc<Region>>,
-    memory: GuestMemoryAtomic,
+    memory: AtomicMemoryMap,
     stats: Arc<Stats>,
     config: FaultConfig,
     handler: Option<FaultHandler>,
@@ -301,7 +301,7 @@ impl GuestMem {
 
     /// The guest memory for devices (`vm-memory` `Bytes` reads and writes).
     /// Swapped when a region is resized.
-    pub fn memory(&self) -> GuestMemoryAtomic {
+    pub fn memory(&self) -> AtomicMemoryMap {
         self.memory.clone()
     }
 
@@ -313,7 +313,12 @@ impl GuestMem {
         DeviceMemory::new(self.memory.clone(), self.gate.clone())
     }
 
-    /// The regions, in the order they were added.
+    /// Region `index`, if there is one.
+    pub fn region(&self, index: RegionIndex) -> Option<&Arc<Region>> {
+        self.regions.get(index.0)
+    }
+
+    /// Every region, in the builder's order.
     pub fn regions(&self) -> &[Arc<Region>] {
         &self.regions
     }
@@ -470,7 +475,7 @@ impl GuestMem {
     /// ([`Error::MemoryInUse`]).
     ///
     /// ```
-    /// use guest_mem::{GuestMem, RegionConfig};
+    /// use guest_mem::{GuestMem, RegionConfig, RegionIndex};
     /// use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
     ///
     /// // A hotplug window at 4 GiB that may grow to 64 MiB, 16 MiB plugged.
@@ -483,18 +488,18 @@ impl GuestMem {
     /// let top = GuestAddress((4 << 30) + (8 << 20));
     /// mem.memory().memory().write_obj(0xabu8, top).unwrap();
     ///
-    /// mem.resize(1, 4 << 20)?; // unplug: the file is truncated
+    /// mem.resize(RegionIndex(1), 4 << 20)?; // unplug: the file is truncated
     /// assert!(mem.memory().memory().read_obj::<u8>(top).is_err());
-    /// mem.resize(1, 32 << 20)?; // plug again: the new memory reads zero
+    /// mem.resize(RegionIndex(1), 32 << 20)?; // plug again: the new memory reads zero
     /// assert_eq!(mem.memory().memory().read_obj::<u8>(top).unwrap(), 0);
-    /// assert!(mem.resize(1, 128 << 20).is_err()); // past max_size
+    /// assert!(mem.resize(RegionIndex(1), 128 << 20).is_err()); // past max_size
     /// # Ok::<(), guest_mem::Error>(())
     /// ```
-    pub fn resize(&self, index: usize, new_size: u64) -> Result<()> {
+    pub fn resize(&self, index: RegionIndex, new_size: u64) -> Result<()> {
         let _serial = self.resize.lock().unwrap_or_else(|e| e.into_inner());
         let region = self
             .regions
-            .get(index)
+            .get(index.0)
             .ok_or(Error::NoSuchRegion(index))?
             .clone();
         let page = region.page_size();
@@ -560,7 +565,7 @@ impl GuestMem {
 
     /// Rebuilds the devices' memory map; `pending` gives a region's size
     /// before the backing file reflects it.
-    fn swap_memory(&self, pending: Option<(usize, u64)>) {
+    fn swap_memory(&self, pending: Option<(RegionIndex, u64)>) {
         let regions = self
             .regions
             .iter()
@@ -569,7 +574,7 @@ impl GuestMem {
                 _ => r.guest_regions(),
             })
             .collect();
-        match GuestMemory::from_regions(regions) {
+        match GuestMemoryMap::from_regions(regions) {
             Ok(map) => {
                 let guard = self.memory.lock().unwrap_or_else(|e| e.into_inner());
                 guard.replace(map);
@@ -585,12 +590,12 @@ impl GuestMem {
     /// a shrink does.
     pub fn set_accessible(
         &self,
-        index: usize,
+        index: RegionIndex,
         offset: u64,
         len: u64,
         accessible: bool,
     ) -> Result<()> {
-        let region = self.regions.get(index).ok_or(Error::NoSuchRegion(index))?;
+        let region = self.region(index).ok_or(Error::NoSuchRegion(index))?;
         let end = offset
             .checked_add(len)
             .ok_or(Error::TooLarge { size: len })?;
@@ -616,9 +621,8 @@ impl GuestMem {
 
     /// The accessible `(offset, len)` extents of region `index`'s backed
     /// part: what a VMM maps into the guest (KVM memory slots).
-    pub fn accessible_extents(&self, index: usize) -> Vec<(u64, u64)> {
-        self.regions
-            .get(index)
+    pub fn accessible_extents(&self, index: RegionIndex) -> Vec<(u64, u64)> {
+        self.region(index)
             .map_or_else(Vec::new, |r| r.accessible_of(r.backed_size()))
     }
 

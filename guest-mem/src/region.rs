@@ -81,9 +81,20 @@ pub(crate) struct ReadaheadState {
     pub victim: AtomicU64,
 }
 
+/// Which region of a [`GuestMem`](crate::GuestMem): its position in the
+/// builder's order, starting at 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RegionIndex(pub usize);
+
+impl fmt::Display for RegionIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// One region of guest memory.
 pub struct Region {
-    pub(crate) index: usize,
+    pub(crate) index: RegionIndex,
     pub(crate) guest_base: GuestAddress,
     pub(crate) max_size: u64,
     pub(crate) backing: Arc<BackingFile>,
@@ -114,7 +125,7 @@ impl fmt::Debug for Region {
 
 impl Region {
     pub(crate) fn map(
-        index: usize,
+        index: RegionIndex,
         guest_base: GuestAddress,
         max_size: u64,
         backing: Arc<BackingFile>,
@@ -190,7 +201,7 @@ impl Region {
     }
 
     /// Index of the region in its [`crate::GuestMem`].
-    pub fn index(&self) -> usize {
+    pub fn index(&self) -> RegionIndex {
         self.index
     }
 
@@ -480,7 +491,7 @@ impl GuestMemoryRegion for GuestRegion {
 impl GuestMemoryRegionBytes for GuestRegion {}
 
 /// The guest memory that devices use: the backed, accessible part of every region.
-pub type GuestMemory = vm_memory::GuestRegionCollection<GuestRegion>;
+pub type GuestMemoryMap = vm_memory::GuestRegionCollection<GuestRegion>;
 
 /// Swapped atomically when a region is resized.
-pub type GuestMemoryAtomic = vm_memory::GuestMemoryAtomic<GuestMemory>;
+pub type AtomicMemoryMap = vm_memory::GuestMemoryAtomic<GuestMemoryMap>;

@@ -37,7 +37,7 @@ fn a_shrink_waits_for_the_device_access_in_progress() {
     let shrinker = {
         let (mem, done) = (mem.clone(), done.clone());
         std::thread::spawn(move || {
-            mem.resize(0, 4 * MIB).unwrap();
+            mem.resize(guest_mem::RegionIndex(0), 4 * MIB).unwrap();
             done.store(true, Ordering::SeqCst);
         })
     };
@@ -64,13 +64,16 @@ fn a_thread_holding_memory_cannot_shrink_it_under_itself() {
     let devices = mem.device_memory();
     let guard = devices.memory();
     let nested = devices.memory(); // re-entrant: no wait
-    assert!(matches!(mem.resize(0, 2 * MIB), Err(Error::MemoryInUse)));
+    assert!(matches!(
+        mem.resize(guest_mem::RegionIndex(0), 2 * MIB),
+        Err(Error::MemoryInUse)
+    ));
     drop(nested);
     drop(guard);
-    mem.resize(0, 2 * MIB).unwrap();
+    mem.resize(guest_mem::RegionIndex(0), 2 * MIB).unwrap();
     // Growing never waits and never refuses.
     let _g = devices.memory();
-    mem.resize(0, 6 * MIB).unwrap();
+    mem.resize(guest_mem::RegionIndex(0), 6 * MIB).unwrap();
 }
 
 /// Devices on two threads read and write the window's tail in a loop while
@@ -119,7 +122,7 @@ fn device_accesses_never_fault_past_a_truncation() {
         rx.recv().unwrap();
         for round in 0..300 {
             let size = if round % 2 == 0 { 4 * MIB } else { 8 * MIB };
-            mem.resize(0, size).unwrap();
+            mem.resize(guest_mem::RegionIndex(0), size).unwrap();
         }
         stop.store(true, Ordering::Relaxed);
         for w in workers {
@@ -145,11 +148,14 @@ fn unplugged_parts_of_a_window_are_out_of_reach() {
             .build()
             .unwrap(),
     );
-    let window = HotplugRegion::new(mem.clone(), 1).unwrap();
+    let window = HotplugRegion::new(mem.clone(), guest_mem::RegionIndex(1)).unwrap();
     // Plug the block at 6 MiB only: the file reaches past 0-6 MiB.
     window.set_backed_size(8 * MIB).unwrap();
     window.set_plugged(6 * MIB, 2 * MIB, true).unwrap();
-    assert_eq!(mem.accessible_extents(1), vec![(6 * MIB, 2 * MIB)]);
+    assert_eq!(
+        mem.accessible_extents(guest_mem::RegionIndex(1)),
+        vec![(6 * MIB, 2 * MIB)]
+    );
     let devices = mem.device_memory();
     let m = devices.memory();
     m.write_obj(7u64, GuestAddress(BASE + 6 * MIB)).unwrap();
@@ -171,7 +177,10 @@ fn unplugged_parts_of_a_window_are_out_of_reach() {
     // Plugging another block and unplugging the first.
     window.set_plugged(0, 2 * MIB, true).unwrap();
     window.set_plugged(6 * MIB, 2 * MIB, false).unwrap();
-    assert_eq!(mem.accessible_extents(1), vec![(0, 2 * MIB)]);
+    assert_eq!(
+        mem.accessible_extents(guest_mem::RegionIndex(1)),
+        vec![(0, 2 * MIB)]
+    );
     assert!(devices
         .memory()
         .read_obj::<u64>(GuestAddress(BASE + 6 * MIB))

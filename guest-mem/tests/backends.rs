@@ -131,7 +131,7 @@ fn a_fault_truncated_away_is_reported_not_left_hanging() {
         });
     }
     gate.fetched.recv().unwrap();
-    mem.resize(0, 32 * PAGE).unwrap();
+    mem.resize(guest_mem::RegionIndex(0), 32 * PAGE).unwrap();
     gate.release.send(()).unwrap();
     let v = done_rx
         .recv_timeout(Duration::from_secs(10))
@@ -177,7 +177,10 @@ fn private_regions_over_one_image_never_modify_it() {
             0,
             "a discarded page reads zero"
         );
-        assert!(mem.resize(0, 128 * page).is_err(), "never truncated");
+        assert!(
+            mem.resize(guest_mem::RegionIndex(0), 128 * page).is_err(),
+            "never truncated"
+        );
     }
     let b_mem = b.memory().memory();
     assert_eq!(

@@ -179,9 +179,18 @@ fn bad_discards_and_resizes_are_refused() {
         mem.discard(GuestAddress(15 * PAGE), 2 * PAGE),
         Err(Error::NotRam { .. })
     ));
-    assert!(mem.resize(0, 33 * PAGE).is_err(), "past max");
-    assert!(mem.resize(0, PAGE + 1).is_err(), "unaligned");
-    assert!(matches!(mem.resize(1, PAGE), Err(Error::NoSuchRegion(1))));
+    assert!(
+        mem.resize(guest_mem::RegionIndex(0), 33 * PAGE).is_err(),
+        "past max"
+    );
+    assert!(
+        mem.resize(guest_mem::RegionIndex(0), PAGE + 1).is_err(),
+        "unaligned"
+    );
+    assert!(matches!(
+        mem.resize(guest_mem::RegionIndex(1), PAGE),
+        Err(Error::NoSuchRegion(guest_mem::RegionIndex(1)))
+    ));
     assert_eq!(mem.stats().discards, 0, "nothing was discarded");
 }
 
@@ -200,10 +209,10 @@ fn only_the_tail_window_of_a_shared_file_can_resize() {
     };
     let mem = GuestMem::builder().region(a).region(b).build().unwrap();
     assert!(matches!(
-        mem.resize(0, 8 * PAGE),
-        Err(Error::NotResizable(0))
+        mem.resize(guest_mem::RegionIndex(0), 8 * PAGE),
+        Err(Error::NotResizable(guest_mem::RegionIndex(0)))
     ));
-    mem.resize(1, 8 * PAGE).unwrap();
+    mem.resize(guest_mem::RegionIndex(1), 8 * PAGE).unwrap();
     assert_eq!(mem.regions()[1].backed_size(), 8 * PAGE);
     assert_eq!(mem.regions()[0].backed_size(), 16 * PAGE);
 }

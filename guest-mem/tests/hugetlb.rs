@@ -86,12 +86,13 @@ fn huge_pages_are_faulted_in_discarded_and_resized_whole() {
     let top = GuestAddress((1 << 30) + 3 * HUGE);
     ram.write_obj(0xabu8, top).unwrap();
     drop(ram);
-    mem.resize(1, 2 * HUGE).unwrap();
+    mem.resize(guest_mem::RegionIndex(1), 2 * HUGE).unwrap();
     assert!(mem.memory().memory().read_obj::<u8>(top).is_err());
-    mem.resize(1, 4 * HUGE).unwrap();
+    mem.resize(guest_mem::RegionIndex(1), 4 * HUGE).unwrap();
     assert_eq!(mem.memory().memory().read_obj::<u8>(top).unwrap(), 0);
     assert!(
-        mem.resize(1, 3 * HUGE + 4096).is_err(),
+        mem.resize(guest_mem::RegionIndex(1), 3 * HUGE + 4096)
+            .is_err(),
         "not a whole huge page"
     );
 }

@@ -138,8 +138,8 @@ fn shrink_then_grow(skip_recheck: bool) -> Observed {
         false,
         skip_recheck,
         |mem| {
-            mem.resize(0, 32 * PAGE).unwrap();
-            mem.resize(0, 64 * PAGE).unwrap();
+            mem.resize(guest_mem::RegionIndex(0), 32 * PAGE).unwrap();
+            mem.resize(guest_mem::RegionIndex(0), 64 * PAGE).unwrap();
         },
         40,
     )
@@ -170,8 +170,8 @@ fn a_private_region_is_never_resized() {
         config(Readahead::NONE, false),
     );
     assert!(matches!(
-        mem.resize(0, 32 * PAGE),
-        Err(guest_mem::Error::NotResizable(0))
+        mem.resize(guest_mem::RegionIndex(0), 32 * PAGE),
+        Err(guest_mem::Error::NotResizable(guest_mem::RegionIndex(0)))
     ));
     assert_eq!(mem.regions()[0].backing().size(), 64 * PAGE);
 }

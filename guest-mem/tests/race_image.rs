@@ -137,8 +137,8 @@ fn a_page_past_a_shrink_during_its_fetch_comes_back_zero_after_a_regrow() {
             Readahead::NONE,
             off,
             |m| {
-                m.resize(0, 32 * PAGE).unwrap();
-                m.resize(0, PAGES * PAGE).unwrap();
+                m.resize(guest_mem::RegionIndex(0), 32 * PAGE).unwrap();
+                m.resize(guest_mem::RegionIndex(0), PAGES * PAGE).unwrap();
             },
             40,
         )

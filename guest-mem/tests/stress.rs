@@ -142,12 +142,12 @@ fn resizer(mem: &GuestMem, seed: u64, stop: &AtomicBool) -> (u64, Vec<String>) {
     while !stop.load(Ordering::Relaxed) {
         let plugged = mem.regions()[1].backed_size() / PAGE;
         let small = B_MIN + rng.below(plugged - B_MIN + 1);
-        mem.resize(1, small * PAGE).unwrap();
+        mem.resize(guest_mem::RegionIndex(1), small * PAGE).unwrap();
         for t in &mut truncated[small as usize..plugged as usize] {
             *t = true;
         }
         let big = small + rng.below(B_PAGES - small + 1);
-        mem.resize(1, big * PAGE).unwrap();
+        mem.resize(guest_mem::RegionIndex(1), big * PAGE).unwrap();
         for _ in 0..16 {
             let p = B_MIN + rng.below(big - B_MIN);
             let want = if truncated[p as usize] {
@@ -252,8 +252,9 @@ fn stream_vs_balloon(mem: &GuestMem, seed: u64, stop: &AtomicBool) -> (u64, u64,
             }
             st.store(FRESH, Ordering::Relaxed);
         }
-        mem.resize(2, 0).unwrap();
-        mem.resize(2, C_PAGES * PAGE).unwrap();
+        mem.resize(guest_mem::RegionIndex(2), 0).unwrap();
+        mem.resize(guest_mem::RegionIndex(2), C_PAGES * PAGE)
+            .unwrap();
         passes += 1;
     }
     (passes, taken_total, stray)

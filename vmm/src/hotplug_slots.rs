@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use guest_mem::backend::{HotplugBackend, HotplugRegion};
 use guest_mem::vm_memory::GuestAddress;
-use guest_mem::GuestMem;
+use guest_mem::{GuestMem, Region, RegionIndex};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 
@@ -27,7 +27,7 @@ pub struct SlottedWindow {
     vm: Arc<VmFd>,
     inner: HotplugRegion,
     mem: Arc<GuestMem>,
-    index: usize,
+    index: RegionIndex,
     first_slot: u32,
     /// Slot `first_slot + i` maps extent `slots[i]` (guest address, length).
     slots: Mutex<Vec<Option<(u64, u64)>>>,
@@ -39,7 +39,7 @@ impl SlottedWindow {
     pub fn new(
         vm: Arc<VmFd>,
         mem: Arc<GuestMem>,
-        index: usize,
+        index: RegionIndex,
         first_slot: u32,
     ) -> guest_mem::Result<Self> {
         let inner = HotplugRegion::new(mem.clone(), index)?;
@@ -55,8 +55,13 @@ impl SlottedWindow {
         Ok(w)
     }
 
+    fn region(&self) -> &Region {
+        // HotplugRegion::new checked that the region exists.
+        &self.mem.regions()[self.index.0]
+    }
+
     fn set_slot(&self, slot: u32, gpa: u64, len: u64) -> guest_mem::Result<()> {
-        let region = &self.mem.regions()[self.index];
+        let region = self.region();
         let offset = gpa - region.guest_base().0;
         let r = kvm_userspace_memory_region {
             slot,
@@ -81,7 +86,7 @@ impl SlottedWindow {
 
     /// Makes the KVM slots match the accessible extents.
     fn sync(&self) -> guest_mem::Result<()> {
-        let base = self.mem.regions()[self.index].guest_base().0;
+        let base = self.region().guest_base().0;
         let want: Vec<(u64, u64)> = self
             .mem
             .accessible_extents(self.index)

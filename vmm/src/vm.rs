@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use guest_mem::image::ImageFile;
 
-use guest_mem::{Backing, BackingFile, FaultConfig, GuestMem, RegionConfig};
+use guest_mem::{Backing, BackingFile, FaultConfig, GuestMem, RegionConfig, RegionIndex};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
@@ -485,12 +485,12 @@ impl Vm {
         }
         let mut hotplug = None;
         if config.hotplug.is_some() {
-            let index = mem.regions().len() - 1;
+            let last = mem.regions().len() - 1;
             let window = Arc::new(SlottedWindow::new(
                 fd.clone(),
                 mem.clone(),
-                index,
-                index as u32,
+                RegionIndex(last),
+                last as u32,
             )?);
             let device = VirtioMem::new(window.clone()).map_err(VmError::Config)?;
             let state = device.state();

@@ -265,7 +265,7 @@ fuzz_target!(|data: &[u8]| {
             .expect("guest memory"),
     );
     let mut dev = VirtioMem::new(Arc::new(
-        HotplugRegion::new(mem.clone(), 1).expect("hotplug window"),
+        HotplugRegion::new(mem.clone(), guest_mem::RegionIndex(1)).expect("hotplug window"),
     ))
     .expect("virtio-mem");
     let st = dev.state();

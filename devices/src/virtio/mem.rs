@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::mem::size_of;
 
 use guest_mem::backend::HotplugBackend;
-use guest_mem::{DeviceMemory, GuestMemory};
+use guest_mem::{DeviceMemory, GuestMemoryMap};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestAddressSpace};
@@ -404,7 +404,7 @@ impl VirtioMem {
     /// the response.
     fn parse_chain(
         &self,
-        mem: &GuestMemory,
+        mem: &GuestMemoryMap,
         descs: &[Descriptor],
     ) -> Option<(MemRequest, GuestAddress)> {
         let split = descs.iter().position(Descriptor::is_write_only);
@@ -635,7 +635,10 @@ mod tests {
     }
 
     fn device(mem: &Arc<GuestMem>) -> VirtioMem {
-        VirtioMem::new(Arc::new(HotplugRegion::new(mem.clone(), 1).unwrap())).unwrap()
+        VirtioMem::new(Arc::new(
+            HotplugRegion::new(mem.clone(), guest_mem::RegionIndex(1)).unwrap(),
+        ))
+        .unwrap()
     }
 
     fn block(i: u64) -> u64 {
@@ -656,8 +659,11 @@ mod tests {
     fn with_queue<'a>(
         d: &mut VirtioMem,
         mem: &GuestMem,
-        ram: &'a guest_mem::GuestMemory,
-    ) -> (MockSplitQueue<'a, guest_mem::GuestMemory>, Arc<Interrupt>) {
+        ram: &'a guest_mem::GuestMemoryMap,
+    ) -> (
+        MockSplitQueue<'a, guest_mem::GuestMemoryMap>,
+        Arc<Interrupt>,
+    ) {
         d.state().requested_size.store(4 * MIB, Ordering::Relaxed);
         let q = MockSplitQueue::create(ram, GuestAddress(MIB), 16);
         let mut queue: Queue = q.create_queue().unwrap();
@@ -870,7 +876,7 @@ mod tests {
         mem: &Arc<GuestMem>,
     ) -> (
         VirtioMem,
-        vm_memory::GuestMemoryLoadGuard<guest_mem::GuestMemory>,
+        vm_memory::GuestMemoryLoadGuard<guest_mem::GuestMemoryMap>,
     ) {
         let mut d = device(mem);
         d.state().requested_size.store(8 * MIB, Ordering::Relaxed);
@@ -881,7 +887,7 @@ mod tests {
     fn run_request(
         d: &mut VirtioMem,
         mem: &Arc<GuestMem>,
-        ram: &guest_mem::GuestMemory,
+        ram: &guest_mem::GuestMemoryMap,
         queue_at: u64,
         r: MemRequest,
         resp_at: u64,

@@ -780,7 +780,7 @@ mod tests {
             Ok(())
         }
         fn process_queue(&mut self, _: usize) -> Progress {
-            let ok = self.0.resize(1, 2 << 20).is_ok();
+            let ok = self.0.resize(guest_mem::RegionIndex(1), 2 << 20).is_ok();
             self.1.lock().unwrap().push(ok);
             Progress::Done
         }

@@ -13,7 +13,7 @@ use super::layout::{ctrl, stat, state, Layout, CHUNK, CTRL, HOT_SPAN, RESIZE_STE
 use super::{Rng, StressConfig};
 
 /// Index of the window among the guest memory's regions.
-pub(crate) const WINDOW_REGION: usize = 1;
+pub(crate) const WINDOW_REGION: guest_mem::RegionIndex = guest_mem::RegionIndex(1);
 
 /// What the driver did.
 #[derive(Debug, Default, Clone)]

@@ -222,7 +222,7 @@ pub(crate) fn judge(i: Inputs) -> Result<Verdict, String> {
     // The host's check of every page against the guest's record.
     let regions = i.mem.regions();
     let window_plugged = regions
-        .get(WINDOW_REGION)
+        .get(WINDOW_REGION.0)
         .map_or(0, |r| r.backed_size() / 4096);
     let mut check = |pool: &Pool, region: usize, plugged: u64| -> Result<(u64, u64), String> {
         let mut states = vec![0u8; (pool.pages * 4) as usize];
@@ -289,7 +289,7 @@ pub(crate) fn judge(i: Inputs) -> Result<Verdict, String> {
     };
     let (ballooned, holes) = check(&i.layout.ram, 0, i.layout.ram.pages)?;
     if i.layout.window.pages > 0 {
-        check(&i.layout.window, WINDOW_REGION, window_plugged)?;
+        check(&i.layout.window, WINDOW_REGION.0, window_plugged)?;
     }
     problems.truncate(16);
 

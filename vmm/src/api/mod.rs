@@ -520,7 +520,7 @@ mod tests {
                 .build()
                 .unwrap(),
         );
-        let window = Arc::new(HotplugRegion::new(mem.clone(), 1).unwrap());
+        let window = Arc::new(HotplugRegion::new(mem.clone(), guest_mem::RegionIndex(1)).unwrap());
         let dev = VirtioMem::new(window.clone()).unwrap();
         let state = dev.state();
         let transport = transport(Box::new(dev), &mem);

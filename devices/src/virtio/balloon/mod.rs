@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use guest_mem::backend::MemoryBackend;
-use guest_mem::{DeviceMemory, GuestMemory};
+use guest_mem::{DeviceMemory, GuestMemoryMap};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -254,7 +254,7 @@ impl Balloon {
         &mut self,
         q: usize,
         max_descs: usize,
-        mut handle: impl FnMut(&mut Self, &GuestMemory, &[Descriptor]) -> Done,
+        mut handle: impl FnMut(&mut Self, &GuestMemoryMap, &[Descriptor]) -> Done,
     ) -> Progress {
         let Some(dm) = self.mem.clone() else {
             return Progress::Done;
@@ -305,7 +305,7 @@ impl Balloon {
 
     /// The PFNs of one chain: device-readable buffers of whole PFNs, at most
     /// [`MAX_PFNS_PER_CHAIN`]. `None` (refused) for anything else.
-    fn read_pfns(&self, mem: &GuestMemory, descs: &[Descriptor]) -> Option<Vec<u32>> {
+    fn read_pfns(&self, mem: &GuestMemoryMap, descs: &[Descriptor]) -> Option<Vec<u32>> {
         let mut pfns = Vec::new();
         for desc in descs {
             if desc.is_write_only() || desc.len() % 4 != 0 {
@@ -396,7 +396,7 @@ impl Balloon {
         }
     }
 
-    fn inflate_chain(&mut self, mem: &GuestMemory, descs: &[Descriptor]) -> Done {
+    fn inflate_chain(&mut self, mem: &GuestMemoryMap, descs: &[Descriptor]) -> Done {
         let Some(pfns) = self.read_pfns(mem, descs) else {
             return Done::Used;
         };
@@ -425,7 +425,7 @@ impl Balloon {
         Done::Used
     }
 
-    fn deflate_chain(&mut self, mem: &GuestMemory, descs: &[Descriptor]) -> Done {
+    fn deflate_chain(&mut self, mem: &GuestMemoryMap, descs: &[Descriptor]) -> Done {
         let Some(pfns) = self.read_pfns(mem, descs) else {
             return Done::Used;
         };
@@ -442,7 +442,7 @@ impl Balloon {
         Done::Used
     }
 
-    fn stats_chain(&mut self, q: usize, mem: &GuestMemory, descs: &[Descriptor]) -> Done {
+    fn stats_chain(&mut self, q: usize, mem: &GuestMemoryMap, descs: &[Descriptor]) -> Done {
         let mut values = BTreeMap::new();
         for desc in descs {
             if desc.is_write_only() {
@@ -675,11 +675,11 @@ mod tests {
     struct Rig<'a> {
         balloon: Balloon,
         mem: Arc<GuestMem>,
-        queues: Vec<MockSplitQueue<'a, guest_mem::GuestMemory>>,
+        queues: Vec<MockSplitQueue<'a, guest_mem::GuestMemoryMap>>,
     }
 
     /// Builds a balloon with mock queues at 1, 2, 3 and 4 MiB.
-    fn rig(ram: &guest_mem::GuestMemory, mem: Arc<GuestMem>, features: u64) -> Rig<'_> {
+    fn rig(ram: &guest_mem::GuestMemoryMap, mem: Arc<GuestMem>, features: u64) -> Rig<'_> {
         let mut balloon = Balloon::new(
             mem.clone(),
             BalloonConfig {
@@ -708,7 +708,7 @@ mod tests {
         }
     }
 
-    fn pfn_buffer(ram: &guest_mem::GuestMemory, at: u64, pfns: &[u32]) -> u32 {
+    fn pfn_buffer(ram: &guest_mem::GuestMemoryMap, at: u64, pfns: &[u32]) -> u32 {
         let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
         ram.write_slice(&bytes, GuestAddress(at)).unwrap();
         bytes.len() as u32
