@@ -9,7 +9,7 @@ use guest_mem::{FaultConfig, FaultMode, Readahead};
 
 use crate::api::ApiConfig;
 use crate::boot::mptable::MAX_CPUS_IN_EBDA;
-use crate::vm::{MemBackend, SerialOut};
+use crate::config::{MemBackend, SerialOut};
 
 /// Boot a Linux kernel (or a flat payload) on file-backed, fault-managed
 /// guest memory.

@@ -7,12 +7,19 @@
 
 pub mod api;
 pub mod boot;
+pub mod builder;
 pub mod cli;
+pub mod config;
 pub mod cpuid;
+pub mod device_manager;
+pub mod error;
+pub mod event_loop;
 pub mod exit;
 pub mod exit_profile;
 pub mod hotplug_slots;
+pub mod kvm_vm;
 pub mod layout;
+pub mod ram;
 pub mod seccomp;
 pub mod signals;
 pub mod uffd_handshake;
@@ -20,5 +27,8 @@ pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
+pub use config::{BalloonOptions, MemBackend, SerialOut, VmConfig};
+pub use error::VmError;
+pub use event_loop::{RunOutcome, FAILURE_GRACE};
 pub use exit::ExitReason;
-pub use vm::{BalloonOptions, MemBackend, RunOutcome, SerialOut, Vm, VmConfig, VmError};
+pub use vm::Vm;

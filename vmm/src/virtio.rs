@@ -13,8 +13,8 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::error::VmError;
 use crate::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use crate::vm::VmError;
 
 /// First interrupt line for virtio devices (the serial console has 4).
 pub const VIRTIO_IRQ_BASE: u32 = 5;

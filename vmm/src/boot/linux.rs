@@ -219,6 +219,17 @@ pub fn boot_params(
     Ok(params)
 }
 
+/// The command line with what the platform implies added: this VMM has no
+/// PCI bus, so `pci=off` spares the guest probing one (as Firecracker
+/// does), unless the command line already says something about PCI.
+pub fn with_platform_args(cmdline: &str) -> String {
+    if cmdline.split_whitespace().any(|w| w.starts_with("pci=")) {
+        cmdline.to_string()
+    } else {
+        format!("{} pci=off", cmdline.trim_end())
+    }
+}
+
 /// Parses and places the kernel command line; returns its length.
 pub fn write_cmdline<M: GuestMemoryBackend>(mem: &M, cmdline: &str) -> Result<usize, BootError> {
     let mut c = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -240,6 +251,15 @@ pub fn write_boot_params<M: Bytes<GuestAddress, E = GuestMemoryError>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_gets_pci_off_unless_it_speaks_of_pci() {
+        assert_eq!(
+            with_platform_args("console=ttyS0 panic=-1 "),
+            "console=ttyS0 panic=-1 pci=off"
+        );
+        assert_eq!(with_platform_args("pci=noacpi quiet"), "pci=noacpi quiet");
+    }
     use std::io::Write;
     use vm_memory::GuestMemoryMmap;
 

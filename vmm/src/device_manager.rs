@@ -1,0 +1,166 @@
+//! The devices of a VM: the legacy ones on the port I/O bus (serial
+//! console, i8042, CMOS, ACPI sleep), the virtio-mmio ones on the MMIO bus
+//! (balloon, virtio-mem), the console they write to and the events by
+//! which the guest resets or powers off.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use devices::bus::{Bus, SharedDevice};
+use devices::legacy::{AcpiSleep, Cmos, SerialConsole, I8042};
+use devices::virtio::balloon::Balloon;
+use devices::virtio::mem::VirtioMem;
+use devices::virtio::VirtioDevice;
+use guest_mem::{GuestMem, RegionIndex};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::{BalloonHandle, HotplugHandle};
+use crate::config::{BalloonOptions, SerialOut};
+use crate::error::{io_err, kvm_err, VmError};
+use crate::hotplug_slots::SlottedWindow;
+use crate::virtio::VirtioSlot;
+
+/// The console every guest-visible writer (serial, payload debug port)
+/// shares.
+pub type Console = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// A VM's devices, wired to its VM fd and memory.
+pub struct DeviceManager {
+    /// Port I/O devices.
+    pub pio: Bus,
+    /// MMIO devices.
+    pub mmio: Bus,
+    /// Where the serial console writes.
+    pub console: Console,
+    /// Signalled by the i8042 when the guest resets.
+    pub reset_evt: EventFd,
+    /// Signalled by the ACPI sleep register when the guest powers off.
+    pub power_off_evt: EventFd,
+    /// The virtio-mmio slots, in MMIO window order.
+    pub virtio: Vec<VirtioSlot>,
+    /// The balloon, if any.
+    pub balloon: Option<BalloonHandle>,
+    /// The virtio-mem device, if any.
+    pub hotplug: Option<HotplugHandle>,
+}
+
+impl DeviceManager {
+    /// The legacy devices, writing the console to `serial`.
+    pub fn new(fd: &VmFd, serial: SerialOut) -> Result<Self, VmError> {
+        let out: Box<dyn Write + Send> = match serial {
+            SerialOut::Stdout => Box::new(std::io::stdout()),
+            SerialOut::File(p) => Box::new(
+                std::fs::File::create(&p).map_err(io_err(format!("creating {}", p.display())))?,
+            ),
+            SerialOut::Writer(w) => w,
+            SerialOut::Sink => Box::new(std::io::sink()),
+        };
+        let console: Console = Arc::new(Mutex::new(out));
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"));
+
+        let mut pio = Bus::new();
+        let serial_irq = eventfd()?;
+        fd.register_irqfd(&serial_irq, SerialConsole::COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let serial: SharedDevice = Arc::new(Mutex::new(SerialConsole::new(
+            serial_irq,
+            Box::new(SharedWriter(console.clone())),
+        )));
+        let reset_evt = eventfd()?;
+        let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(
+            reset_evt.try_clone().map_err(io_err("eventfd"))?,
+        )));
+        let cmos: SharedDevice = Arc::new(Mutex::new(Cmos::new()));
+        let power_off_evt = eventfd()?;
+        let acpi_sleep: SharedDevice = Arc::new(Mutex::new(AcpiSleep::new(
+            power_off_evt.try_clone().map_err(io_err("eventfd"))?,
+        )));
+        for (d, base, len) in [
+            (serial, SerialConsole::COM1, 8),
+            (i8042, I8042::BASE, I8042::LEN),
+            (cmos, Cmos::BASE, Cmos::LEN),
+            (acpi_sleep, AcpiSleep::BASE, AcpiSleep::LEN),
+        ] {
+            pio.insert(d, base, len)
+                .map_err(|e| VmError::Config(e.to_string()))?;
+        }
+        Ok(DeviceManager {
+            pio,
+            mmio: Bus::new(),
+            console,
+            reset_evt,
+            power_off_evt,
+            virtio: Vec::new(),
+            balloon: None,
+            hotplug: None,
+        })
+    }
+
+    /// Puts `device` in the next virtio-mmio window, with the next GSI.
+    fn attach(
+        &mut self,
+        fd: &VmFd,
+        mem: &GuestMem,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<Arc<Mutex<devices::virtio::mmio::MmioTransport>>, VmError> {
+        let slot = VirtioSlot::attach(
+            self.virtio.len() as u32,
+            device,
+            mem.device_memory(),
+            fd,
+            &mut self.mmio,
+        )?;
+        let transport = slot.transport.clone();
+        self.virtio.push(slot);
+        Ok(transport)
+    }
+
+    /// Adds a virtio-balloon over `mem`.
+    pub fn add_balloon(
+        &mut self,
+        fd: &VmFd,
+        mem: &Arc<GuestMem>,
+        opts: BalloonOptions,
+    ) -> Result<(), VmError> {
+        let backend: Arc<dyn guest_mem::backend::MemoryBackend> = mem.clone();
+        let device = Balloon::new(backend, opts);
+        let state = device.state();
+        let transport = self.attach(fd, mem, Box::new(device))?;
+        self.balloon = Some(BalloonHandle { state, transport });
+        Ok(())
+    }
+
+    /// Adds a virtio-mem device over the last region of `mem`, its window;
+    /// the window's memory slots are numbered from that region's index.
+    pub fn add_hotplug(&mut self, fd: &Arc<VmFd>, mem: &Arc<GuestMem>) -> Result<(), VmError> {
+        let last = mem.regions().len() - 1;
+        let window = Arc::new(SlottedWindow::new(
+            fd.clone(),
+            mem.clone(),
+            RegionIndex(last),
+            last as u32,
+        )?);
+        let device = VirtioMem::new(window.clone()).map_err(VmError::Config)?;
+        let state = device.state();
+        let transport = self.attach(fd, mem, Box::new(device))?;
+        self.hotplug = Some(HotplugHandle {
+            state,
+            transport,
+            window,
+        });
+        Ok(())
+    }
+}
+
+/// A [`Console`] as a writer of its own.
+struct SharedWriter(Console);
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}

@@ -1,0 +1,95 @@
+//! The KVM side of a VM: the VM file descriptor with its in-kernel devices
+//! (irqchip, PIT), the memory slots over guest RAM, and the vCPU fds.
+
+use guest_mem::GuestMem;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+
+use crate::error::{kvm_err, VmError};
+use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS, MAX_VCPUS};
+use crate::vcpu;
+
+/// Opens `/dev/kvm` and checks that it can run `vcpus` vCPUs with what this
+/// VMM relies on.
+pub fn open_kvm(vcpus: u8) -> Result<Kvm, VmError> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(VmError::Config(format!(
+            "{vcpus} vCPUs requested; between 1 and {MAX_VCPUS} are supported"
+        )));
+    }
+    let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+    for cap in [Cap::Irqchip, Cap::UserMemory, Cap::Irqfd, Cap::Ioeventfd] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::Config(format!("KVM lacks {cap:?}")));
+        }
+    }
+    let max = kvm.get_max_vcpus();
+    if usize::from(vcpus) > max {
+        return Err(VmError::Config(format!(
+            "{vcpus} vCPUs requested; KVM allows {max}"
+        )));
+    }
+    Ok(kvm)
+}
+
+/// Creates the VM with the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT.
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    fd.set_tss_address(KVM_TSS as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    fd.set_identity_map_address(KVM_IDENTITY_MAP)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    fd.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    fd.create_pit2(kvm_pit_config {
+        flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(fd)
+}
+
+/// Gives each of the first `count` regions of `mem` one memory slot over its
+/// whole mapping (slot number = region index). The virtio-mem window is
+/// left out: it gets a slot per plugged extent from its
+/// [`SlottedWindow`](crate::hotplug_slots::SlottedWindow).
+///
+/// The caller must drop `fd` (and every vCPU fd) before `mem`.
+pub fn map_regions(fd: &VmFd, mem: &GuestMem, count: usize) -> Result<(), VmError> {
+    for (slot, r) in mem.regions().iter().enumerate().take(count) {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: r.guest_base().0,
+            memory_size: r.max_size(),
+            userspace_addr: r.host_addr(),
+        };
+        // SAFETY: the host range is the region's own mapping (max_size
+        // bytes), which lives in `mem`; the caller drops its vCPU and VM fds
+        // before `mem` (the Vm's field order), and no other memslot covers
+        // these guest addresses (regions are disjoint).
+        unsafe { fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// The CPUID KVM supports on this host.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+}
+
+/// Creates `count` vCPUs with the set-up every guest shares (CPUID, MSRs,
+/// FPU, LAPIC).
+pub fn create_vcpus(fd: &VmFd, cpuid: &CpuId, count: u8) -> Result<Vec<VcpuFd>, VmError> {
+    (0..count)
+        .map(|id| {
+            let v = fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu::configure_common(&v, cpuid, id, count)?;
+            Ok(v)
+        })
+        .collect()
+}
