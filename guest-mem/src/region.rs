@@ -238,6 +238,12 @@ impl Region {
         self.file_offset
     }
 
+    /// Whether first touches are served from a page source (a memory
+    /// image): then pages not yet touched are in the source, not the file.
+    pub fn has_source(&self) -> bool {
+        self.source.is_some()
+    }
+
     /// Whether the mapping is `MAP_PRIVATE` (copy-on-write over the file).
     pub fn is_private(&self) -> bool {
         self.private

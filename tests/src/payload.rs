@@ -76,3 +76,91 @@ pub fn pattern_payload(load_addr: u64) -> Vec<u8> {
     })()
     .expect("the pattern payload assembles")
 }
+
+/// Offsets in a vCPU's mailbox (see [`snapshot_payload`]).
+pub mod mailbox {
+    /// Set to 1 by the guest when its pages are written.
+    pub const WRITTEN: u64 = 0;
+    /// The number of verify rounds done (from r12).
+    pub const ROUNDS: u64 = 8;
+    /// Set non-zero by the host: finish after the round in progress.
+    pub const FINISH: u64 = 16;
+}
+
+/// Writes `pattern(addr, id)` at the first and last word of every page of
+/// `[rsi, rdx)`, sets the mailbox at `rcx` to written, then verifies every
+/// page again and again, counting rounds in r12 (a register: a restored
+/// vCPU that did not get its registers back starts counting from
+/// nothing), until the host sets the mailbox's finish word. Success: code
+/// 0 with rbx = rounds. Failure (code 1): rbx = address, rcx = expected,
+/// rdx = found.
+pub fn snapshot_payload(load_addr: u64) -> Vec<u8> {
+    (|| -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        let mut write_loop = a.create_label();
+        let mut round = a.create_label();
+        let mut verify_loop = a.create_label();
+        let mut round_done = a.create_label();
+        let mut done = a.create_label();
+        let mut fail = a.create_label();
+
+        a.mov(r9, rdi)?;
+        a.shl(r9, 48)?;
+        a.mov(rax, 0x5a5a_0000_0000_0000u64)?;
+        a.xor(r9, rax)?;
+        a.mov(r8, rcx)?; // the mailbox
+        a.xor(r12, r12)?;
+
+        a.mov(r10, rsi)?;
+        a.set_label(&mut write_loop)?;
+        a.cmp(r10, rdx)?;
+        a.jae(round)?;
+        a.mov(rax, r10)?;
+        a.xor(rax, r9)?;
+        a.mov(qword_ptr(r10), rax)?;
+        a.mov(qword_ptr(r10 + 0xff8), rax)?;
+        a.add(r10, 0x1000)?;
+        a.jmp(write_loop)?;
+
+        a.set_label(&mut round)?;
+        a.mov(qword_ptr(r8 + mailbox::WRITTEN as i32), 1)?;
+        a.mov(r10, rsi)?;
+        a.set_label(&mut verify_loop)?;
+        a.cmp(r10, rdx)?;
+        a.jae(round_done)?;
+        a.mov(rax, r10)?;
+        a.xor(rax, r9)?;
+        a.mov(r11, qword_ptr(r10))?;
+        a.cmp(r11, rax)?;
+        a.jne(fail)?;
+        a.mov(r11, qword_ptr(r10 + 0xff8))?;
+        a.cmp(r11, rax)?;
+        a.jne(fail)?;
+        a.add(r10, 0x1000)?;
+        a.jmp(verify_loop)?;
+
+        a.set_label(&mut round_done)?;
+        a.inc(r12)?;
+        a.mov(qword_ptr(r8 + mailbox::ROUNDS as i32), r12)?;
+        a.mov(rax, qword_ptr(r8 + mailbox::FINISH as i32))?;
+        a.test(rax, rax)?;
+        a.jz(round)?;
+
+        a.set_label(&mut done)?;
+        a.mov(rbx, r12)?;
+        a.xor(eax, eax)?;
+        a.out(0xe0, eax)?;
+        a.jmp(done)?;
+
+        a.set_label(&mut fail)?;
+        a.mov(rbx, r10)?;
+        a.mov(rcx, rax)?;
+        a.mov(rdx, r11)?;
+        a.mov(eax, 1)?;
+        a.out(0xe0, eax)?;
+        a.jmp(fail)?;
+
+        a.assemble(load_addr)
+    })()
+    .expect("the snapshot payload assembles")
+}

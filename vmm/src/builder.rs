@@ -4,13 +4,16 @@
 
 use std::sync::Arc;
 
-use guest_mem::GuestMem;
+use guest_mem::{FileSource, GuestMem, RegionSource};
 
-use crate::config::VmConfig;
+use crate::config::{MemBackend, VmConfig};
+use crate::control;
 use crate::device_manager::DeviceManager;
-use crate::error::VmError;
+use crate::error::{io_err, VmError};
 use crate::kvm_vm;
-use crate::ram::build_memory;
+use crate::ram::{build_memory, region_configs};
+use crate::snapshot::{self, BalloonSettings, MachineConfig};
+use crate::vcpu_state;
 use crate::vm::Vm;
 
 impl Vm {
@@ -44,6 +47,19 @@ impl Vm {
             devices.add_hotplug(&fd, &mem)?;
         }
 
+        let machine = MachineConfig {
+            memory: config.memory,
+            vcpus: config.vcpus,
+            huge_pages: mem.regions()[0].page_size() > 4096,
+            hotplug: config.hotplug,
+            balloon: config.balloon.map(|b| BalloonSettings {
+                deflate_on_oom: b.deflate_on_oom,
+                free_page_reporting: b.free_page_reporting,
+            }),
+            payload: false,
+        };
+        let (control, inbox) = control::channel().map_err(io_err("eventfd"))?;
+        let msrs = vcpu_state::msrs_to_save(&kvm)?;
         let supported_cpuid = kvm_vm::supported_cpuid(&kvm)?;
         let vcpus = kvm_vm::create_vcpus(&fd, &supported_cpuid, config.vcpus)?;
         Ok(Vm {
@@ -60,7 +76,166 @@ impl Vm {
             api_config: Default::default(),
             shutdown: None,
             seccomp: config.seccomp,
+            machine,
+            msrs,
+            control,
+            inbox,
             _kvm: kvm,
         })
     }
+}
+
+/// How a restored VM gets its memory from the snapshot's memory file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Each page on first touch, through the fault handler (with
+    /// readahead): the guest runs at once.
+    #[default]
+    Lazy,
+    /// All of it before the guest runs.
+    Eager,
+}
+
+impl std::str::FromStr for RestoreMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lazy" => Ok(RestoreMode::Lazy),
+            "eager" => Ok(RestoreMode::Eager),
+            _ => Err(format!("restore mode {s:?}: expected lazy or eager")),
+        }
+    }
+}
+
+/// What a restore takes besides the snapshot.
+pub struct RestoreConfig {
+    /// The snapshot directory.
+    pub dir: std::path::PathBuf,
+    /// Lazy or eager.
+    pub mode: RestoreMode,
+    /// Fault handling (threads, readahead).
+    pub fault: guest_mem::FaultConfig,
+    /// Serial console output.
+    pub serial: crate::config::SerialOut,
+    /// Where to serve the control API, if anywhere.
+    pub api_socket: Option<std::path::PathBuf>,
+    /// Confine the VMM's threads (see [`VmConfig::seccomp`]).
+    pub seccomp: bool,
+}
+
+impl Vm {
+    /// Builds the VM saved in `restore.dir` (see [`crate::snapshot`]), ready to
+    /// [`run`](Vm::run) from where it stopped. The snapshot is only read:
+    /// several VMs may be restored from one at once.
+    pub fn restore(restore: RestoreConfig) -> Result<Vm, VmError> {
+        let (snap, memory_path) = snapshot::read(&restore.dir)?;
+        let m = &snap.machine;
+        let backend = if m.huge_pages {
+            MemBackend::Hugetlbfs(None)
+        } else {
+            MemBackend::Memfd
+        };
+        let mut regions = region_configs(m.memory, &backend, m.hotplug)?;
+        if regions.len() != snap.memory.regions.len() {
+            return Err(bad_snapshot(format!(
+                "{} memory regions saved; this machine has {}",
+                snap.memory.regions.len(),
+                regions.len()
+            )));
+        }
+        for (r, saved) in regions.iter_mut().zip(&snap.memory.regions) {
+            let max = r.max_size.unwrap_or(r.size);
+            if r.guest_addr != saved.guest_addr || saved.size > max {
+                return Err(bad_snapshot(format!(
+                    "a region of {:#x} bytes at {:#x} does not fit this machine's layout",
+                    saved.size, saved.guest_addr
+                )));
+            }
+            r.size = saved.size;
+        }
+        if restore.mode == RestoreMode::Lazy {
+            let source: Arc<dyn guest_mem::PageSource> = Arc::new(
+                FileSource::open(&memory_path)
+                    .map_err(crate::error::io_err(memory_path.display().to_string()))?,
+            );
+            for (r, saved) in regions.iter_mut().zip(&snap.memory.regions) {
+                r.source = Some(RegionSource {
+                    source: source.clone(),
+                    offset: saved.offset,
+                });
+            }
+        }
+        let mut fault = restore.fault;
+        if restore.seccomp && fault.on_thread_start.is_none() {
+            fault.on_thread_start = Some(crate::seccomp::fault_thread_hook());
+        }
+        let mem = regions
+            .into_iter()
+            .fold(GuestMem::builder().fault_config(fault), |b, r| b.region(r))
+            .build()?;
+        if restore.mode == RestoreMode::Eager {
+            copy_memory(&mem, &memory_path, &snap.memory.regions)?;
+        }
+        let config = VmConfig {
+            memory: m.memory,
+            vcpus: m.vcpus,
+            backend,
+            fault: Default::default(),
+            serial: restore.serial,
+            balloon: m.balloon.map(|b| crate::config::BalloonOptions {
+                deflate_on_oom: b.deflate_on_oom,
+                free_page_reporting: b.free_page_reporting,
+            }),
+            hotplug: m.hotplug,
+            api_socket: restore.api_socket,
+            seccomp: restore.seccomp,
+        };
+        let payload = m.payload;
+        let mut vm = Vm::with_memory(config, mem)?;
+        vm.payload = payload;
+        vm.machine.payload = payload;
+        for (v, s) in vm.vcpus.iter().zip(&snap.vcpus) {
+            vcpu_state::restore(v, s)?;
+        }
+        kvm_vm::restore_state(&vm.fd, &snap.kvm)?;
+        crate::device_manager::restore_devices(&mut vm.devices, &snap.devices)
+            .map_err(bad_snapshot)?;
+        Ok(vm)
+    }
+}
+
+fn bad_snapshot(why: String) -> VmError {
+    VmError::Config(format!("snapshot: {why}"))
+}
+
+/// Copies each region's saved bytes into its backing file, data extents
+/// only (holes stay holes), before anything touches the memory: pages in
+/// the file's page cache are mapped by the kernel without a fault.
+fn copy_memory(
+    mem: &GuestMem,
+    path: &std::path::Path,
+    saved: &[crate::snapshot::RegionState],
+) -> Result<(), VmError> {
+    use std::os::unix::fs::FileExt;
+    let err = crate::error::io_err(path.display().to_string());
+    let file = std::fs::File::open(path).map_err(err)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for (region, s) in mem.regions().iter().zip(saved) {
+        let dst = region.backing().file();
+        let mut at = 0;
+        while at < s.size {
+            let n = buf.len().min((s.size - at) as usize);
+            file.read_exact_at(&mut buf[..n], s.offset + at)
+                .map_err(crate::error::io_err(path.display().to_string()))?;
+            for (i, page) in buf[..n].chunks(4096).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    let off = region.file_offset() + at + (i * 4096) as u64;
+                    dst.write_all_at(page, off)
+                        .map_err(crate::error::io_err("filling guest memory"))?;
+                }
+            }
+            at += n as u64;
+        }
+    }
+    Ok(())
 }

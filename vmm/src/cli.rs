@@ -17,7 +17,11 @@ use crate::config::{MemBackend, SerialOut};
 #[command(name = "vmm", version, about)]
 pub struct Args {
     /// Kernel image: an ELF vmlinux or a bzImage.
-    #[arg(long, required_unless_present = "payload", conflicts_with = "payload")]
+    #[arg(
+        long,
+        required_unless_present_any = ["payload", "restore"],
+        conflicts_with_all = ["payload", "restore"]
+    )]
     pub kernel: Option<PathBuf>,
     /// Initramfs to load with the kernel.
     #[arg(long, requires = "kernel")]
@@ -26,8 +30,18 @@ pub struct Args {
     #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1 noxsave")]
     pub cmdline: String,
     /// A flat 64-bit payload to run on every vCPU instead of a kernel.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "restore")]
     pub payload: Option<PathBuf>,
+    /// Restore the VM saved in this snapshot directory (`PUT /snapshot`)
+    /// instead of booting one: the machine (memory, vCPUs, devices) is the
+    /// snapshot's.
+    #[arg(long)]
+    pub restore: Option<PathBuf>,
+    /// How a restore gets guest memory: `lazy` serves each page from the
+    /// snapshot on first touch (the guest runs at once), `eager` copies it
+    /// all first.
+    #[arg(long, default_value = "lazy", requires = "restore")]
+    pub restore_mode: crate::builder::RestoreMode,
     /// Run the payload at CPL0 instead of CPL3.
     #[arg(long, requires = "payload")]
     pub payload_cpl0: bool,

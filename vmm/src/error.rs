@@ -23,6 +23,9 @@ pub enum VmError {
     /// Boot failed.
     #[error(transparent)]
     Boot(#[from] crate::boot::BootError),
+    /// A snapshot could not be read or written.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// An I/O error (eventfds, the serial output file).
     #[error("{what}: {source}")]
     Io {

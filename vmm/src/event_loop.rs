@@ -14,12 +14,16 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::api::{ApiContext, ApiServer, VirtioTransport};
+use crate::control::{ControlError, ControlRequest, RunState};
 use crate::device_manager::DeviceManager;
 use crate::error::{io_err, VmError};
 use crate::exit::ExitReason;
+use crate::kvm_vm;
 use crate::seccomp::{install, ThreadKind};
 use crate::signals::ShutdownSignals;
+use crate::snapshot::{MachineConfig, MemoryState, SnapshotWriter, VmSnapshot};
 use crate::vcpu::{self, VcpuContext};
+use crate::vcpu_gate::VcpuGate;
 use crate::vm::Vm;
 
 /// How long [`Vm::run`] waits for the VM to stop after guest memory could
@@ -35,6 +39,8 @@ struct ExitWatcher {
     signals: Option<ShutdownSignals>,
     /// Guest memory the fault handler could not serve: the VM stops.
     fault_failure: Option<Arc<guest_mem::FaultFailure>>,
+    /// A pause, resume or snapshot request waits (the loop reads it).
+    control: EventFd,
     fired: Option<ExitReason>,
 }
 
@@ -54,6 +60,9 @@ impl MutEventSubscriber for ExitWatcher {
             if let Err(e) = ops.add(Events::with_data_raw(f.event_fd(), 4, EventSet::IN)) {
                 log::error!("watching fault handler failures: {e:?}");
             }
+        }
+        if let Err(e) = ops.add(Events::with_data(&self.control, 5, EventSet::IN)) {
+            log::error!("watching control requests: {e:?}");
         }
     }
 
@@ -82,6 +91,8 @@ impl MutEventSubscriber for ExitWatcher {
                     )));
                 }
             }
+            // The loop reads the control requests (and their eventfd).
+            5 => {}
             _ => {
                 let _ = self.exited.read();
             }
@@ -185,6 +196,10 @@ impl Vm {
             api_config,
             shutdown,
             seccomp,
+            machine,
+            msrs,
+            control,
+            inbox,
             ..
         } = self;
         let io = |what: &str| {
@@ -204,9 +219,12 @@ impl Vm {
                 }
             })
             .collect();
+        let device_transports: Vec<_> = virtio.iter().map(|s| s.transport.clone()).collect();
         for slot in virtio {
             events.add_subscriber(Arc::new(Mutex::new(slot)));
         }
+        let writer = SnapshotWriter::spawn(mem.clone(), seccomp)
+            .map_err(io("spawning the snapshot thread"))?;
         // Dropping the handle (also on the error returns below) stops the
         // thread and removes the socket.
         let api = match &api_socket {
@@ -219,6 +237,7 @@ impl Vm {
                     balloon,
                     hotplug,
                     virtio: transports,
+                    control: Some(control.clone()),
                 });
                 let server = ApiServer::with_config(path, ctx, api_config)
                     .map_err(io(&format!("creating the API socket {}", path.display())))?;
@@ -237,12 +256,14 @@ impl Vm {
             exited: exited.try_clone().map_err(io("eventfd"))?,
             signals: shutdown,
             fault_failure: mem.fault_failure().cloned(),
+            control: inbox.wake.try_clone().map_err(io("eventfd"))?,
             fired: None,
         }));
         events.add_subscriber(watcher.clone());
 
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(VcpuGate::new(vcpus.len()));
         let (tx, rx) = mpsc::channel::<(u8, ExitReason)>();
         let mut handles = Vec::new();
         for (id, mut v) in vcpus.into_iter().enumerate() {
@@ -251,6 +272,7 @@ impl Vm {
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 stop: stop.clone(),
+                gate: gate.clone(),
                 console: Some(console.clone()),
                 payload,
             };
@@ -263,6 +285,7 @@ impl Vm {
                         Some(Err(e)) => ExitReason::Error(format!("vCPU {id}: {e}")),
                         _ => vcpu::run(&mut v, &ctx),
                     };
+                    ctx.gate.exited(usize::from(ctx.id));
                     let _ = tx.send((ctx.id, reason));
                     let _ = exited.write(1);
                 })
@@ -284,6 +307,24 @@ impl Vm {
         while done < n && first.is_none() {
             if let Err(e) = events.run_with_timeout(100) {
                 log::error!("event loop: {e:?}");
+            }
+            while let Some((req, reply)) = inbox.next() {
+                let ctl = Controlled {
+                    gate: &gate,
+                    handles: &handles,
+                    fd: &fd,
+                    msrs: &msrs,
+                    machine: &machine,
+                    transports: &device_transports,
+                    writer: &writer,
+                };
+                let r = ctl.carry_out(req, &mut events);
+                inbox.set_state(if gate.is_closed() {
+                    RunState::Paused
+                } else {
+                    RunState::Running
+                });
+                reply.send(r);
             }
             let requested = watcher
                 .lock()
@@ -307,7 +348,9 @@ impl Vm {
             api.stop();
         }
         // Stop whatever still runs: flag, then kick until every thread is out.
+        inbox.set_state(RunState::Stopped);
         stop.store(true, Ordering::Release);
+        gate.wake_all();
         let deadline = Instant::now() + Duration::from_secs(10);
         while done < n && Instant::now() < deadline {
             for h in &handles {
@@ -358,5 +401,97 @@ impl Vm {
             reason,
             unhandled_io: pio.unhandled() + mmio.unhandled(),
         })
+    }
+}
+
+/// How long vCPUs get to park when the VM is paused.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Subscribers = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+/// What the event loop lends to carry out a control request.
+struct Controlled<'a> {
+    gate: &'a VcpuGate,
+    handles: &'a [std::thread::JoinHandle<()>],
+    fd: &'a kvm_ioctls::VmFd,
+    msrs: &'a [u32],
+    machine: &'a MachineConfig,
+    transports: &'a [Arc<Mutex<devices::virtio::mmio::MmioTransport>>],
+    writer: &'a SnapshotWriter,
+}
+
+impl Controlled<'_> {
+    fn carry_out(&self, req: ControlRequest, events: &mut Subscribers) -> Result<(), ControlError> {
+        match req {
+            ControlRequest::Pause => {
+                if self.gate.is_closed() {
+                    return Ok(());
+                }
+                self.gate
+                    .pause(PAUSE_TIMEOUT, &|| {
+                        for h in self.handles {
+                            if !h.is_finished() {
+                                let _ = h.kill(SIGRTMIN());
+                            }
+                        }
+                    })
+                    .map_err(|e| ControlError::Failed(e.to_string()))?;
+                // Notifications the vCPUs made before they parked are
+                // served now, so that a snapshot finds no chain published
+                // and unseen. Nothing new comes while they are parked.
+                if let Err(e) = events.run_with_timeout(0) {
+                    log::error!("event loop: {e:?}");
+                }
+                log::info!("VM paused");
+                Ok(())
+            }
+            ControlRequest::Resume => {
+                self.gate.resume();
+                log::info!("VM resumed");
+                Ok(())
+            }
+            ControlRequest::Snapshot(dir) => {
+                if !self.gate.is_closed() {
+                    return Err(ControlError::Conflict(
+                        "the VM is running; pause it first (PUT /vm {\"state\": \"paused\"})"
+                            .into(),
+                    ));
+                }
+                let started = Instant::now();
+                let vcpus = self
+                    .gate
+                    .save_states(self.msrs)
+                    .map_err(|e| ControlError::Failed(e.to_string()))?;
+                let kvm =
+                    kvm_vm::save_state(self.fd).map_err(|e| ControlError::Failed(e.to_string()))?;
+                let devices = crate::device_manager::save_devices(self.transports)
+                    .map_err(ControlError::Failed)?;
+                let snap = VmSnapshot {
+                    machine: self.machine.clone(),
+                    memory: MemoryState {
+                        regions: Vec::new(),
+                        file_len: 0,
+                        data_bytes: 0,
+                    },
+                    vcpus,
+                    kvm,
+                    devices,
+                };
+                let w = self.writer.write(&dir, snap).map_err(|e| match e {
+                    crate::snapshot::SnapshotError::Invalid { .. } => {
+                        ControlError::Invalid(e.to_string())
+                    }
+                    e => ControlError::Failed(e.to_string()),
+                })?;
+                log::info!(
+                    "snapshot {}: {} MiB of memory, {} KiB of state, {:.2} s",
+                    dir.display(),
+                    w.memory_bytes >> 20,
+                    w.state_bytes >> 10,
+                    started.elapsed().as_secs_f64()
+                );
+                Ok(())
+            }
+        }
     }
 }

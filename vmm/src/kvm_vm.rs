@@ -1,8 +1,13 @@
 //! The KVM side of a VM: the VM file descriptor with its in-kernel devices
-//! (irqchip, PIT), the memory slots over guest RAM, and the vCPU fds.
+//! (irqchip, PIT) and their state, the memory slots over guest RAM, and the
+//! vCPU fds.
 
 use guest_mem::GuestMem;
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use crate::error::{kvm_err, VmError};
@@ -92,4 +97,67 @@ pub fn create_vcpus(fd: &VmFd, cpuid: &CpuId, count: u8) -> Result<Vec<VcpuFd>, 
             Ok(v)
         })
         .collect()
+}
+
+/// The in-kernel devices' state: PICs, IOAPIC, PIT and the KVM clock.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    /// The master 8259.
+    pub pic_master: kvm_irqchip,
+    /// The slave 8259.
+    pub pic_slave: kvm_irqchip,
+    /// The IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// The 8254 PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock: the guest's nanoseconds since boot.
+    pub clock: kvm_clock_data,
+}
+
+fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, VmError> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    fd.get_irqchip(&mut chip)
+        .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+    Ok(chip)
+}
+
+/// Saves the VM's in-kernel device state. The vCPUs must be paused, so
+/// that no interrupt is delivered halfway.
+pub fn save_state(fd: &VmFd) -> Result<VmState, VmError> {
+    Ok(VmState {
+        pic_master: irqchip(fd, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: irqchip(fd, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: irqchip(fd, KVM_IRQCHIP_IOAPIC)?,
+        pit: fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+        clock: fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+    })
+}
+
+/// Puts saved state into a fresh VM (irqchip and PIT created).
+pub fn restore_state(fd: &VmFd, state: &VmState) -> Result<(), VmError> {
+    for (chip, id) in [
+        (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
+        (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+        (&state.ioapic, KVM_IRQCHIP_IOAPIC),
+    ] {
+        if chip.chip_id != id {
+            return Err(VmError::Config(format!(
+                "saved irqchip {} where chip {id} belongs",
+                chip.chip_id
+            )));
+        }
+        fd.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+    }
+    fd.set_pit2(&state.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+    // The clock carries on from the saved value; the flags described the
+    // old host's reading (TSC stability, realtime), not a request.
+    let clock = kvm_clock_data {
+        clock: state.clock.clock,
+        ..Default::default()
+    };
+    fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+    Ok(())
 }

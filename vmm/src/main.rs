@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use vmm::builder::RestoreConfig;
 use vmm::cli::Args;
 use vmm::signals::ShutdownSignals;
 use vmm::vcpu::PayloadArgs;
@@ -34,21 +35,40 @@ fn run(args: Args, signals: Option<ShutdownSignals>) -> Result<ExitCode, String>
     }
     let serial = args.serial_out()?;
     let start = std::time::Instant::now();
-    let mut vm = Vm::new(VmConfig {
-        memory: args.memory,
-        vcpus: args.vcpus,
-        backend: args.mem_backend.clone(),
-        fault: args.fault_config(),
-        serial,
-        balloon: args.balloon.then_some(vmm::BalloonOptions {
-            deflate_on_oom: args.balloon_deflate_on_oom,
-            free_page_reporting: args.balloon_free_page_reporting,
-        }),
-        hotplug: args.virtio_mem,
-        api_socket: args.api_sock.clone(),
-        seccomp: !args.no_seccomp,
-    })
-    .map_err(|e| e.to_string())?;
+    let mut vm = if let Some(dir) = &args.restore {
+        let vm = Vm::restore(RestoreConfig {
+            dir: dir.clone(),
+            mode: args.restore_mode,
+            fault: args.fault_config(),
+            serial,
+            api_socket: args.api_sock.clone(),
+            seccomp: !args.no_seccomp,
+        })
+        .map_err(|e| e.to_string())?;
+        eprintln!(
+            "vmm: restored {} ({:?}) in {:.1} ms",
+            dir.display(),
+            args.restore_mode,
+            start.elapsed().as_secs_f64() * 1e3
+        );
+        vm
+    } else {
+        Vm::new(VmConfig {
+            memory: args.memory,
+            vcpus: args.vcpus,
+            backend: args.mem_backend.clone(),
+            fault: args.fault_config(),
+            serial,
+            balloon: args.balloon.then_some(vmm::BalloonOptions {
+                deflate_on_oom: args.balloon_deflate_on_oom,
+                free_page_reporting: args.balloon_free_page_reporting,
+            }),
+            hotplug: args.virtio_mem,
+            api_socket: args.api_sock.clone(),
+            seccomp: !args.no_seccomp,
+        })
+        .map_err(|e| e.to_string())?
+    };
     vm.set_api_config(args.api_config());
     if let Some(signals) = signals {
         vm.stop_on_signals(signals);
@@ -77,8 +97,8 @@ fn run(args: Args, signals: Option<ShutdownSignals>) -> Result<ExitCode, String>
     let mem = vm.memory().clone();
     eprintln!(
         "vmm: {} vCPU(s), {} MiB of guest RAM ({:?}, faults served by {})",
-        args.vcpus,
-        args.memory >> 20,
+        vm.vcpu_count(),
+        vm.ram_size() >> 20,
         mem.regions()[0].backing().kind(),
         if mem.userfault_enabled() {
             "userfaultfd"

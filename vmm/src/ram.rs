@@ -41,6 +41,22 @@ pub fn build_memory(
     fault: FaultConfig,
     hotplug: Option<u64>,
 ) -> Result<GuestMem, VmError> {
+    let regions = region_configs(size, backend, hotplug)?;
+    let builder = regions
+        .into_iter()
+        .fold(GuestMem::builder().fault_config(fault), |b, rc| {
+            b.region(rc)
+        });
+    Ok(builder.build()?)
+}
+
+/// The regions [`build_memory`] builds, for a caller that adds to them
+/// (a restore gives each a page source).
+pub fn region_configs(
+    size: u64,
+    backend: &MemBackend,
+    hotplug: Option<u64>,
+) -> Result<Vec<RegionConfig>, VmError> {
     let file = match backend {
         MemBackend::Memfd => {
             check_memory_size(size, 4096)?;
@@ -67,14 +83,14 @@ pub fn build_memory(
         }
     };
     let file = Arc::new(file);
-    let mut builder = GuestMem::builder().fault_config(fault);
+    let mut regions = Vec::new();
     for (gpa, len, offset) in ram_ranges(size) {
         let mut rc = RegionConfig::new(gpa, len);
         rc.backing = Backing::Shared {
             file: file.clone(),
             offset,
         };
-        builder = builder.region(rc);
+        regions.push(rc);
     }
     if let Some(window) = hotplug {
         check_hotplug_size(size, window)?;
@@ -85,9 +101,9 @@ pub fn build_memory(
         if matches!(backend, MemBackend::Hugetlbfs(_)) {
             rc.backing = Backing::MemfdHugetlb;
         }
-        builder = builder.region(rc);
+        regions.push(rc);
     }
-    Ok(builder.build()?)
+    Ok(regions)
 }
 
 /// Checks a virtio-mem window size: whole Linux memory blocks, and the

@@ -37,6 +37,8 @@ pub enum ThreadKind {
     /// `api`: the control socket, and the balloon and virtio-mem requests
     /// it carries out.
     Api,
+    /// `snapshot`: writes snapshot directories (state and memory files).
+    Snapshot,
 }
 
 impl ThreadKind {
@@ -46,6 +48,7 @@ impl ThreadKind {
             ThreadKind::FaultHandler => "fault handler",
             ThreadKind::EventLoop => "event loop",
             ThreadKind::Api => "api",
+            ThreadKind::Snapshot => "snapshot",
         }
     }
 }
@@ -60,7 +63,8 @@ pub struct SeccompError {
 
 /// The KVM vCPU ioctls a running vCPU makes.
 mod kvm_nr {
-    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+    use kvm_bindings::*;
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
     const KVMIO: u32 = 0xAE;
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
@@ -72,8 +76,45 @@ mod kvm_nr {
         0x46,
         kvm_bindings::kvm_userspace_memory_region
     );
+    // A parked vCPU saves its state for a snapshot, on its own thread.
+    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    // The event loop saves the in-kernel devices' state.
+    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+
+    /// What saving a vCPU's state asks of KVM.
+    pub fn vcpu_save() -> Vec<u64> {
+        vec![
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_GET_MSRS(),
+            KVM_GET_LAPIC(),
+            KVM_GET_CPUID2(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_TSC_KHZ(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+        ]
+    }
+
+    /// What saving the VM's in-kernel devices asks of KVM.
+    pub fn vm_save() -> Vec<u64> {
+        vec![KVM_GET_IRQCHIP(), KVM_GET_CLOCK(), KVM_GET_PIT2()]
+    }
 }
-use kvm_nr::{KVM_GET_REGS, KVM_RUN, KVM_SET_USER_MEMORY_REGION};
+use kvm_nr::{KVM_RUN, KVM_SET_USER_MEMORY_REGION};
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
@@ -195,7 +236,8 @@ fn rules(kind: ThreadKind) -> Rules {
     match kind {
         ThreadKind::Vcpu => {
             device_rules(&mut r);
-            let mut req = vec![KVM_RUN(), KVM_GET_REGS(), KVM_SET_USER_MEMORY_REGION()];
+            let mut req = vec![KVM_RUN(), KVM_SET_USER_MEMORY_REGION()];
+            req.extend(kvm_nr::vcpu_save());
             req.extend_from_slice(&uffd_discard);
             ioctls(&mut r, &req);
         }
@@ -242,6 +284,7 @@ fn rules(kind: ThreadKind) -> Rules {
             let mut req = uffd_discard.to_vec();
             req.push(u64::from(userfaultfd_sys::UFFDIO_UNREGISTER));
             req.push(KVM_SET_USER_MEMORY_REGION());
+            req.extend(kvm_nr::vm_save());
             ioctls(&mut r, &req);
         }
         ThreadKind::Api => {
@@ -273,6 +316,39 @@ fn rules(kind: ThreadKind) -> Rules {
             req.push(u64::from(userfaultfd_sys::UFFDIO_UNREGISTER));
             ioctls(&mut r, &req);
         }
+        ThreadKind::Snapshot => {
+            // A new directory written under a temporary name, synced and
+            // renamed; the memory file copied extent by extent from the
+            // backing files (SEEK_DATA/SEEK_HOLE).
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_openat,
+                    libc::SYS_read,
+                    libc::SYS_pread64,
+                    libc::SYS_pwrite64,
+                    libc::SYS_lseek,
+                    libc::SYS_fstat,
+                    libc::SYS_newfstatat,
+                    libc::SYS_statx,
+                    libc::SYS_mkdir,
+                    libc::SYS_mkdirat,
+                    libc::SYS_rename,
+                    libc::SYS_renameat,
+                    libc::SYS_renameat2,
+                    libc::SYS_unlink,
+                    libc::SYS_unlinkat,
+                    libc::SYS_rmdir,
+                    libc::SYS_getdents64,
+                    libc::SYS_fsync,
+                    libc::SYS_fdatasync,
+                    libc::SYS_ftruncate,
+                    libc::SYS_fcntl,
+                ],
+            );
+            // It may hold the last reference to guest memory.
+            ioctls(&mut r, &[u64::from(userfaultfd_sys::UFFDIO_UNREGISTER)]);
+        }
     }
     r
 }
@@ -289,7 +365,7 @@ fn deny_rules(kind: ThreadKind) -> Option<Rules> {
             allow(&mut r, &[libc::SYS_openat]);
             Some(r)
         }
-        ThreadKind::FaultHandler => None,
+        ThreadKind::FaultHandler | ThreadKind::Snapshot => None,
     }
 }
 

@@ -68,6 +68,9 @@ pub enum VcpuError {
     /// Writing boot structures to guest memory failed.
     #[error("writing vCPU boot structures: {0}")]
     Memory(#[from] GuestMemoryError),
+    /// Saved state that KVM cannot take.
+    #[error("vCPU state: {0}")]
+    State(String),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -291,6 +294,8 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     /// Set when the VM is stopping.
     pub stop: Arc<AtomicBool>,
+    /// Where the vCPU parks while the VM is paused.
+    pub gate: Arc<crate::vcpu_gate::VcpuGate>,
     /// Payload console output (port 0xe9), if any.
     pub console: Option<Arc<Mutex<Box<dyn std::io::Write + Send>>>>,
     /// Whether the guest is a payload: only then are the payload's exit and
@@ -312,8 +317,10 @@ pub fn run(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> ExitReason {
 fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> ExitReason {
     let id = ctx.id;
     log::debug!("vCPU {id} entering the guest");
+    let stopping = || ctx.stop.load(Ordering::Acquire);
     loop {
-        if ctx.stop.load(Ordering::Acquire) {
+        ctx.gate.pass(usize::from(id), vcpu, &stopping);
+        if stopping() {
             return ExitReason::Stopped;
         }
         let exit = vcpu.run();

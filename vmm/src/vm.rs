@@ -13,10 +13,12 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::api::{ApiConfig, BalloonHandle, HotplugHandle};
 use crate::boot::{acpi, linux, mptable, BootError};
+use crate::control::{ControlInbox, VmControl};
 use crate::device_manager::DeviceManager;
 use crate::error::VmError;
 use crate::layout::*;
 use crate::signals::ShutdownSignals;
+use crate::snapshot::MachineConfig;
 use crate::vcpu::{self, PayloadArgs};
 use crate::virtio::VirtioSlot;
 use devices::bus::Bus;
@@ -38,10 +40,32 @@ pub struct Vm {
     pub(crate) api_config: ApiConfig,
     pub(crate) shutdown: Option<ShutdownSignals>,
     pub(crate) seccomp: bool,
+    /// What a snapshot records of the machine.
+    pub(crate) machine: MachineConfig,
+    /// The MSRs a vCPU snapshot saves.
+    pub(crate) msrs: Vec<u32>,
+    pub(crate) control: Arc<VmControl>,
+    pub(crate) inbox: ControlInbox,
     pub(crate) _kvm: Kvm,
 }
 
 impl Vm {
+    /// The handle that pauses, resumes and snapshots the VM while it runs
+    /// (what `PUT /vm` and `PUT /snapshot` use).
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
+    }
+
+    /// vCPUs.
+    pub fn vcpu_count(&self) -> u8 {
+        self.vcpu_count
+    }
+
+    /// Boot RAM in bytes (the virtio-mem window not included).
+    pub fn ram_size(&self) -> u64 {
+        self.ram_size
+    }
+
     /// The guest memory.
     pub fn memory(&self) -> &Arc<GuestMem> {
         &self.mem
@@ -166,6 +190,7 @@ impl Vm {
             vcpu::setup_payload(v, cpl3, &args(id as u8))?;
         }
         self.payload = true;
+        self.machine.payload = true;
         Ok(())
     }
 }
@@ -205,6 +230,7 @@ mod tests {
             })
             .unwrap();
             vm.payload = payload;
+            vm.machine.payload = payload;
             vm.run().unwrap().reason
         };
         assert!(

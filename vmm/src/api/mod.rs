@@ -1,6 +1,7 @@
 //! The control API: HTTP on a Unix socket (`curl --unix-socket`), created
-//! owner-only. `GET /vm`, `GET|PUT /balloon`, `GET|PUT /memory`,
-//! `GET /metrics`. The server runs on its own thread (see [`server`]).
+//! owner-only. `GET|PUT /vm` (state, pause and resume), `PUT /snapshot`,
+//! `GET|PUT /balloon`, `GET|PUT /memory`, `GET /metrics`. The server runs on
+//! its own thread (see [`server`]).
 
 pub mod http;
 pub mod server;
@@ -9,9 +10,10 @@ pub mod wait;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use devices::virtio::balloon::{BalloonState, BALLOON_PAGE, STAT_NAMES};
 use devices::virtio::mem::{MemState, BLOCK_SIZE};
@@ -21,6 +23,7 @@ use guest_mem::backend::HotplugBackend;
 use guest_mem::GuestMem;
 use serde_json::{json, Value};
 
+use crate::control::{ControlError, ControlRequest, RunState};
 use http::{Request, Response};
 pub use server::{ApiConfig, ApiServer, ApiThread};
 
@@ -214,6 +217,25 @@ pub struct ApiContext {
     pub hotplug: Option<HotplugHandle>,
     /// Every virtio-mmio transport.
     pub virtio: Vec<VirtioTransport>,
+    /// Pause, resume and snapshot, if the VM takes them.
+    pub control: Option<Arc<crate::control::VmControl>>,
+}
+
+/// How long a pause or resume may take before the client hears of it.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot may take (the memory file of a large guest).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn control(ctx: &ApiContext, req: ControlRequest, timeout: Duration) -> Response {
+    let Some(c) = &ctx.control else {
+        return Response::error(404, "this VM cannot be paused or saved");
+    };
+    match c.request(req, timeout) {
+        Ok(()) => Response::empty(204),
+        Err(e @ ControlError::Conflict(_)) => Response::error(409, e.to_string()),
+        Err(e @ ControlError::Invalid(_)) => Response::error(400, e.to_string()),
+        Err(e @ ControlError::Failed(_)) => Response::error(500, e.to_string()),
+    }
 }
 
 const NO_HOTPLUG: &str = "this VM has no virtio-mem window (start it with --virtio-mem SIZE)";
@@ -242,7 +264,7 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
         ("GET", "/vm") => Response::json(
             200,
             json!({
-                "state": "running",
+                "state": ctx.control.as_ref().map_or(RunState::Running, |c| c.state()),
                 "vcpus": ctx.vcpus,
                 "memory_mib": ctx.memory >> 20,
                 "mem_backend": ctx.backend,
@@ -338,7 +360,36 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
             h.set_requested(bytes);
             Response::empty(204)
         }
-        (_, "/vm" | "/metrics" | "/balloon" | "/memory") => Response::error(
+        ("PUT", "/vm") => {
+            let state = match body_json(req) {
+                Ok(v) => v.get("state").and_then(Value::as_str).map(str::to_owned),
+                Err(r) => return r,
+            };
+            let req = match state.as_deref() {
+                Some("paused") => ControlRequest::Pause,
+                Some("running") => ControlRequest::Resume,
+                _ => {
+                    return Response::error(
+                        400,
+                        "expected {\"state\": \"paused\"} or {\"state\": \"running\"}",
+                    )
+                }
+            };
+            control(ctx, req, CONTROL_TIMEOUT)
+        }
+        ("PUT", "/snapshot") => {
+            let dir = match body_json(req) {
+                Ok(v) => v.get("dir").and_then(Value::as_str).map(PathBuf::from),
+                Err(r) => return r,
+            };
+            match dir {
+                Some(d) if !d.as_os_str().is_empty() => {
+                    control(ctx, ControlRequest::Snapshot(d), SNAPSHOT_TIMEOUT)
+                }
+                _ => Response::error(400, "expected {\"dir\": PATH}, PATH a new directory"),
+            }
+        }
+        (_, "/vm" | "/metrics" | "/balloon" | "/memory" | "/snapshot") => Response::error(
             405,
             format!("{} is not allowed on {}", req.method, req.path),
         ),
@@ -438,6 +489,7 @@ mod tests {
             balloon,
             hotplug: None,
             virtio,
+            control: None,
         }
     }
 
