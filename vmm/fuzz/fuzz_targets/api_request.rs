@@ -45,6 +45,7 @@ fn context() -> &'static ApiContext {
             balloon: Some(BalloonHandle { state, transport }),
             hotplug: None,
             virtio: Vec::new(),
+            control: None,
         }
     })
 }

@@ -617,6 +617,73 @@ mod tests {
         assert_eq!(handle(&none, &req("DELETE", "/memory", "")).status, 405);
     }
 
+    /// An event loop's stand-in: pauses and resumes, saves only paused.
+    fn serve_control(inbox: crate::control::ControlInbox) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut paused = false;
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                let Some((req, answer)) = inbox.next() else {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                };
+                let r = match req {
+                    ControlRequest::Pause => {
+                        paused = true;
+                        Ok(())
+                    }
+                    ControlRequest::Resume => {
+                        paused = false;
+                        Ok(())
+                    }
+                    ControlRequest::Snapshot(_) if !paused => {
+                        Err(ControlError::Conflict("running".into()))
+                    }
+                    ControlRequest::Snapshot(d) if d.exists() => {
+                        Err(ControlError::Invalid("exists".into()))
+                    }
+                    ControlRequest::Snapshot(_) => Ok(()),
+                };
+                inbox.set_state(if paused {
+                    RunState::Paused
+                } else {
+                    RunState::Running
+                });
+                answer.send(r);
+            }
+        })
+    }
+
+    #[test]
+    fn vm_pause_resume_and_snapshot_requests() {
+        let mut c = ctx(false);
+        let put =
+            |c: &ApiContext, path: &str, body: &str| handle(c, &req("PUT", path, body)).status;
+        assert_eq!(put(&c, "/vm", r#"{"state":"paused"}"#), 404, "no control");
+        let (control, inbox) = crate::control::channel().unwrap();
+        c.control = Some(control);
+        let _loop = serve_control(inbox);
+        let state =
+            |c: &ApiContext| handle(c, &req("GET", "/vm", "")).body.unwrap()["state"].clone();
+        assert_eq!(state(&c), "running");
+        assert_eq!(put(&c, "/snapshot", r#"{"dir":"/tmp/x"}"#), 409, "running");
+        assert_eq!(put(&c, "/vm", r#"{"state":"paused"}"#), 204);
+        assert_eq!(state(&c), "paused");
+        assert_eq!(put(&c, "/snapshot", r#"{"dir":"/"}"#), 400, "exists");
+        for bad in ["", "{}", r#"{"dir":""}"#, r#"{"dir":7}"#] {
+            assert_eq!(put(&c, "/snapshot", bad), 400, "{bad}");
+        }
+        let fresh = std::env::temp_dir().join(format!("api-snap-{}", std::process::id()));
+        let body = json!({ "dir": fresh }).to_string();
+        assert_eq!(put(&c, "/snapshot", &body), 204);
+        for bad in ["", "{}", r#"{"state":"stopped"}"#, r#"{"state":1}"#] {
+            assert_eq!(put(&c, "/vm", bad), 400, "{bad}");
+        }
+        assert_eq!(put(&c, "/vm", r#"{"state":"running"}"#), 204);
+        assert_eq!(state(&c), "running");
+        assert_eq!(handle(&c, &req("GET", "/snapshot", "")).status, 405);
+    }
+
     #[test]
     fn unknown_paths_methods_and_missing_devices() {
         let c = ctx(false);
