@@ -4,6 +4,7 @@
 //! vmmctl --sock /tmp/vmm.sock GET /balloon
 //! vmmctl --sock /tmp/vmm.sock PUT /balloon '{"target_mib": 256}'
 //! vmmctl --sock /tmp/vmm.sock PUT /balloon '{"target_mib": 256}' -- GET /balloon
+//! vmmctl --sock /tmp/vmm.sock PUT /vm '{"state": "paused"}' -- PUT /snapshot '{"dir": "/tmp/snap"}'
 //! ```
 //!
 //! Requests separated by `--` go over one connection, in order; each
@@ -98,11 +99,18 @@ fn main() -> ExitCode {
     let mut failed = false;
     let run = |failed: &mut bool| -> std::io::Result<()> {
         let s = UnixStream::connect(&sock)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut reader = BufReader::new(s.try_clone()?);
         let mut writer = s;
         for (i, req) in requests.iter().enumerate() {
             let last = i + 1 == requests.len();
+            // A snapshot writes all of guest memory: the VMM allows it
+            // ten minutes.
+            let wait = if req.path.starts_with("/snapshot") {
+                660
+            } else {
+                10
+            };
+            writer.set_read_timeout(Some(Duration::from_secs(wait)))?;
             write!(
                 writer,
                 "{} {} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\
