@@ -9,6 +9,11 @@
 //! region's bytes are, so that a restore serves region `i` from
 //! `FileSource` at `regions[i].offset` (a hole there reads zero).
 //!
+//! A region served from a page source (a VM restored lazily, or memory
+//! with synthetic first-touch contents) has its untouched pages in the
+//! source, not the file: those are fetched from the source and saved too,
+//! except pages given back (discarded), which stay holes.
+//!
 //! The memory must not change while it is saved (the VM paused). Private
 //! (copy-on-write) regions are refused: their contents live in the VMM's
 //! private copies, not in the file.
@@ -126,6 +131,51 @@ fn copy_range(from: &File, to: &File, off: u64, dst: u64, len: u64) -> io::Resul
     Ok(written)
 }
 
+/// Saves the pages of `region` that are in neither its file nor its
+/// discard map from its source, to `dst` + region offset in `to`.
+fn copy_unfetched(
+    region: &crate::Region,
+    src: &crate::RegionSource,
+    to: &File,
+    dst: u64,
+) -> io::Result<u64> {
+    let page = region.page_size();
+    let backed = region.backed_size();
+    let file = region.backing().file();
+    let first = region.file_offset();
+    // The holes of the region's part of its file, in region offsets.
+    let mut holes = Vec::new();
+    let mut at = 0;
+    for (off, n) in data_extents(file, first + backed)? {
+        let (start, end) = (off.max(first) - first, (off + n).max(first) - first);
+        if start > at {
+            holes.push((at, start));
+        }
+        at = at.max(end);
+    }
+    if at < backed {
+        holes.push((at, backed));
+    }
+    let mut buf = vec![0u8; page as usize];
+    let mut written = 0;
+    for (start, end) in holes {
+        if src.source.is_zero(src.offset + start, end - start) {
+            continue;
+        }
+        for off in (start..end).step_by(page as usize) {
+            if region.is_discarded(off) || src.source.is_zero(src.offset + off, page) {
+                continue;
+            }
+            src.source.fetch(src.offset + off, &mut buf)?;
+            if buf.iter().any(|&b| b != 0) {
+                to.write_all_at(&buf, dst + off)?;
+                written += page;
+            }
+        }
+    }
+    Ok(written)
+}
+
 /// Writes every backing file of `mem` into a new sparse memory file at
 /// `path` (created; an existing file is refused) and returns where each
 /// region is in it.
@@ -161,6 +211,14 @@ pub fn save(mem: &GuestMem, path: &Path) -> Result<SavedLayout> {
         }
         files.push((f, next));
         next += len.next_multiple_of(1 << 21);
+    }
+    for r in mem.regions() {
+        let Some(src) = &r.source else { continue };
+        let base = files
+            .iter()
+            .find(|(f, _)| Arc::ptr_eq(f, r.backing()))
+            .map_or(0, |(_, b)| *b);
+        written += copy_unfetched(r, src, &out, base + r.file_offset()).map_err(io_err)?;
     }
     out.set_len(next).map_err(io_err)?;
     out.sync_all().map_err(io_err)?;

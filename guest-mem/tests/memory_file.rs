@@ -140,3 +140,64 @@ fn saving_refuses_an_existing_file_and_private_regions() {
     assert!(e.contains("private"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A memory still being restored lazily keeps its untouched pages in its
+/// source: saving it again takes them from there, keeps what the guest
+/// wrote since, and leaves what it gave back (never fetched) a hole.
+#[test]
+fn a_lazily_restored_memory_saves_its_unfetched_pages_from_the_source() {
+    // Not under dir(): another test removes that when it ends.
+    let d = std::env::temp_dir().join(format!("guest-mem-resave-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let (first, second) = (d.join("first"), d.join("second"));
+    let mem = layout(None);
+    let word = |gpa: u64| gpa ^ 0xfeed_0000_0000_0000;
+    let pages: Vec<u64> = (0..64)
+        .flat_map(|i| {
+            [
+                i * 9 * PAGE,
+                (1 << 32) + i * 4 * PAGE,
+                WINDOW + i * 2 * PAGE,
+            ]
+        })
+        .collect();
+    for &gpa in &pages {
+        mem.memory()
+            .memory()
+            .write_obj(word(gpa), GuestAddress(gpa))
+            .unwrap();
+    }
+    let saved = memory_file::save(&mem, &first).unwrap();
+
+    // Restored lazily: a third of the pages rewritten, a third given back
+    // without ever being touched, a third left in the source.
+    let lazy = layout(Some((&first, &saved)));
+    for (i, &gpa) in pages.iter().enumerate() {
+        match i % 3 {
+            0 => lazy
+                .memory()
+                .memory()
+                .write_obj(!word(gpa), GuestAddress(gpa))
+                .unwrap(),
+            1 => lazy.discard(GuestAddress(gpa), PAGE).unwrap(),
+            _ => {}
+        }
+    }
+    let resaved = memory_file::save(&lazy, &second).unwrap();
+    assert!(
+        resaved.bytes_written <= (pages.len() as u64 * 2 / 3 + 1) * PAGE,
+        "{} bytes: the given-back pages are holes",
+        resaved.bytes_written
+    );
+    let again = layout(Some((&second, &resaved)));
+    for (i, &gpa) in pages.iter().enumerate() {
+        let v: u64 = again.memory().memory().read_obj(GuestAddress(gpa)).unwrap();
+        let want = match i % 3 {
+            0 => !word(gpa),
+            1 => 0,
+            _ => word(gpa),
+        };
+        assert_eq!(v, want, "page {i} at {gpa:#x}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

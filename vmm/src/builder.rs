@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use guest_mem::{FileSource, GuestMem, RegionSource};
+use guest_mem::{FileSource, GuestMem, RegionConfig, RegionSource};
 
 use crate::config::{MemBackend, VmConfig};
 use crate::control;
 use crate::device_manager::DeviceManager;
 use crate::error::{io_err, VmError};
 use crate::kvm_vm;
-use crate::ram::{build_memory, region_configs};
+use crate::ram::build_memory;
 use crate::snapshot::{self, BalloonSettings, MachineConfig};
 use crate::vcpu_state;
 use crate::vm::Vm;
@@ -135,23 +135,31 @@ impl Vm {
         } else {
             MemBackend::Memfd
         };
-        let mut regions = region_configs(m.memory, &backend, m.hotplug)?;
-        if regions.len() != snap.memory.regions.len() {
-            return Err(bad_snapshot(format!(
-                "{} memory regions saved; this machine has {}",
-                snap.memory.regions.len(),
-                regions.len()
-            )));
-        }
-        for (r, saved) in regions.iter_mut().zip(&snap.memory.regions) {
-            let max = r.max_size.unwrap_or(r.size);
-            if r.guest_addr != saved.guest_addr || saved.size > max {
+        // The regions as they were saved, each on a file of its own: a
+        // restored region is served from the memory file, not shared.
+        let mut regions: Vec<RegionConfig> = snap
+            .memory
+            .regions
+            .iter()
+            .map(|saved| {
+                let mut r = RegionConfig::new(saved.guest_addr, saved.size);
+                r.max_size = (saved.max_size != saved.size).then_some(saved.max_size);
+                if saved.page_size > 4096 {
+                    r.backing = guest_mem::Backing::MemfdHugetlb;
+                }
+                r
+            })
+            .collect();
+        if let Some(w) = m.hotplug {
+            let last = snap.memory.regions.last().map(|r| r.max_size);
+            if last != Some(w) {
                 return Err(bad_snapshot(format!(
-                    "a region of {:#x} bytes at {:#x} does not fit this machine's layout",
-                    saved.size, saved.guest_addr
+                    "the last region is not the {w:#x}-byte virtio-mem window"
                 )));
             }
-            r.size = saved.size;
+            if let Some(r) = regions.last_mut() {
+                r.max_size = Some(w);
+            }
         }
         if restore.mode == RestoreMode::Lazy {
             let source: Arc<dyn guest_mem::PageSource> = Arc::new(

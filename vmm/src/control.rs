@@ -20,6 +20,8 @@ pub enum ControlRequest {
     Resume,
     /// Save the paused VM to a new directory.
     Snapshot(PathBuf),
+    /// End the VM (paused or running), as a stop signal does.
+    Stop,
 }
 
 /// Whether the guest runs.

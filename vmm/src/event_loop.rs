@@ -309,6 +309,12 @@ impl Vm {
                 log::error!("event loop: {e:?}");
             }
             while let Some((req, reply)) = inbox.next() {
+                if req == ControlRequest::Stop {
+                    log::info!("stopping the VM on request");
+                    first.get_or_insert(ExitReason::Stopped);
+                    reply.send(Ok(()));
+                    continue;
+                }
                 let ctl = Controlled {
                     gate: &gate,
                     handles: &handles,
@@ -445,6 +451,8 @@ impl Controlled<'_> {
                 log::info!("VM paused");
                 Ok(())
             }
+            // The loop itself ends the VM.
+            ControlRequest::Stop => Ok(()),
             ControlRequest::Resume => {
                 self.gate.resume();
                 log::info!("VM resumed");

@@ -103,6 +103,10 @@ pub struct RegionState {
     pub guest_addr: u64,
     /// Bytes of it that were backed.
     pub size: u64,
+    /// The most it can grow to (resizable regions; else `size`).
+    pub max_size: u64,
+    /// Its backing's page size (4 KiB, or 2 MiB on hugetlbfs).
+    pub page_size: u64,
     /// Offset of its first byte in the memory file.
     pub offset: u64,
 }
@@ -164,16 +168,6 @@ pub fn write(dir: &Path, snap: &mut VmSnapshot, mem: &GuestMem) -> Result<Writte
             "already exists; snapshots are written to a new directory",
         ));
     }
-    if let Some(r) = mem.regions().iter().find(|r| r.has_source()) {
-        // Pages it has not fetched are in its source, not its file.
-        return Err(invalid(
-            dir,
-            format!(
-                "region {} is still being restored lazily; snapshot it once its memory is fetched",
-                r.index()
-            ),
-        ));
-    }
     let name = dir
         .file_name()
         .ok_or_else(|| invalid(dir, "has no directory name"))?;
@@ -205,9 +199,12 @@ fn write_into(tmp: &Path, snap: &mut VmSnapshot, mem: &GuestMem) -> Result<Writt
         regions: layout
             .regions
             .iter()
-            .map(|r| RegionState {
+            .zip(mem.regions())
+            .map(|(r, region)| RegionState {
                 guest_addr: r.guest_addr,
                 size: r.size,
+                max_size: region.max_size(),
+                page_size: region.page_size(),
                 offset: r.offset,
             })
             .collect(),
@@ -337,9 +334,39 @@ fn check(s: &VmSnapshot) -> Result<(), String> {
     if let Some(w) = m.hotplug {
         crate::ram::check_hotplug_size(m.memory, w).map_err(|e| e.to_string())?;
     }
+    if s.memory.regions.is_empty() || s.memory.regions.len() > 64 {
+        return Err(format!("{} memory regions", s.memory.regions.len()));
+    }
+    let mut spans: Vec<(u64, u64)> = Vec::new();
     for r in &s.memory.regions {
+        if r.page_size != 4096 && r.page_size != 2 << 20 {
+            return Err(format!(
+                "region at {:#x}: page size {}",
+                r.guest_addr, r.page_size
+            ));
+        }
         let end = r.offset.checked_add(r.size).ok_or("region past 2^64")?;
-        if end > s.memory.file_len || r.offset % 4096 != 0 || r.size % 4096 != 0 {
+        let gend = r
+            .guest_addr
+            .checked_add(r.max_size)
+            .ok_or("region past 2^64")?;
+        if r.size > r.max_size
+            || r.max_size == 0
+            || r.max_size % r.page_size != 0
+            || r.guest_addr % r.page_size != 0
+            || r.size % r.page_size != 0
+            || gend > 1 << 46
+        {
+            return Err(format!(
+                "region at {:#x}: {:#x} of {:#x} bytes is not a region this VMM makes",
+                r.guest_addr, r.size, r.max_size
+            ));
+        }
+        if spans.iter().any(|&(a, b)| r.guest_addr < b && a < gend) {
+            return Err(format!("region at {:#x} overlaps another", r.guest_addr));
+        }
+        spans.push((r.guest_addr, gend));
+        if end > s.memory.file_len || r.offset % 4096 != 0 {
             return Err(format!(
                 "region at {:#x}: {:#x}+{:#x} is not inside the {:#x}-byte memory file",
                 r.guest_addr, r.offset, r.size, s.memory.file_len

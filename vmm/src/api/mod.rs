@@ -642,7 +642,7 @@ mod tests {
                     ControlRequest::Snapshot(d) if d.exists() => {
                         Err(ControlError::Invalid("exists".into()))
                     }
-                    ControlRequest::Snapshot(_) => Ok(()),
+                    ControlRequest::Snapshot(_) | ControlRequest::Stop => Ok(()),
                 };
                 inbox.set_state(if paused {
                     RunState::Paused
