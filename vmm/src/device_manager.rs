@@ -25,8 +25,22 @@ use crate::virtio::VirtioSlot;
 /// shares.
 pub type Console = Arc<Mutex<Box<dyn Write + Send>>>;
 
+/// The legacy devices, by type (they are also on the port bus).
+pub struct LegacyDevices {
+    /// COM1.
+    pub serial: Arc<Mutex<SerialConsole>>,
+    /// The i8042 (reset line).
+    pub i8042: Arc<Mutex<I8042>>,
+    /// The CMOS clock.
+    pub cmos: Arc<Mutex<Cmos>>,
+    /// The ACPI sleep register (power off).
+    pub acpi_sleep: Arc<Mutex<AcpiSleep>>,
+}
+
 /// A VM's devices, wired to its VM fd and memory.
 pub struct DeviceManager {
+    /// The legacy devices.
+    pub legacy: LegacyDevices,
     /// Port I/O devices.
     pub pio: Bus,
     /// MMIO devices.
@@ -60,32 +74,36 @@ impl DeviceManager {
         let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"));
 
         let mut pio = Bus::new();
+        let reset_evt = eventfd()?;
+        let power_off_evt = eventfd()?;
         let serial_irq = eventfd()?;
         fd.register_irqfd(&serial_irq, SerialConsole::COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
-        let serial: SharedDevice = Arc::new(Mutex::new(SerialConsole::new(
-            serial_irq,
-            Box::new(SharedWriter(console.clone())),
-        )));
-        let reset_evt = eventfd()?;
-        let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(
-            reset_evt.try_clone().map_err(io_err("eventfd"))?,
-        )));
-        let cmos: SharedDevice = Arc::new(Mutex::new(Cmos::new()));
-        let power_off_evt = eventfd()?;
-        let acpi_sleep: SharedDevice = Arc::new(Mutex::new(AcpiSleep::new(
-            power_off_evt.try_clone().map_err(io_err("eventfd"))?,
-        )));
-        for (d, base, len) in [
-            (serial, SerialConsole::COM1, 8),
-            (i8042, I8042::BASE, I8042::LEN),
-            (cmos, Cmos::BASE, Cmos::LEN),
-            (acpi_sleep, AcpiSleep::BASE, AcpiSleep::LEN),
-        ] {
+        let legacy = LegacyDevices {
+            serial: Arc::new(Mutex::new(SerialConsole::new(
+                serial_irq,
+                Box::new(SharedWriter(console.clone())),
+            ))),
+            i8042: Arc::new(Mutex::new(I8042::new(
+                reset_evt.try_clone().map_err(io_err("eventfd"))?,
+            ))),
+            cmos: Arc::new(Mutex::new(Cmos::new())),
+            acpi_sleep: Arc::new(Mutex::new(AcpiSleep::new(
+                power_off_evt.try_clone().map_err(io_err("eventfd"))?,
+            ))),
+        };
+        let on_bus: [(SharedDevice, u64, u64); 4] = [
+            (legacy.serial.clone(), SerialConsole::COM1, 8),
+            (legacy.i8042.clone(), I8042::BASE, I8042::LEN),
+            (legacy.cmos.clone(), Cmos::BASE, Cmos::LEN),
+            (legacy.acpi_sleep.clone(), AcpiSleep::BASE, AcpiSleep::LEN),
+        ];
+        for (d, base, len) in on_bus {
             pio.insert(d, base, len)
                 .map_err(|e| VmError::Config(e.to_string()))?;
         }
         Ok(DeviceManager {
+            legacy,
             pio,
             mmio: Bus::new(),
             console,
@@ -167,6 +185,7 @@ impl Write for SharedWriter {
 
 /// The state of every virtio device, for a snapshot.
 pub fn save_devices(
+    _legacy: &LegacyDevices,
     transports: &[Arc<Mutex<devices::virtio::mmio::MmioTransport>>],
 ) -> Result<serde_json::Value, String> {
     if !transports.is_empty() {

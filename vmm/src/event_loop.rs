@@ -179,6 +179,7 @@ impl Vm {
             mem,
             devices:
                 DeviceManager {
+                    legacy,
                     pio,
                     mmio,
                     console,
@@ -321,6 +322,7 @@ impl Vm {
                     fd: &fd,
                     msrs: &msrs,
                     machine: &machine,
+                    legacy: &legacy,
                     transports: &device_transports,
                     writer: &writer,
                 };
@@ -422,6 +424,7 @@ struct Controlled<'a> {
     fd: &'a kvm_ioctls::VmFd,
     msrs: &'a [u32],
     machine: &'a MachineConfig,
+    legacy: &'a crate::device_manager::LegacyDevices,
     transports: &'a [Arc<Mutex<devices::virtio::mmio::MmioTransport>>],
     writer: &'a SnapshotWriter,
 }
@@ -472,7 +475,7 @@ impl Controlled<'_> {
                     .map_err(|e| ControlError::Failed(e.to_string()))?;
                 let kvm =
                     kvm_vm::save_state(self.fd).map_err(|e| ControlError::Failed(e.to_string()))?;
-                let devices = crate::device_manager::save_devices(self.transports)
+                let devices = crate::device_manager::save_devices(self.legacy, self.transports)
                     .map_err(ControlError::Failed)?;
                 let snap = VmSnapshot {
                     machine: self.machine.clone(),
