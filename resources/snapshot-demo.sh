@@ -8,13 +8,15 @@
 # timings as KEY=VALUE lines. Runs wherever /dev/kvm can run the guest:
 # inside the L1, or on a host with vmx/svm. POSIX sh.
 #
-# Environment: VMM, VMMCTL, KERNEL, INITRD, MEMORY_MIB (512), MODES.
+# Environment: VMM, VMMCTL, KERNEL, INITRD, MEMORY_MIB (512), DATA_MIB (the
+# guest's checksummed data, 96), MODES.
 VMM=${VMM:-/bin/vmm}
 VMMCTL=${VMMCTL:-/bin/vmmctl}
 KERNEL=${KERNEL:-/guest/vmlinux}
 INITRD=${INITRD:-/guest/snapshot.cpio.gz}
 MEMORY_MIB=${MEMORY_MIB:-512}
 MODES=${MODES:-lazy eager}
+DATA_MIB=${DATA_MIB:-96}
 TARGET_MIB=$((MEMORY_MIB / 2))
 dir=$(mktemp -d /tmp/snapshot-demo.XXXXXX)
 snap=$dir/snap
@@ -43,7 +45,8 @@ trap 'for f in "$dir"/serial-*; do echo "--- $f ---"; cat "$f"; done' EXIT
 
 echo "== booting"
 "$VMM" --kernel "$KERNEL" --initrd "$INITRD" --memory "${MEMORY_MIB}M" \
-    --balloon --api-sock "$dir/boot.sock" --serial "file:$dir/serial-boot" &
+    --balloon --api-sock "$dir/boot.sock" --serial "file:$dir/serial-boot" \
+    --cmdline "console=ttyS0 reboot=k panic=-1 noxsave data_mib=$DATA_MIB" &
 vmm=$!
 wait_line "$dir/serial-boot" "GUEST-CHECK round=3" 300 || exit 1
 used=$(field "$dir/boot.sock" /vm host_allocated_mib)
@@ -63,12 +66,17 @@ for mode in $MODES; do
     t=$(now)
     "$VMM" --restore "$snap" --restore-mode "$mode" --api-sock "$sock" --serial "file:$serial" --stats &
     vmm=$!
+    # Pages fetched from the memory file in the first second.
+    until [ -S "$sock" ]; do sleep 0.05; done
+    running=$(elapsed "$t")
+    sleep 1
+    fetched=$(field "$sock" /metrics pages_installed)
     # The guest's next line, from the restored VMM.
     wait_line "$serial" "GUEST-CHECK" 120 || exit 1
     first=$(elapsed "$t")
     "$VMMCTL" --sock "$sock" PUT /balloon "{\"target_mib\": $TARGET_MIB}" || exit 1
     wait_actual "$sock" "$TARGET_MIB" || exit 1
-    echo "RESTORED mode=$mode first_response_s=$first inflated_s=$(elapsed "$t") first_line=$(grep GUEST-CHECK "$serial" | head -1 | tr ' ' ',')"
+    echo "RESTORED mode=$mode running_s=$running pages_first_second=$fetched first_response_s=$first inflated_s=$(elapsed "$t") first_line=$(grep GUEST-CHECK "$serial" | head -1 | tr ' ' ',')"
     "$VMMCTL" --sock "$sock" GET /balloon | tr -d '\n' | sed 's/^/BALLOON-AFTER-INFLATE /'
     echo
     echo "HOST-INFLATED mode=$mode allocated_mib=$(field "$sock" /vm host_allocated_mib)"

@@ -1,6 +1,7 @@
 #!/bin/sh
-# Runs in the guest (as /guest-test.sh): writes 96 MiB of random data to a
-# tmpfs file and checksums it once, then checks it every second, printing
+# Runs in the guest (as /guest-test.sh): writes DATA MiB (data_mib= on the
+# kernel command line, default 96) of random data to a tmpfs file and
+# checksums it once, then checks it every second, printing
 # its uptime, while the host pauses, snapshots, ends the VMM and restores
 # it (the guest does not notice), and inflates and deflates the balloon.
 # Finishes a few rounds after it has seen the balloon's pages go and come
@@ -8,7 +9,8 @@
 total() { grep MemTotal /proc/meminfo | grep -o '[0-9]*'; }
 t0=$(total)
 mkdir -p /mnt && mount -t tmpfs -o size=50% tmpfs /mnt || exit 1
-dd if=/dev/urandom of=/mnt/data bs=1M count=96 2>/dev/null || exit 1
+data=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^data_mib=//p')
+dd if=/dev/urandom of=/mnt/data bs=1M count="${data:-96}" 2>/dev/null || exit 1
 sum=$(md5sum /mnt/data | cut -d' ' -f1)
 echo "GUEST-READY MemTotal=$t0 sum=$sum"
 phase=inflate

@@ -73,12 +73,21 @@ fn a_linux_guest_resumes_from_lazy_and_eager_restores_with_the_balloon_live() {
                 "{mode}: the guest's uptime went from {paused_at} to {resumed}"
             ));
         }
-        let first: f64 = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("first_response_s="))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| fail("no first_response_s"));
-        json.insert(format!("first_response_{mode}_s"), first.into());
+        let num = |key: &str| -> f64 {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| fail(&format!("no {key} for {mode}")))
+        };
+        json.insert(format!("restore_{mode}_s"), num("running_s").into());
+        json.insert(
+            format!("first_response_{mode}_s"),
+            num("first_response_s").into(),
+        );
+        json.insert(
+            format!("pages_first_second_{mode}"),
+            num("pages_first_second").into(),
+        );
         for marker in [
             "GUEST-SAW-INFLATE",
             "GUEST-SAW-DEFLATE",
