@@ -477,7 +477,7 @@ impl Vm {
         };
         let mut balloon = None;
         if let Some(opts) = config.balloon {
-            let backend: Arc<dyn guest_mem::backend::MemoryBackend> = mem.clone();
+            let backend: Arc<dyn devices::memory::MemoryBackend> = mem.clone();
             let device = Balloon::new(backend, opts);
             let state = device.state();
             let transport = attach(Box::new(device))?;

@@ -68,10 +68,11 @@ mod reg {
 /// Offset of the notify register, for the VMM's ioeventfds.
 pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 
-/// A virtio device behind the MMIO register interface.
-pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: DeviceMemory,
+/// A virtio device behind the MMIO register interface, reaching guest
+/// memory through `M`.
+pub struct MmioTransport<M: GuestAddressSpace = DeviceMemory> {
+    device: Box<dyn VirtioDevice<M>>,
+    mem: M,
     interrupt: Arc<Interrupt>,
     /// The queues' notification eventfds, written to continue a queue
     /// whose work was cut at the budget (the event loop comes back to it
@@ -97,13 +98,9 @@ pub struct MmioTransport {
     rejected: AtomicU64,
 }
 
-impl MmioTransport {
+impl<M: GuestAddressSpace> MmioTransport<M> {
     /// Puts `device` behind the transport; `interrupt` is its irqfd.
-    pub fn new(
-        device: Box<dyn VirtioDevice>,
-        mem: DeviceMemory,
-        interrupt: Arc<Interrupt>,
-    ) -> Self {
+    pub fn new(device: Box<dyn VirtioDevice<M>>, mem: M, interrupt: Arc<Interrupt>) -> Self {
         let queues: Vec<Queue> = device
             .queue_max_sizes()
             .iter()
@@ -135,12 +132,12 @@ impl MmioTransport {
     }
 
     /// The device behind the transport.
-    pub fn device(&self) -> &dyn VirtioDevice {
+    pub fn device(&self) -> &dyn VirtioDevice<M> {
         self.device.as_ref()
     }
 
     /// The device behind the transport, mutably (configuration changes).
-    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice<M> {
         self.device.as_mut()
     }
 
@@ -436,7 +433,7 @@ impl MmioTransport {
     }
 }
 
-impl BusDevice for MmioTransport {
+impl<M: GuestAddressSpace + Send> BusDevice for MmioTransport<M> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= reg::CONFIG {
             return self.device.read_config(offset - reg::CONFIG, data);

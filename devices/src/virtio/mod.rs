@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use guest_mem::DeviceMemory;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemory;
+use vm_memory::{GuestAddressSpace, GuestMemory};
 
 pub use chain::Progress;
 use vmm_sys_util::eventfd::EventFd;
@@ -92,7 +92,11 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 
 /// A virtio device behind the MMIO transport. Everything the driver sends is
 /// untrusted: devices validate it and never panic on it.
-pub trait VirtioDevice: Send {
+///
+/// `M` is the guest memory the device reaches once activated: any
+/// `vm-memory` address space; this VMM's is `guest_mem::DeviceMemory`,
+/// whose snapshots hold off shrinks while a device uses them.
+pub trait VirtioDevice<M: GuestAddressSpace = DeviceMemory>: Send {
     /// The virtio device ID.
     fn device_type(&self) -> u32;
     /// Maximum size of each queue the device may use.
@@ -108,7 +112,7 @@ pub trait VirtioDevice: Send {
     /// The driver set DRIVER_OK: start using `queues`.
     fn activate(
         &mut self,
-        mem: DeviceMemory,
+        mem: M,
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError>;
