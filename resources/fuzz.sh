@@ -51,7 +51,7 @@ for t in "${targets[@]}"; do
     mkdir -p "$corpus"
     log "fuzzing $t ($crate/fuzz) for ${seconds}s; corpus $corpus"
     if ! (cd "$REPO_ROOT/$crate" &&
-        cargo fuzz run --fuzz-dir fuzz "$t" "$corpus" -- \
+        cargo fuzz run --fuzz-dir fuzz --features libfuzzer "$t" "$corpus" -- \
             -max_total_time="$seconds" -max_len=8192 -print_final_stats=1); then
         die "$t failed; the input is in $crate/fuzz/artifacts/$t/"
     fi

@@ -7,11 +7,11 @@
 
 use std::sync::Arc;
 
+use devices::memory::{BackendError, MemoryBackend};
 use devices::virtio::balloon::{
     Balloon, BalloonConfig, VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ,
 };
 use devices::virtio::{Interrupt, VirtioDevice};
-use devices::memory::{BackendError, MemoryBackend};
 use guest_mem::{GuestMem, RegionConfig};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
