@@ -362,15 +362,17 @@ impl<M: GuestAddressSpace> Balloon<M> {
         }
     }
 
+    /// The valid PFNs of an inflate or deflate chain, each with its
+    /// discard unit; `None` for a chain refused whole.
+    fn chain_pfns(&self, descs: &[Descriptor]) -> Option<Vec<(u64, u64)>> {
+        let pfns = self.read_pfns(&*self.mem.as_ref()?.memory(), descs)?;
+        Some(self.valid_pfns(pfns))
+    }
+
     fn inflate_chain(&mut self, descs: &[Descriptor]) -> Served {
-        let pfns = match &self.mem {
-            Some(mem) => self.read_pfns(&*mem.memory(), descs),
-            None => None,
-        };
-        let Some(pfns) = pfns else {
+        let Some(pfns) = self.chain_pfns(descs) else {
             return Served::Used(0);
         };
-        let pfns = self.valid_pfns(pfns);
         self.state
             .counters
             .inflated_pages
@@ -396,14 +398,9 @@ impl<M: GuestAddressSpace> Balloon<M> {
     }
 
     fn deflate_chain(&mut self, descs: &[Descriptor]) -> Served {
-        let pfns = match &self.mem {
-            Some(mem) => self.read_pfns(&*mem.memory(), descs),
-            None => None,
-        };
-        let Some(pfns) = pfns else {
+        let Some(pfns) = self.chain_pfns(descs) else {
             return Served::Used(0);
         };
-        let pfns = self.valid_pfns(pfns);
         self.state
             .counters
             .deflated_pages
