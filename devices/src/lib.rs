@@ -11,4 +11,5 @@ pub mod bus;
 pub mod guest_log;
 pub mod legacy;
 pub mod memory;
+pub mod state;
 pub mod virtio;
