@@ -82,3 +82,32 @@ pub fn parse<T: DeserializeOwned>(
 ) -> Result<T, StateError> {
     T::deserialize(value).map_err(|source| StateError::Malformed { device, source })
 }
+
+/// Declares `$state`, a `serde` copy of the counters struct `$counters`
+/// (atomic `u64` fields `$field...`), with `save` and `restore` between
+/// the two, so that a device's counters carry on across a snapshot.
+macro_rules! saved_counters {
+    ($(#[$doc:meta])* $state:ident for $counters:ty { $($field:ident),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        #[allow(missing_docs)]
+        pub struct $state {
+            $(pub $field: u64,)*
+        }
+
+        impl $state {
+            /// The counters' values now.
+            pub fn save(c: &$counters) -> Self {
+                $state {
+                    $($field: c.$field.load(std::sync::atomic::Ordering::Relaxed),)*
+                }
+            }
+
+            /// Sets the counters to the saved values.
+            pub fn restore(&self, c: &$counters) {
+                $(c.$field.store(self.$field, std::sync::atomic::Ordering::Relaxed);)*
+            }
+        }
+    };
+}
+pub(crate) use saved_counters;

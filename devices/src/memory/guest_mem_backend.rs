@@ -38,6 +38,10 @@ impl MemoryBackend for GuestMem {
     fn populated(&self, gpa: GuestAddress, len: u64) -> Option<bool> {
         GuestMem::populated(self, gpa, len)
     }
+
+    fn ram_bytes(&self) -> Option<u64> {
+        Some(self.mapped_bytes())
+    }
 }
 
 impl HotplugBackend for HotplugRegion {

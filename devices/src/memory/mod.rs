@@ -91,6 +91,12 @@ pub trait MemoryBackend: Send + Sync {
         let _ = (gpa, len);
         None
     }
+
+    /// Bytes of RAM the guest has, when the backend can tell: the bound a
+    /// restored balloon's sizes are checked against.
+    fn ram_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A window of guest-physical memory a device plugs and unplugs in blocks

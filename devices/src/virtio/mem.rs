@@ -26,6 +26,10 @@ use super::resize_timer::ResizeTimer;
 use super::{ActivateError, Interrupt, VirtioDevice};
 use crate::guest_log::refuse;
 use crate::memory::{BackendError, HotplugBackend};
+use crate::state::StateError;
+
+mod saved;
+pub use saved::{MemCountersState, VirtioMemDeviceState, VIRTIO_MEM_STATE_VERSION};
 
 /// The virtio device ID of virtio-mem.
 pub const VIRTIO_ID_MEM: u32 = 24;
@@ -573,6 +577,18 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for VirtioMem<M> {
             );
             Progress::Done
         }
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.queue.iter().map(|q| q.state()).collect()
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::to_value(self.save()).unwrap_or_default()
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        self.restore(&crate::state::parse("virtio-mem", state)?)
     }
 
     fn reset(&mut self) {

@@ -15,6 +15,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{Interrupt, Progress, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
+mod saved;
+pub use saved::{MmioTransportState, VirtqueueState, MMIO_STATE_VERSION};
+
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x554d_4551; // as QEMU and others do
@@ -64,6 +67,14 @@ mod reg {
     pub const CONFIG_GENERATION: u64 = m::VIRTIO_MMIO_CONFIG_GENERATION as u64;
     pub const CONFIG: u64 = m::VIRTIO_MMIO_CONFIG as u64;
 }
+
+/// The status bits in the order a driver sets them.
+const STATUS_ORDER: [u32; 4] = [
+    status::ACKNOWLEDGE,
+    status::DRIVER,
+    status::FEATURES_OK,
+    status::DRIVER_OK,
+];
 
 /// Offset of the notify register, for the VMM's ioeventfds.
 pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
@@ -240,12 +251,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
     }
 
     fn set_status(&mut self, v: u32) {
-        const ORDER: [u32; 4] = [
-            status::ACKNOWLEDGE,
-            status::DRIVER,
-            status::FEATURES_OK,
-            status::DRIVER_OK,
-        ];
+        const ORDER: [u32; 4] = STATUS_ORDER;
         if v == 0 {
             return self.reset();
         }
@@ -527,6 +533,9 @@ mod tests {
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
         }
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+            Vec::new()
+        }
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<Seen>>, Arc<Interrupt>) {
@@ -782,6 +791,9 @@ mod tests {
             Progress::Done
         }
         fn reset(&mut self) {}
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+            Vec::new()
+        }
     }
 
     /// A notification queued before DRIVER_OK is served at activation with

@@ -16,6 +16,9 @@
 //! never a panic.
 
 pub mod huge_pages;
+mod saved;
+
+pub use saved::{BalloonCountersState, BalloonDeviceState, BALLOON_STATE_VERSION};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -31,6 +34,7 @@ use super::resize_timer::ResizeTimer;
 use super::{signal_used, ActivateError, Interrupt, VirtioDevice};
 use crate::guest_log::refuse;
 use crate::memory::MemoryBackend;
+use crate::state::StateError;
 use huge_pages::HugePageTracker;
 
 /// The virtio device ID of the balloon.
@@ -607,6 +611,18 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Balloon<M> {
 
     fn refresh(&mut self) {
         self.request_stats();
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.queues.iter().map(|q| q.state()).collect()
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::to_value(self.save()).unwrap_or_default()
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        self.restore(&crate::state::parse("balloon", state)?)
     }
 
     fn reset(&mut self) {
