@@ -141,3 +141,88 @@ impl<M: GuestAddressSpace> Balloon<M> {
 
 // A statistics record is 10 bytes: the bound above counts records.
 const _: () = assert!(STAT_SIZE == 10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::balloon::{BalloonConfig, VIRTIO_BALLOON_F_STATS_VQ};
+    use crate::virtio::VirtioDevice;
+    use guest_mem::{GuestMem, RegionConfig};
+    use std::sync::Arc;
+
+    fn balloon(features: u64) -> Balloon {
+        let mem = GuestMem::builder()
+            .region(RegionConfig::new(0, 16 << 20))
+            .build()
+            .unwrap();
+        let mut b: Balloon = Balloon::new(Arc::new(mem), BalloonConfig::default());
+        b.ack_features(features);
+        b
+    }
+
+    fn good() -> BalloonDeviceState {
+        let b = balloon(1 << VIRTIO_BALLOON_F_STATS_VQ);
+        b.state().set_target(1024);
+        b.state().set_actual(512);
+        b.state().guest_stats.lock().unwrap().insert(4, 99);
+        let mut s = b.save();
+        s.stats_head = Some(3);
+        s
+    }
+
+    #[test]
+    fn a_balloon_state_round_trips() {
+        let s = good();
+        let mut b = balloon(1 << VIRTIO_BALLOON_F_STATS_VQ);
+        b.restore_state(&serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(b.save(), s);
+    }
+
+    #[test]
+    fn bad_balloon_states_are_refused() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut BalloonDeviceState)>)> = vec![
+            ("version", Box::new(|s| s.version = 0)),
+            (
+                "another configuration",
+                Box::new(|s| s.offered_features = 0),
+            ),
+            ("actual past RAM", Box::new(|s| s.actual_pages = 4097)),
+            ("target past RAM", Box::new(|s| s.target_pages = u32::MAX)),
+            (
+                "poison without the feature",
+                Box::new(|s| s.poison_val = 0xaa),
+            ),
+            (
+                "held buffer past the queue",
+                Box::new(|s| s.stats_head = Some(256)),
+            ),
+            (
+                "too many statistics",
+                Box::new(|s| s.guest_stats = (0..2000).map(|t| (t, 0)).collect()),
+            ),
+            (
+                "a huge page on 4 KiB memory",
+                Box::new(|s| {
+                    s.huge_pages = vec![HugeUnitState {
+                        grain: 2 << 20,
+                        unit: 1,
+                        pages: vec![1; 8],
+                    }]
+                }),
+            ),
+        ];
+        for (what, change) in cases {
+            let mut s = good();
+            change(&mut s);
+            let mut b = balloon(1 << VIRTIO_BALLOON_F_STATS_VQ);
+            assert!(b.restore(&s).is_err(), "{what}: accepted");
+        }
+        let mut b = balloon(0);
+        assert!(
+            b.restore(&good()).is_err(),
+            "a held buffer without a stats queue"
+        );
+        let e = b.restore_state(&serde_json::json!([1, 2]));
+        assert!(matches!(e, Err(StateError::Malformed { .. })), "{e:?}");
+    }
+}

@@ -132,3 +132,112 @@ impl<M: GuestAddressSpace> VirtioMem<M> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::mem::{req, resp, MemRequest};
+    use crate::virtio::VirtioDevice;
+    use guest_mem::backend::HotplugRegion;
+    use guest_mem::{GuestMem, RegionConfig, RegionIndex};
+    use std::sync::Arc;
+
+    const MIB: u64 = 1 << 20;
+    const BASE: u64 = 64 * MIB;
+
+    fn memory() -> Arc<GuestMem> {
+        let mut hotplug = RegionConfig::new(BASE, 0);
+        hotplug.max_size = Some(32 * MIB);
+        Arc::new(
+            GuestMem::builder()
+                .region(RegionConfig::new(0, 16 * MIB))
+                .region(hotplug)
+                .build()
+                .unwrap(),
+        )
+    }
+
+    fn device(mem: &Arc<GuestMem>) -> VirtioMem {
+        let window = HotplugRegion::new(mem.clone(), RegionIndex(1)).unwrap();
+        VirtioMem::new(Arc::new(window)).unwrap()
+    }
+
+    fn ask(d: &mut VirtioMem, kind: u16, block: u64, n: u16) -> (u16, u16) {
+        let r = d.handle(&MemRequest::new(kind, BASE + block * BLOCK_SIZE, n));
+        (r.kind, r.state)
+    }
+
+    /// Blocks 0-2 and 5 plugged; block 4 backed (below the end) but not.
+    fn plugged(mem: &Arc<GuestMem>) -> VirtioMem {
+        let mut d = device(mem);
+        d.state().request(8 * MIB);
+        assert_eq!(ask(&mut d, req::PLUG, 0, 3).0, resp::ACK);
+        assert_eq!(ask(&mut d, req::PLUG, 5, 1).0, resp::ACK);
+        d
+    }
+
+    #[test]
+    fn a_restored_device_answers_state_requests_the_same() {
+        let mem = memory();
+        let mut d = plugged(&mem);
+        let json = serde_json::to_value(d.save()).unwrap();
+        // The window as a restored VM builds it: its backed part reachable.
+        let mut r = device(&mem);
+        mem.set_accessible(RegionIndex(1), 0, 12 * MIB, true)
+            .unwrap();
+        r.restore(&serde_json::from_value(json).unwrap()).unwrap();
+        assert_eq!(
+            mem.accessible_extents(RegionIndex(1)),
+            vec![(0, 6 * MIB), (10 * MIB, 2 * MIB)],
+            "exactly the plugged blocks are reachable"
+        );
+        for (block, n) in [(0, 3), (0, 6), (3, 2), (4, 1), (5, 1), (6, 10), (0, 16)] {
+            assert_eq!(
+                ask(&mut r, req::STATE, block, n),
+                ask(&mut d, req::STATE, block, n),
+                "blocks {block}+{n}"
+            );
+        }
+        let st = r.state();
+        assert_eq!(st.plugged_size.load(Ordering::Relaxed), 8 * MIB);
+        assert_eq!(st.requested_size.load(Ordering::Relaxed), 8 * MIB);
+        assert_eq!(st.counters.plugs.load(Ordering::Relaxed), 2);
+        // And it goes on: the last unplug truncates as the original would.
+        assert_eq!(ask(&mut r, req::UNPLUG, 5, 1).0, resp::ACK);
+        assert_eq!(mem.regions()[1].backed_size(), 6 * MIB);
+    }
+
+    #[test]
+    fn bad_virtio_mem_states_are_refused() {
+        let mem = memory();
+        let good = plugged(&mem).save();
+        let cases: Vec<(&str, Box<dyn Fn(&mut VirtioMemDeviceState)>)> = vec![
+            ("version", Box::new(|s| s.version = 2)),
+            ("another window", Box::new(|s| s.addr += BLOCK_SIZE)),
+            ("another size", Box::new(|s| s.region_size *= 2)),
+            ("block size", Box::new(|s| s.block_size = 4096)),
+            ("bitmap too long", Box::new(|s| s.plugged.push(0))),
+            ("bitmap too short", Box::new(|s| s.plugged.clear())),
+            (
+                "a block past the window",
+                Box::new(|s| s.plugged[0] |= 1 << 20),
+            ),
+            ("past the backing", Box::new(|s| s.plugged[0] |= 1 << 9)),
+            (
+                "requested too big",
+                Box::new(|s| s.requested_size = 64 * MIB),
+            ),
+            ("requested not blocks", Box::new(|s| s.requested_size = MIB)),
+        ];
+        for (what, change) in cases {
+            let mut s = good.clone();
+            change(&mut s);
+            let mut r = device(&mem);
+            assert!(r.restore(&s).is_err(), "{what}: accepted");
+        }
+        let mut r = device(&mem);
+        let e = r.restore_state(&serde_json::json!({"version": 1}));
+        assert!(matches!(e, Err(StateError::Malformed { .. })), "{e:?}");
+        assert!(device(&mem).restore(&good).is_ok());
+    }
+}
