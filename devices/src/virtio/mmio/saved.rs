@@ -173,15 +173,6 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
             .map_err(|e| invalid(format!("queue {i}: {e}")))?;
             queues.push(queue);
         }
-        if state.activated {
-            let guard = t.mem.memory();
-            if let Some(i) = queues
-                .iter()
-                .position(|q| q.ready() && !q.is_valid(&*guard))
-            {
-                return Err(invalid(format!("queue {i} does not lie in guest memory")));
-            }
-        }
         t.queues = queues;
         t.bad_size = state.queues.iter().map(|q| q.size_refused).collect();
         t.device_features_sel = state.device_features_sel;
@@ -196,6 +187,17 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
         }
         t.device.restore_state(&state.device)?;
         if state.activated {
+            // Checked against memory as the device's restore left it
+            // (virtio-mem takes unplugged blocks out of reach).
+            let guard = t.mem.memory();
+            let outside = t
+                .queues
+                .iter()
+                .position(|q| q.ready() && !q.is_valid(&*guard));
+            drop(guard);
+            if let Some(i) = outside {
+                return Err(invalid(format!("queue {i} does not lie in guest memory")));
+            }
             let copies = t
                 .queues
                 .iter()
