@@ -2,7 +2,8 @@
 # Runs the cargo-fuzz targets for a bounded time each: the balloon's queue
 # handling (devices/fuzz: balloon_queue), virtio-mem's request queue
 # (devices/fuzz: virtio_mem_queue), the virtio-mmio transport's registers
-# (devices/fuzz: mmio_transport) and the control API's request parser and
+# (devices/fuzz: mmio_transport), the device state loader of snapshots
+# (devices/fuzz: device_state) and the control API's request parser and
 # router (vmm/fuzz: api_request). Installs cargo-fuzz when it is
 # missing. Fuzzing needs nightly-only compiler flags; on a stable toolchain
 # they are enabled with RUSTC_BOOTSTRAP=1, for these fuzz builds only.
@@ -12,8 +13,8 @@
 #
 # Usage: resources/fuzz.sh [--seconds N] [TARGET...]
 #   --seconds N  time per target (default 60)
-#   TARGET       balloon_queue, virtio_mem_queue, mmio_transport, api_request
-#                (default: all four)
+#   TARGET       balloon_queue, virtio_mem_queue, mmio_transport, device_state,
+#                api_request (default: all five)
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -24,11 +25,11 @@ while (($#)); do
     case "$1" in
         --seconds) [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || die "--seconds needs a number"; seconds="$2"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
-        balloon_queue | virtio_mem_queue | mmio_transport | api_request) targets+=("$1"); shift ;;
+        balloon_queue | virtio_mem_queue | mmio_transport | device_state | api_request) targets+=("$1"); shift ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
-((${#targets[@]})) || targets=(balloon_queue virtio_mem_queue mmio_transport api_request)
+((${#targets[@]})) || targets=(balloon_queue virtio_mem_queue mmio_transport device_state api_request)
 
 need_cmd cargo "install Rust with rustup"
 need_cmd c++ "libFuzzer is built from source: Debian package g++"
@@ -40,7 +41,7 @@ export RUSTC_BOOTSTRAP=1
 
 crate_of() {
     case "$1" in
-        balloon_queue | virtio_mem_queue | mmio_transport) echo devices ;;
+        balloon_queue | virtio_mem_queue | mmio_transport | device_state) echo devices ;;
         api_request) echo vmm ;;
     esac
 }
