@@ -145,6 +145,9 @@ const _: () = assert!(STAT_SIZE == 10);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One way to spoil a good state.
+    type Change = Box<dyn Fn(&mut BalloonDeviceState)>;
     use crate::virtio::balloon::{BalloonConfig, VIRTIO_BALLOON_F_STATS_VQ};
     use crate::virtio::VirtioDevice;
     use guest_mem::{GuestMem, RegionConfig};
@@ -180,7 +183,7 @@ mod tests {
 
     #[test]
     fn bad_balloon_states_are_refused() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut BalloonDeviceState)>)> = vec![
+        let cases: Vec<(&str, Change)> = vec![
             ("version", Box::new(|s| s.version = 0)),
             (
                 "another configuration",

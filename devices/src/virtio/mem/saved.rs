@@ -136,6 +136,9 @@ impl<M: GuestAddressSpace> VirtioMem<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One way to spoil a good state.
+    type Change = Box<dyn Fn(&mut VirtioMemDeviceState)>;
     use crate::virtio::mem::{req, resp, MemRequest};
     use crate::virtio::VirtioDevice;
     use guest_mem::backend::HotplugRegion;
@@ -211,7 +214,7 @@ mod tests {
     fn bad_virtio_mem_states_are_refused() {
         let mem = memory();
         let good = plugged(&mem).save();
-        let cases: Vec<(&str, Box<dyn Fn(&mut VirtioMemDeviceState)>)> = vec![
+        let cases: Vec<(&str, Change)> = vec![
             ("version", Box::new(|s| s.version = 2)),
             ("another window", Box::new(|s| s.addr += BLOCK_SIZE)),
             ("another size", Box::new(|s| s.region_size *= 2)),
