@@ -53,5 +53,6 @@ resources/build-l1.sh --out "$work/l1-demo.cpio.gz" --script "$work/l1-demo.sh" 
     --add target/release/vmmctl:/bin/vmmctl \
     --add build/kernel/vmlinux:/guest/vmlinux \
     --add build/guest-balloon.cpio.gz:/guest/balloon.cpio.gz \
-    --add resources/balloon-demo.sh:/guest/balloon-demo.sh
+    --add resources/balloon-demo.sh:/guest/balloon-demo.sh \
+    --add resources/l1-lib.sh:/guest/l1-lib.sh
 exec resources/run-l1.sh --initrd "$work/l1-demo.cpio.gz" --timeout 900 --log "$work/l1-demo.log"

@@ -4,61 +4,33 @@
 # unplugs it while the guest faults in fresh memory. Prints the host's view
 # (the window's backing file and its allocation) at each step. Runs where
 # /dev/kvm can run the guest: inside the L1 or on a host with vmx/svm.
-# POSIX sh, so busybox runs it.
+# POSIX sh, so busybox runs it; l1-lib.sh must be beside it.
 #
-# Environment: VMM, VMMCTL, KERNEL, INITRD (paths), MEM_BACKEND (memfd, or
-# hugetlbfs: huge pages for boot RAM and the window are reserved here),
-# MEMORY_MIB (512),
-# WINDOW_MIB (512), PLUG_MIB (256), VMM_CPU (CPU to pin the VMM to).
-VMM=${VMM:-/bin/vmm}
-VMMCTL=${VMMCTL:-/bin/vmmctl}
-KERNEL=${KERNEL:-/guest/vmlinux}
+# Environment: INITRD (path), MEM_BACKEND (memfd, or hugetlbfs: huge pages
+# for boot RAM and the window are reserved here), MEMORY_MIB (512),
+# WINDOW_MIB (512), PLUG_MIB (256), and l1-lib.sh's (VMM, VMMCTL, KERNEL,
+# VMM_CPU).
 INITRD=${INITRD:-/guest/virtio-mem.cpio.gz}
 MEMORY_MIB=${MEMORY_MIB:-512}
 MEM_BACKEND=${MEM_BACKEND:-memfd}
 WINDOW_MIB=${WINDOW_MIB:-512}
 PLUG_MIB=${PLUG_MIB:-256}
-VMM_CPU=${VMM_CPU:-${L1_VMM_CPU:-}}
-dir=$(mktemp -d /tmp/virtio-mem.XXXXXX)
-sock=$dir/api.sock
-serial=$dir/serial.log
-
-field() { "$VMMCTL" --sock "$sock" GET "$1" | grep -o "\"$2\": [0-9]*" | head -1 | grep -o '[0-9]*$'; }
-pin=""
-[ -n "$VMM_CPU" ] && pin="taskset -c $VMM_CPU"
+# shellcheck source-path=SCRIPTDIR source=l1-lib.sh
+. "$(dirname "$0")/l1-lib.sh"
+l1_workdir virtio-mem
 
 if [ "$MEM_BACKEND" = hugetlbfs ]; then
     pages=$(((MEMORY_MIB + WINDOW_MIB) / 2))
     echo $pages >/proc/sys/vm/nr_hugepages
     echo "HUGE-PAGES reserved=$(cat /proc/sys/vm/nr_hugepages) wanted=$pages"
 fi
-$pin "$VMM" --kernel "$KERNEL" --initrd "$INITRD" --memory "${MEMORY_MIB}M" --mem-backend "$MEM_BACKEND" \
-    --virtio-mem "${WINDOW_MIB}M" --api-sock "$sock" --serial "file:$serial" --stats \
-    --cmdline "console=ttyS0 reboot=k panic=-1 noxsave memhp_default_state=online_movable" &
-vmm=$!
-trap 'echo "--- guest console ---"; cat "$serial"' EXIT
+start_vmm --mem-backend "$MEM_BACKEND" --virtio-mem "${WINDOW_MIB}M" \
+    --cmdline "console=ttyS0 reboot=k panic=-1 noxsave memhp_default_state=online_movable"
 
-# wait_guest MARKER: until the guest printed MARKER.
-wait_guest() {
-    n=0
-    until grep -q "$1" "$serial" 2>/dev/null; do
-        sleep 1
-        n=$((n + 1))
-        kill -0 $vmm 2>/dev/null || { echo "the VMM exited early"; return 1; }
-        grep -q GUEST-TIMEOUT "$serial" && { grep GUEST-TIMEOUT "$serial"; return 1; }
-        [ $n -lt 300 ] || { echo "the guest never printed $1"; return 1; }
-    done
-}
 # request MIB: asks for MIB plugged and waits until the guest follows.
 request() {
     "$VMMCTL" --sock "$sock" PUT /memory "{\"requested_mib\": $1}" || return 1
-    n=0
-    while [ "$(field /memory plugged_mib)" != "$1" ]; do
-        kill -0 $vmm 2>/dev/null || { echo "the VMM exited while plugging $1 MiB"; return 1; }
-        sleep 1
-        n=$((n + 1))
-        [ $n -lt 300 ] || { echo "plugged stuck at $(field /memory plugged_mib) MiB, wanted $1"; return 1; }
-    done
+    wait_field /memory plugged_mib "$1" || return 1
     echo "PLUGGED-SECONDS requested=$1 s=$n"
 }
 # host MARKER: one snapshot of the window as the host sees it.
@@ -87,7 +59,4 @@ request 0 || exit 1
 echo "FAULTS-AFTER-UNPLUG pages_installed=$(field /metrics pages_installed)"
 host HOT-UNPLUGGED-UNDER-LOAD
 "$VMMCTL" --sock "$sock" GET /memory
-wait $vmm
-code=$?
-echo "VMM-EXIT-CODE=$code"
-exit $code
+finish_vmm

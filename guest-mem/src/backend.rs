@@ -1,59 +1,24 @@
-//! The interface device models use to give memory back, so that they
-//! depend on this trait rather than on a VMM.
+//! What device models need from guest memory beyond reading and writing
+//! it: where memory can be given back and in what unit, whether the host
+//! still holds it, and a window that grows and shrinks in blocks. Device
+//! crates wrap these in traits of their own (the `devices` crate's
+//! `MemoryBackend` and `HotplugBackend`), so nothing here knows of devices.
+
+use std::sync::Arc;
 
 use vm_memory::GuestAddress;
 
-use crate::{GuestMem, Result};
+use crate::{Error, GuestMem, Region, RegionIndex, Result};
 
-/// What a device (virtio-balloon, virtio-mem, free-page reporting) needs from
-/// the memory manager beyond reading and writing guest memory.
-///
-/// ```
-/// use guest_mem::backend::MemoryBackend;
-/// use guest_mem::{GuestMem, RegionConfig};
-/// use guest_mem::vm_memory::GuestAddress;
-///
-/// fn inflate(backend: &dyn MemoryBackend, pfn: u64) -> guest_mem::Result<()> {
-///     let gpa = GuestAddress(pfn << 12);
-///     let grain = backend.discard_granularity(gpa).expect("RAM");
-///     assert!(grain <= 4096, "hugetlbfs would need whole huge pages");
-///     backend.discard(gpa, 4096)
-/// }
-///
-/// let mem = GuestMem::builder().region(RegionConfig::new(0, 1 << 20)).build()?;
-/// inflate(&mem, 5)?;
-/// assert_eq!(mem.stats().discards, 1);
-/// assert_eq!(mem.populated(GuestAddress(5 << 12), 4096), Some(false));
-/// # Ok::<(), guest_mem::Error>(())
-/// ```
-pub trait MemoryBackend: Send + Sync {
-    /// The smallest unit `discard` accepts at `gpa` (the backing file's page
-    /// size), or `None` when `gpa` is not plugged RAM.
-    fn discard_granularity(&self, gpa: GuestAddress) -> Option<u64>;
-
-    /// Whether all of `[gpa, gpa + len)` is plugged RAM.
-    fn is_ram(&self, gpa: GuestAddress, len: u64) -> bool;
-
-    /// Gives `[gpa, gpa + len)` back to the host; the next touch reads zero.
-    /// The range must be aligned to the granularity.
-    fn discard(&self, gpa: GuestAddress, len: u64) -> Result<()>;
-
-    /// Whether the host holds memory for any of `[gpa, gpa + len)`, or
-    /// `None` when that cannot be told (private mappings, not RAM). Right
-    /// after a discard this must be `Some(false)`: anything else is a page
-    /// that came back behind the discard's back.
-    fn populated(&self, gpa: GuestAddress, len: u64) -> Option<bool> {
-        let _ = (gpa, len);
-        None
-    }
-}
-
-impl MemoryBackend for GuestMem {
-    fn discard_granularity(&self, gpa: GuestAddress) -> Option<u64> {
+impl GuestMem {
+    /// The smallest unit [`discard`](GuestMem::discard) accepts at `gpa`
+    /// (the backing file's page size), or `None` when `gpa` is not RAM.
+    pub fn discard_granularity(&self, gpa: GuestAddress) -> Option<u64> {
         self.find(gpa).map(|(r, _)| r.page_size())
     }
 
-    fn is_ram(&self, gpa: GuestAddress, len: u64) -> bool {
+    /// Whether all of `[gpa, gpa + len)` is RAM the backing files cover.
+    pub fn is_ram(&self, gpa: GuestAddress, len: u64) -> bool {
         let Some(end) = gpa.0.checked_add(len) else {
             return false;
         };
@@ -67,11 +32,23 @@ impl MemoryBackend for GuestMem {
         true
     }
 
-    fn discard(&self, gpa: GuestAddress, len: u64) -> Result<()> {
-        GuestMem::discard(self, gpa, len)
-    }
-
-    fn populated(&self, gpa: GuestAddress, len: u64) -> Option<bool> {
+    /// Whether the host holds memory for any of `[gpa, gpa + len)`, or
+    /// `None` when that cannot be told (private mappings, not RAM). Right
+    /// after a discard this is `Some(false)`: anything else is a page that
+    /// came back behind the discard's back.
+    ///
+    /// ```
+    /// use guest_mem::{GuestMem, RegionConfig};
+    /// use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    ///
+    /// let mem = GuestMem::builder().region(RegionConfig::new(0, 1 << 20)).build()?;
+    /// mem.memory().memory().write_obj(1u8, GuestAddress(5 << 12)).unwrap();
+    /// assert_eq!(mem.populated(GuestAddress(5 << 12), 4096), Some(true));
+    /// mem.discard(GuestAddress(5 << 12), 4096)?; // balloon inflate
+    /// assert_eq!(mem.populated(GuestAddress(5 << 12), 4096), Some(false));
+    /// # Ok::<(), guest_mem::Error>(())
+    /// ```
+    pub fn populated(&self, gpa: GuestAddress, len: u64) -> Option<bool> {
         let end = gpa.0.checked_add(len)?;
         let mut at = gpa.0;
         let mut any = false;
@@ -95,7 +72,7 @@ impl MemoryBackend for GuestMem {
 /// a fault racing with them retries instead of installing stale memory.
 ///
 /// ```
-/// use guest_mem::backend::{HotplugBackend, HotplugRegion};
+/// use guest_mem::backend::HotplugRegion;
 /// use guest_mem::{GuestMem, RegionConfig, RegionIndex};
 /// use std::sync::Arc;
 ///
@@ -116,82 +93,70 @@ impl MemoryBackend for GuestMem {
 /// assert_eq!(mem.regions()[1].backed_size(), 0);
 /// # Ok::<(), guest_mem::Error>(())
 /// ```
-pub trait HotplugBackend: Send + Sync {
-    /// Guest-physical address and size of the whole window.
-    fn window(&self) -> (GuestAddress, u64);
-    /// Bytes of the window the backing file covers now.
-    fn backed_size(&self) -> u64;
-    /// Makes the window's first `size` bytes backed: extends the file (new
-    /// memory reads zero) or truncates it (an invalidation).
-    fn set_backed_size(&self, size: u64) -> Result<()>;
-    /// Gives back `[offset, offset + len)` of the window, which must lie in
-    /// the backed part: a hole punched as one invalidation.
-    fn discard_range(&self, offset: u64, len: u64) -> Result<()>;
-    /// Makes `[offset, offset + len)` of the window reachable (plugged) or
-    /// not: memory that is not plugged is kept out of the memory map, so
-    /// neither the devices nor the guest can make the host back it. A
-    /// window starts with only its backed part plugged.
-    fn set_plugged(&self, offset: u64, len: u64, plugged: bool) -> Result<()>;
-    /// Bytes the window's backing file has allocated on the host.
-    fn allocated_bytes(&self) -> u64;
-}
-
-/// [`HotplugBackend`] over one resizable region of a [`GuestMem`]: a region
-/// built with `max_size` that ends its own backing file.
 #[derive(Debug, Clone)]
 pub struct HotplugRegion {
-    mem: std::sync::Arc<GuestMem>,
-    index: crate::RegionIndex,
+    mem: Arc<GuestMem>,
+    index: RegionIndex,
 }
 
 impl HotplugRegion {
-    /// The window of region `index`.
-    pub fn new(mem: std::sync::Arc<GuestMem>, index: crate::RegionIndex) -> Result<Self> {
-        let region = mem.region(index).ok_or(crate::Error::NoSuchRegion(index))?;
+    /// The window of region `index`: a region built with `max_size` that
+    /// ends its own backing file.
+    pub fn new(mem: Arc<GuestMem>, index: RegionIndex) -> Result<Self> {
+        let region = mem.region(index).ok_or(Error::NoSuchRegion(index))?;
         let shared = mem
             .regions()
             .iter()
-            .any(|r| r.index() != index && std::sync::Arc::ptr_eq(r.backing(), region.backing()));
+            .any(|r| r.index() != index && Arc::ptr_eq(r.backing(), region.backing()));
         if shared || region.file_offset() != 0 {
-            return Err(crate::Error::NotResizable(index));
+            return Err(Error::NotResizable(index));
         }
         let backed = region.backed_size();
         mem.set_accessible(index, backed, region.max_size() - backed, false)?;
         Ok(HotplugRegion { mem, index })
     }
 
-    fn region(&self) -> &crate::Region {
+    fn region(&self) -> &Region {
         &self.mem.regions()[self.index.0]
     }
-}
 
-impl HotplugBackend for HotplugRegion {
-    fn window(&self) -> (GuestAddress, u64) {
+    /// Guest-physical address and size of the whole window.
+    pub fn window(&self) -> (GuestAddress, u64) {
         let r = self.region();
         (r.guest_base(), r.max_size())
     }
 
-    fn backed_size(&self) -> u64 {
+    /// Bytes of the window the backing file covers now.
+    pub fn backed_size(&self) -> u64 {
         self.region().backed_size()
     }
 
-    fn set_backed_size(&self, size: u64) -> Result<()> {
+    /// Makes the window's first `size` bytes backed: extends the file (new
+    /// memory reads zero) or truncates it (an invalidation).
+    pub fn set_backed_size(&self, size: u64) -> Result<()> {
         self.mem.resize(self.index, size)
     }
 
-    fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
+    /// Gives back `[offset, offset + len)` of the window, which must lie in
+    /// the backed part: a hole punched as one invalidation.
+    pub fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
         let base = self.region().guest_base().0;
         let gpa = base
             .checked_add(offset)
-            .ok_or(crate::Error::TooLarge { size: offset })?;
+            .ok_or(Error::TooLarge { size: offset })?;
         self.mem.discard(GuestAddress(gpa), len)
     }
 
-    fn set_plugged(&self, offset: u64, len: u64, plugged: bool) -> Result<()> {
+    /// Makes `[offset, offset + len)` of the window reachable (plugged) or
+    /// not: memory that is not plugged is kept out of the memory map, so
+    /// neither the devices nor the guest can make the host back it. A
+    /// window starts with only its backed part plugged.
+    pub fn set_plugged(&self, offset: u64, len: u64, plugged: bool) -> Result<()> {
         self.mem.set_accessible(self.index, offset, len, plugged)
     }
 
-    fn allocated_bytes(&self) -> u64 {
+    /// Bytes the window's backing file has allocated on the host.
+    pub fn allocated_bytes(&self) -> u64 {
         self.region().backing().allocated_bytes().unwrap_or(0)
     }
 }

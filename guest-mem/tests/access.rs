@@ -138,7 +138,7 @@ fn device_accesses_never_fault_past_a_truncation() {
 /// nothing the VMM does can make the host back them.
 #[test]
 fn unplugged_parts_of_a_window_are_out_of_reach() {
-    use guest_mem::backend::{HotplugBackend, HotplugRegion};
+    use guest_mem::backend::HotplugRegion;
     let mut w = RegionConfig::new(BASE, 0);
     w.max_size = Some(8 * MIB);
     let mem = Arc::new(

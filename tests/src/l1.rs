@@ -153,8 +153,9 @@ impl L1Output {
 }
 
 /// Boots an L1 carrying the `vmm` binary (as /bin/vmm), the guest kernel
-/// (/guest/vmlinux), `files` (source, destination) and `script` (run as
-/// the L1's test), with a wall-clock limit.
+/// (/guest/vmlinux), the L1 scripts' helpers (/guest/l1-lib.sh), `files`
+/// (source, destination) and `script` (run as the L1's test), with a
+/// wall-clock limit.
 pub fn run_l1(
     name: &str,
     files: &[(PathBuf, &str)],
@@ -178,7 +179,12 @@ pub fn run_l1(
         .arg("--add")
         .arg(format!("{}:/bin/vmm", vmm.display()))
         .arg("--add")
-        .arg(format!("{}:/guest/vmlinux", vmlinux.display()));
+        .arg(format!("{}:/guest/vmlinux", vmlinux.display()))
+        .arg("--add")
+        .arg(format!(
+            "{}:/guest/l1-lib.sh",
+            repo_root().join("resources/l1-lib.sh").display()
+        ));
     for (src, dst) in files {
         build.arg("--add").arg(format!("{}:{dst}", src.display()));
     }

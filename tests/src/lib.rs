@@ -3,6 +3,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+pub mod failing_source;
 pub mod hostile;
 pub mod l1;
 pub mod payload;

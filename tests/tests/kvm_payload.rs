@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use guest_mem::{FaultConfig, Readahead};
+use integration_tests::failing_source::failing_memory;
 use integration_tests::kvm_available;
 use integration_tests::payload::{pattern, pattern_payload};
 use vmm::vcpu::PayloadArgs;
@@ -145,29 +146,6 @@ fn a_payload_reports_what_it_did_not_find() {
     assert!(!outcome.reason.is_clean());
 }
 
-/// A memory image whose pages past `bad_from` cannot be read (an I/O error
-/// every time).
-#[derive(Debug)]
-struct FailingPast {
-    bad_from: u64,
-}
-
-impl guest_mem::PageSource for FailingPast {
-    fn size(&self) -> Option<u64> {
-        None
-    }
-    fn is_zero(&self, offset: u64, len: u64) -> bool {
-        offset + len <= self.bad_from
-    }
-    fn fetch(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        if offset + buf.len() as u64 > self.bad_from {
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
-        }
-        buf.fill(0);
-        Ok(())
-    }
-}
-
 /// A vCPU touches memory the fault handler cannot serve: the VM stops with
 /// an error naming the page and the cause, instead of the vCPU spinning on
 /// the fault for ever.
@@ -178,22 +156,7 @@ fn memory_that_cannot_be_served_stops_the_vm_with_the_page() {
         return;
     }
     let memory = 16u64 << 20;
-    let mut rc = guest_mem::RegionConfig::new(0, memory);
-    rc.source = Some(guest_mem::RegionSource {
-        source: std::sync::Arc::new(FailingPast {
-            bad_from: SLICES_START,
-        }),
-        offset: 0,
-    });
-    let mem = guest_mem::GuestMem::builder()
-        .region(rc)
-        .fault_config(FaultConfig {
-            readahead: Readahead::NONE,
-            on_thread_start: Some(vmm::seccomp::fault_thread_hook()),
-            ..FaultConfig::default()
-        })
-        .build()
-        .unwrap();
+    let mem = failing_memory(memory, SLICES_START);
     let mut vm = Vm::with_memory(
         VmConfig {
             memory,

@@ -5,11 +5,11 @@
 //! runs in a child copy of this test, since the way out ends its process.
 
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use guest_mem::{FaultConfig, GuestMem, PageSource, Readahead, RegionConfig, RegionSource};
+use guest_mem::FaultConfig;
+use integration_tests::failing_source::failing_memory;
 use integration_tests::hostile::script::{self, Op};
 use integration_tests::hostile::{
     publish, put_desc, reg, rings, start_device, BALLOON, BALLOON_FEATURES, BUFFERS, LOAD, SCRIPT,
@@ -21,41 +21,8 @@ use vmm::{SerialOut, Vm, VmConfig};
 const RAM: u64 = 64 << 20;
 const BAD: u64 = 40 << 20;
 
-/// Pages from `BAD` on cannot be read.
-#[derive(Debug)]
-struct FailingPast;
-
-impl PageSource for FailingPast {
-    fn size(&self) -> Option<u64> {
-        None
-    }
-    fn is_zero(&self, offset: u64, len: u64) -> bool {
-        offset + len <= BAD
-    }
-    fn fetch(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        if offset + buf.len() as u64 > BAD {
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
-        }
-        buf.fill(0);
-        Ok(())
-    }
-}
-
 fn child() {
-    let mut rc = RegionConfig::new(0, RAM);
-    rc.source = Some(RegionSource {
-        source: Arc::new(FailingPast),
-        offset: 0,
-    });
-    let mem = GuestMem::builder()
-        .region(rc)
-        .fault_config(FaultConfig {
-            readahead: Readahead::NONE,
-            on_thread_start: Some(vmm::seccomp::fault_thread_hook()),
-            ..FaultConfig::default()
-        })
-        .build()
-        .unwrap();
+    let mem = failing_memory(RAM, BAD);
     let mut vm = Vm::with_memory(
         VmConfig {
             memory: RAM,

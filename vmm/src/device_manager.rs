@@ -141,7 +141,7 @@ impl DeviceManager {
         mem: &Arc<GuestMem>,
         opts: BalloonOptions,
     ) -> Result<(), VmError> {
-        let backend: Arc<dyn guest_mem::backend::MemoryBackend> = mem.clone();
+        let backend: Arc<dyn devices::memory::MemoryBackend> = mem.clone();
         let device = Balloon::new(backend, opts);
         let state = device.state();
         let transport = self.attach(fd, mem, Box::new(device))?;

@@ -11,7 +11,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use guest_mem::backend::{HotplugBackend, HotplugRegion};
+use devices::memory::{BackendError, HotplugBackend};
+use guest_mem::backend::HotplugRegion;
 use guest_mem::vm_memory::GuestAddress;
 use guest_mem::{GuestMem, Region, RegionIndex};
 use kvm_bindings::kvm_userspace_memory_region;
@@ -144,20 +145,20 @@ impl HotplugBackend for SlottedWindow {
         self.inner.backed_size()
     }
 
-    fn set_backed_size(&self, size: u64) -> guest_mem::Result<()> {
+    fn set_backed_size(&self, size: u64) -> Result<(), BackendError> {
         let r = self.inner.set_backed_size(size);
         self.sync()?;
-        r
+        Ok(r?)
     }
 
-    fn discard_range(&self, offset: u64, len: u64) -> guest_mem::Result<()> {
-        self.inner.discard_range(offset, len)
+    fn discard_range(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        Ok(self.inner.discard_range(offset, len)?)
     }
 
-    fn set_plugged(&self, offset: u64, len: u64, plugged: bool) -> guest_mem::Result<()> {
+    fn set_plugged(&self, offset: u64, len: u64, plugged: bool) -> Result<(), BackendError> {
         let r = self.inner.set_plugged(offset, len, plugged);
         self.sync()?;
-        r
+        Ok(r?)
     }
 
     fn allocated_bytes(&self) -> u64 {

@@ -7,11 +7,11 @@
 
 use std::sync::Arc;
 
+use devices::memory::{BackendError, MemoryBackend};
 use devices::virtio::balloon::{
     Balloon, BalloonConfig, VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ,
 };
 use devices::virtio::{Interrupt, VirtioDevice};
-use guest_mem::backend::MemoryBackend;
 use guest_mem::{GuestMem, RegionConfig};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
@@ -31,13 +31,13 @@ impl MemoryBackend for Checked {
     fn is_ram(&self, gpa: GuestAddress, len: u64) -> bool {
         self.0.is_ram(gpa, len)
     }
-    fn discard(&self, gpa: GuestAddress, len: u64) -> guest_mem::Result<()> {
+    fn discard(&self, gpa: GuestAddress, len: u64) -> Result<(), BackendError> {
         assert!(len > 0 && gpa.0 % 4096 == 0 && len % 4096 == 0);
         assert!(
             self.0.is_ram(gpa, len),
             "discard outside RAM: {gpa:?}+{len:#x}"
         );
-        self.0.discard(gpa, len)
+        Ok(self.0.discard(gpa, len)?)
     }
     fn populated(&self, gpa: GuestAddress, len: u64) -> Option<bool> {
         self.0.populated(gpa, len)

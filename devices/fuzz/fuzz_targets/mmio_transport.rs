@@ -15,6 +15,7 @@ use devices::bus::BusDevice;
 use devices::virtio::balloon::{Balloon, BalloonConfig};
 use devices::virtio::mmio::{status, MmioTransport};
 use devices::virtio::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use devices_fuzz::Input;
 use guest_mem::{GuestMem, RegionConfig};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -96,32 +97,12 @@ const ORDER: [u32; 4] = [
     status::DRIVER_OK,
 ];
 
-/// The input as a stream; reads past its end give zeros.
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn bytes(&mut self, n: usize) -> &'a [u8] {
-        let (head, tail) = self.0.split_at(n.min(self.0.len()));
-        self.0 = tail;
-        head
-    }
-    fn u8(&mut self) -> u8 {
-        self.bytes(1).first().copied().unwrap_or(0)
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-
-    /// A ring address aligned as virtio wants it, in the first MiB of RAM
-    /// (where the script writes), or any 32-bit value.
-    fn ring_addr(&mut self, align: u64) -> u32 {
-        match self.u8() {
-            0xff => self.u32(),
-            _ => (u64::from(self.u16()) * align % (1 << 20)) as u32,
-        }
+/// A ring address aligned as virtio wants it, in the first MiB of RAM
+/// (where the script writes), or any 32-bit value.
+fn ring_addr(inp: &mut Input, align: u64) -> u32 {
+    match inp.u8() {
+        0xff => inp.u32(),
+        _ => (u64::from(inp.u16()) * align % (1 << 20)) as u32,
     }
 }
 
@@ -160,7 +141,7 @@ fn setup_queue(t: &mut MmioTransport, inp: &mut Input, rings: &mut [Ring], q: u3
         0xff => u32::from(inp.u16()),
         b => 1 << (b % 9),
     };
-    let (desc, drv, dev) = (inp.ring_addr(16), inp.ring_addr(2), inp.ring_addr(4));
+    let (desc, drv, dev) = (ring_addr(inp, 16), ring_addr(inp, 2), ring_addr(inp, 4));
     write32(t, reg::QUEUE_SEL, q);
     read32(t, reg::QUEUE_NUM_MAX);
     write32(t, reg::QUEUE_NUM, size);
@@ -253,7 +234,7 @@ fuzz_target!(|data: &[u8]| {
     check(&mut t, &irq);
 
     for _ in 0..MAX_STEPS {
-        if inp.0.is_empty() {
+        if inp.is_empty() {
             break;
         }
         match inp.u8() % 14 {

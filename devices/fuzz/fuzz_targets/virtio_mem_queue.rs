@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use devices::virtio::mem::{req, resp, state, MemRequest, VirtioMem, BLOCK_SIZE};
 use devices::virtio::{Interrupt, VirtioDevice};
+use devices_fuzz::Input;
 use guest_mem::backend::HotplugRegion;
 use guest_mem::{GuestMem, RegionConfig};
 use libfuzzer_sys::fuzz_target;
@@ -31,80 +32,57 @@ const BLOCKS: u64 = WINDOW_SIZE / BLOCK_SIZE;
 /// Steps per input: enough for several notifications, bounded for speed.
 const MAX_STEPS: usize = 64;
 
-/// The input as a stream; reads past its end give zeros.
-struct Input<'a>(&'a [u8]);
+/// A guest address: mostly boot RAM or inside the window's blocks
+/// (plugged or not), sometimes anything at all.
+fn gpa(inp: &mut Input) -> u64 {
+    match inp.u8() % 8 {
+        0..=2 => u64::from(inp.u16()),
+        3..=5 => u64::from(inp.u16()) * 16,
+        6 => block_addr(inp) + u64::from(inp.u16()) * 16,
+        _ => inp.u64(),
+    }
+}
 
-impl<'a> Input<'a> {
-    fn bytes(&mut self, n: usize) -> &'a [u8] {
-        let (head, tail) = self.0.split_at(n.min(self.0.len()));
-        self.0 = tail;
-        head
-    }
-    fn u8(&mut self) -> u8 {
-        self.bytes(1).first().copied().unwrap_or(0)
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from(self.u32()) | (u64::from(self.u32()) << 32)
-    }
+/// A block's address, from two blocks before the window to two past.
+fn block_addr(inp: &mut Input) -> u64 {
+    (WINDOW - 2 * BLOCK_SIZE) + u64::from(inp.u8()) % (BLOCKS + 4) * BLOCK_SIZE
+}
 
-    /// A guest address: mostly boot RAM or inside the window's blocks
-    /// (plugged or not), sometimes anything at all.
-    fn gpa(&mut self) -> u64 {
-        match self.u8() % 8 {
-            0..=2 => u64::from(self.u16()),
-            3..=5 => u64::from(self.u16()) * 16,
-            6 => self.block_addr() + u64::from(self.u16()) * 16,
-            _ => self.u64(),
-        }
+/// A request's address: mostly block-aligned, sometimes not.
+fn request_addr(inp: &mut Input) -> u64 {
+    match inp.u8() % 8 {
+        0 => block_addr(inp) + u64::from(inp.u16()),
+        1 => inp.u64(),
+        _ => block_addr(inp),
     }
+}
 
-    /// A block's address, from two blocks before the window to two past.
-    fn block_addr(&mut self) -> u64 {
-        (WINDOW - 2 * BLOCK_SIZE) + u64::from(self.u8()) % (BLOCKS + 4) * BLOCK_SIZE
+/// A size for the host to request: whole blocks up to a little past the
+/// window, or any value.
+fn requested_size(inp: &mut Input) -> u64 {
+    match inp.u8() {
+        0xff => inp.u64(),
+        b => u64::from(b) % (BLOCKS + 4) * BLOCK_SIZE,
     }
+}
 
-    /// A request's address: mostly block-aligned, sometimes not.
-    fn request_addr(&mut self) -> u64 {
-        match self.u8() % 8 {
-            0 => self.block_addr() + u64::from(self.u16()),
-            1 => self.u64(),
-            _ => self.block_addr(),
-        }
+/// A ring address aligned as virtio wants it, mostly in boot RAM,
+/// sometimes (the top two bits set) at the start of the window.
+fn ring_addr(inp: &mut Input, align: u64) -> u64 {
+    let v = inp.u16();
+    let off = u64::from(v & 0x3fff) * align;
+    if v & 0xc000 != 0xc000 {
+        off
+    } else {
+        WINDOW + off
     }
+}
 
-    /// A size for the host to request: whole blocks up to a little past the
-    /// window, or any value.
-    fn requested_size(&mut self) -> u64 {
-        match self.u8() {
-            0xff => self.u64(),
-            b => u64::from(b) % (BLOCKS + 4) * BLOCK_SIZE,
-        }
-    }
-
-    /// A ring address aligned as virtio wants it, mostly in boot RAM,
-    /// sometimes (the top two bits set) at the start of the window.
-    fn ring_addr(&mut self, align: u64) -> u64 {
-        let v = self.u16();
-        let off = u64::from(v & 0x3fff) * align;
-        if v & 0xc000 != 0xc000 {
-            off
-        } else {
-            WINDOW + off
-        }
-    }
-
-    /// A descriptor index: mostly inside a queue of `size`, sometimes any.
-    fn index(&mut self, size: u16) -> u8 {
-        match self.u8() {
-            i @ 0xf0.. => i,
-            i => (u16::from(i) % size) as u8,
-        }
+/// A descriptor index: mostly inside a queue of `size`, sometimes any.
+fn index(inp: &mut Input, size: u16) -> u8 {
+    match inp.u8() {
+        i @ 0xf0.. => i,
+        i => (u16::from(i) % size) as u8,
     }
 }
 
@@ -133,9 +111,9 @@ impl QueueSetup {
         probe.set_size(size);
         QueueSetup {
             size: probe.size(),
-            desc: inp.ring_addr(16),
-            avail: inp.ring_addr(2),
-            used: inp.ring_addr(4),
+            desc: ring_addr(inp, 16),
+            avail: ring_addr(inp, 2),
+            used: ring_addr(inp, 4),
             event_idx: flags & 1 != 0,
         }
     }
@@ -188,7 +166,7 @@ fn push(mem: &GuestMem, q: &QueueSetup, avail_idx: &mut u16, head: u8) {
 /// A request of any kind (four known, one not) for any range.
 fn request(inp: &mut Input) -> MemRequest {
     let kind = u16::from(inp.u8() % 5);
-    let addr = inp.request_addr();
+    let addr = request_addr(inp);
     let nb = match inp.u8() {
         0xff => inp.u16(),
         b => u16::from(b % 40),
@@ -269,7 +247,7 @@ fuzz_target!(|data: &[u8]| {
     ))
     .expect("virtio-mem");
     let st = dev.state();
-    st.request(inp.requested_size());
+    st.request(requested_size(&mut inp));
     let mut q = QueueSetup::read(&mut inp);
     let irq = Arc::new(Interrupt::new(
         EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
@@ -282,18 +260,18 @@ fuzz_target!(|data: &[u8]| {
     check(&mut dev, &mem);
 
     for _ in 0..MAX_STEPS {
-        if inp.0.is_empty() {
+        if inp.is_empty() {
             break;
         }
         match inp.u8() % 10 {
             0 => {
-                let at = inp.gpa();
+                let at = gpa(&mut inp);
                 let n = usize::from(inp.u8());
                 write(&mem, at, inp.bytes(n));
             }
             1 => {
                 let index = inp.u8();
-                let (addr, len, flags, next) = (inp.gpa(), inp.u8(), inp.u8() & 7, inp.u8());
+                let (addr, len, flags, next) = (gpa(&mut inp), inp.u8(), inp.u8() & 7, inp.u8());
                 write_desc(
                     &mem,
                     &q,
@@ -305,7 +283,7 @@ fuzz_target!(|data: &[u8]| {
                 );
             }
             2 => {
-                let at = inp.gpa();
+                let at = gpa(&mut inp);
                 let r = request(&mut inp);
                 let _ = mem.memory().memory().write_obj(r, GuestAddress(at));
             }
@@ -327,7 +305,7 @@ fuzz_target!(|data: &[u8]| {
                     "plugged {after:#x} past the request {requested:#x} (was {before:#x})"
                 );
             }
-            6 => st.request(inp.requested_size()),
+            6 => st.request(requested_size(&mut inp)),
             7 => {
                 // Reset; the driver sets the queue up again, maybe elsewhere.
                 dev.reset();
@@ -348,12 +326,12 @@ fuzz_target!(|data: &[u8]| {
                 // A whole chain as Linux sends it (request, then room for
                 // the answer), published; a quarter of them have parts
                 // spoiled, as `bend`'s low bits say.
-                let (i, j) = (inp.index(q.size), inp.index(q.size));
+                let (i, j) = (index(&mut inp, q.size), index(&mut inp, q.size));
                 let bend = match inp.u8() {
                     b @ 0xc0.. => b,
                     _ => 0,
                 };
-                let (req_at, resp_at) = (inp.gpa(), inp.gpa());
+                let (req_at, resp_at) = (gpa(&mut inp), gpa(&mut inp));
                 let r = request(&mut inp);
                 let _ = mem.memory().memory().write_obj(r, GuestAddress(req_at));
                 let req_len = if bend & 1 == 0 {

@@ -7,9 +7,22 @@
 //! `SLP_EN | (SLP_TYP << 2)` with the `SLP_TYP` of the DSDT's `_S5_` object;
 //! this device turns that into an eventfd signal for the VMM.
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::state::{check_version, StateError};
+
+/// The version of [`AcpiSleepState`] this build writes and reads.
+pub const ACPI_SLEEP_STATE_VERSION: u32 = 1;
+
+/// The saved state of [`AcpiSleep`]: nothing but its version (the register
+/// reads zero and a write acts at once), kept so that every device has one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiSleepState {
+    /// [`ACPI_SLEEP_STATE_VERSION`].
+    pub version: u32,
+}
 
 /// `SLP_EN` in the sleep control register: enter the sleep state now.
 const SLP_EN: u8 = 1 << 5;
@@ -37,6 +50,19 @@ impl AcpiSleep {
     /// A register that signals `power_off` when the guest enters S5.
     pub fn new(power_off: EventFd) -> Self {
         AcpiSleep { power_off }
+    }
+
+    /// Its state, for a snapshot.
+    pub fn save(&self) -> AcpiSleepState {
+        AcpiSleepState {
+            version: ACPI_SLEEP_STATE_VERSION,
+        }
+    }
+
+    /// A sleep register as `state` left it, signalling `power_off`.
+    pub fn restore(power_off: EventFd, state: &AcpiSleepState) -> Result<Self, StateError> {
+        check_version("acpi sleep", state.version, ACPI_SLEEP_STATE_VERSION)?;
+        Ok(AcpiSleep::new(power_off))
     }
 }
 

@@ -1,6 +1,24 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
+use crate::state::{check_version, StateError};
+
+/// The version of [`CmosState`] this build writes and reads.
+pub const CMOS_STATE_VERSION: u32 = 1;
+
+/// The saved state of the [`Cmos`]: the selected index and the NVRAM (the
+/// clock registers read the host's time, so they need no saving).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmosState {
+    /// [`CMOS_STATE_VERSION`].
+    pub version: u32,
+    /// The register the index port selected (0..=0x7f).
+    pub index: u8,
+    /// The 128 bytes of NVRAM.
+    pub nvram: Vec<u8>,
+}
 
 /// A read-mostly MC146818 CMOS: the real-time clock in BCD from the host's
 /// UTC clock, status registers that say "valid, not updating", and 128 bytes
@@ -46,6 +64,36 @@ impl Cmos {
             index: 0,
             nvram: [0; 128],
         }
+    }
+
+    /// Its state, for a snapshot.
+    pub fn save(&self) -> CmosState {
+        CmosState {
+            version: CMOS_STATE_VERSION,
+            index: self.index,
+            nvram: self.nvram.to_vec(),
+        }
+    }
+
+    /// A CMOS as `state` left it.
+    pub fn restore(state: &CmosState) -> Result<Self, StateError> {
+        check_version("cmos", state.version, CMOS_STATE_VERSION)?;
+        let nvram = <[u8; 128]>::try_from(state.nvram.as_slice()).map_err(|_| {
+            StateError::invalid(
+                "cmos",
+                format!("{} bytes of NVRAM, 128 expected", state.nvram.len()),
+            )
+        })?;
+        if state.index > 0x7f {
+            return Err(StateError::invalid(
+                "cmos",
+                format!("index {:#x} past 0x7f", state.index),
+            ));
+        }
+        Ok(Cmos {
+            index: state.index,
+            nvram,
+        })
     }
 
     fn register(&self, index: u8, now_secs: u64) -> u8 {
@@ -135,5 +183,30 @@ mod tests {
         c.read(1, &mut w);
         assert_eq!(w, [0; 4]);
         c.write(1, &[1, 2]);
+    }
+
+    #[test]
+    fn nvram_and_index_survive_save_and_restore_and_bad_states_are_refused() {
+        let mut c = Cmos::new();
+        c.write(0, &[0x20]);
+        c.write(1, &[0x5a]);
+        c.write(0, &[0x21]);
+        let json = serde_json::to_string(&c.save()).unwrap();
+        let mut r = Cmos::restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        let mut b = [0u8];
+        r.read(0, &mut b);
+        assert_eq!(b[0], 0x21, "the index");
+        r.write(0, &[0x20]);
+        r.read(1, &mut b);
+        assert_eq!(b[0], 0x5a, "the NVRAM");
+        let mut s = c.save();
+        s.nvram.pop();
+        assert!(Cmos::restore(&s).is_err(), "short NVRAM");
+        let mut s = c.save();
+        s.index = 0x80;
+        assert!(Cmos::restore(&s).is_err(), "index past the NVRAM");
+        let mut s = c.save();
+        s.version = 0;
+        assert!(matches!(Cmos::restore(&s), Err(StateError::Version { .. })));
     }
 }

@@ -1,8 +1,21 @@
+use serde::{Deserialize, Serialize};
 use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::EventFdTrigger;
 use crate::bus::BusDevice;
+use crate::state::{check_version, StateError};
+
+/// The version of [`I8042State`] this build writes and reads.
+pub const I8042_STATE_VERSION: u32 = 1;
+
+/// The saved state of the [`I8042`]: nothing but its version (the device
+/// only forwards a reset command), kept so that every device has one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// [`I8042_STATE_VERSION`].
+    pub version: u32,
+}
 
 /// The keyboard controller, present so that the guest can reset the machine
 /// (command 0xFE on port 0x64), which the VMM treats as the guest stopping.
@@ -21,6 +34,19 @@ impl I8042 {
         I8042 {
             dev: I8042Device::new(EventFdTrigger(reset)),
         }
+    }
+
+    /// Its state, for a snapshot.
+    pub fn save(&self) -> I8042State {
+        I8042State {
+            version: I8042_STATE_VERSION,
+        }
+    }
+
+    /// A controller as `state` left it, signalling `reset`.
+    pub fn restore(reset: EventFd, state: &I8042State) -> Result<Self, StateError> {
+        check_version("i8042", state.version, I8042_STATE_VERSION)?;
+        Ok(I8042::new(reset))
     }
 }
 

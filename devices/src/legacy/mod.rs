@@ -6,7 +6,7 @@ mod cmos;
 mod i8042;
 mod serial;
 
-pub use acpi_sleep::AcpiSleep;
-pub use cmos::Cmos;
-pub use i8042::I8042;
-pub use serial::{EventFdTrigger, SerialConsole};
+pub use acpi_sleep::{AcpiSleep, AcpiSleepState, ACPI_SLEEP_STATE_VERSION};
+pub use cmos::{Cmos, CmosState, CMOS_STATE_VERSION};
+pub use i8042::{I8042State, I8042, I8042_STATE_VERSION};
+pub use serial::{EventFdTrigger, SerialConsole, SerialConsoleState, SERIAL_STATE_VERSION};

@@ -10,9 +10,13 @@
 //! iterator would follow an indirect table of up to 65,535 descriptors
 //! whatever was negotiated, so the chain is walked here instead.
 
+use std::fmt;
+
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
+
+use super::{signal_used, Interrupt};
 
 /// Most descriptors one notification processes before the device yields
 /// (refused chains count one each). Chains are also limited to the queue's
@@ -119,6 +123,77 @@ pub fn read_chain<M: GuestMemory>(
         }
         index = desc.next();
     }
+}
+
+/// What a device did with a chain [`serve_queue`] handed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Return it to the driver now, saying the device wrote this many bytes.
+    Used(u32),
+    /// The device keeps it and returns it itself later (the balloon's
+    /// statistics buffer).
+    Held,
+}
+
+/// Serves `queue` for one notification: each available chain is read (at
+/// most `max_descs` descriptors), handed to `handle` with its head index,
+/// and returned before the next is taken, within one [`Budget`]. The driver
+/// is signalled once at the end if anything was returned.
+///
+/// A memory guard is held only while a chain is taken and while it is
+/// returned, never while `handle` runs: a handler may unplug memory, which
+/// waits for every guard. A malformed chain is refused through `refuse`
+/// and returned with nothing written; a broken avail ring ends the turn
+/// (nothing more until the next notification).
+pub fn serve_queue<D: ?Sized, S: GuestAddressSpace>(
+    dev: &mut D,
+    mem: &S,
+    queue: &mut Queue,
+    interrupt: Option<&Interrupt>,
+    max_descs: usize,
+    refuse: impl Fn(&D, fmt::Arguments<'_>),
+    mut handle: impl FnMut(&mut D, &mut Queue, u16, &[Descriptor]) -> Served,
+) -> Progress {
+    let mut budget = Budget::new(queue);
+    let mut returned = false;
+    let progress = loop {
+        if budget.spent() {
+            break Progress::MoreWork;
+        }
+        let taken = {
+            let guard = mem.memory();
+            match pop_head(queue, &*guard) {
+                Ok(Some(head)) => Ok((head, read_chain(&*guard, queue, head, max_descs))),
+                Ok(None) => break Progress::Done,
+                Err(e) => Err(e),
+            }
+        };
+        let served = match taken {
+            Ok((head, Ok(descs))) => {
+                budget.spend(descs.len());
+                (head, handle(dev, queue, head, &descs))
+            }
+            Ok((head, Err(e))) => {
+                budget.spend(1);
+                refuse(dev, format_args!("{e}"));
+                (head, Served::Used(0))
+            }
+            Err(e) => {
+                refuse(dev, format_args!("{e}"));
+                break Progress::Done;
+            }
+        };
+        if let (head, Served::Used(len)) = served {
+            match queue.add_used(&*mem.memory(), head, len) {
+                Ok(()) => returned = true,
+                Err(e) => refuse(dev, format_args!("returning {head}: {e}")),
+            }
+        }
+    };
+    if returned {
+        signal_used(queue, &*mem.memory(), interrupt);
+    }
+    progress
 }
 
 #[cfg(test)]

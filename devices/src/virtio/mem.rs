@@ -16,16 +16,20 @@ use std::sync::Arc;
 
 use std::mem::size_of;
 
-use guest_mem::backend::HotplugBackend;
-use guest_mem::{DeviceMemory, GuestMemoryMap};
+use guest_mem::DeviceMemory;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
 
-use super::chain::{pop_head, read_chain, Budget, Progress};
+use super::chain::{serve_queue, Progress, Served};
 use super::resize_timer::ResizeTimer;
-use super::{signal_used, ActivateError, Interrupt, VirtioDevice};
+use super::{ActivateError, Interrupt, VirtioDevice};
 use crate::guest_log::refuse;
+use crate::memory::{BackendError, HotplugBackend};
+use crate::state::StateError;
+
+mod saved;
+pub use saved::{MemCountersState, VirtioMemDeviceState, VIRTIO_MEM_STATE_VERSION};
 
 /// The virtio device ID of virtio-mem.
 pub const VIRTIO_ID_MEM: u32 = 24;
@@ -159,20 +163,20 @@ impl MemState {
     }
 }
 
-/// The virtio-mem device.
-pub struct VirtioMem {
+/// The virtio-mem device, reaching guest memory through `M`.
+pub struct VirtioMem<M = DeviceMemory> {
     backend: Arc<dyn HotplugBackend>,
     state: Arc<MemState>,
     addr: u64,
     region_size: u64,
     /// One entry per block: plugged or not.
     plugged: Vec<bool>,
-    mem: Option<DeviceMemory>,
+    mem: Option<M>,
     interrupt: Option<Arc<Interrupt>>,
     queue: Option<Queue>,
 }
 
-impl VirtioMem {
+impl<M: GuestAddressSpace> VirtioMem<M> {
     /// A device over `backend`'s window, which must be block-aligned.
     pub fn new(backend: Arc<dyn HotplugBackend>) -> Result<Self, String> {
         let (addr, size) = backend.window();
@@ -253,7 +257,7 @@ impl VirtioMem {
             .map_or(0, |i| (i as u64 + 1) * BLOCK_SIZE)
     }
 
-    fn backend_failed(&self, what: &str, e: guest_mem::Error) -> u16 {
+    fn backend_failed(&self, what: &str, e: BackendError) -> u16 {
         refuse(
             &self.state.counters.backend_errors,
             format_args!("virtio-mem: {what}: {e}"),
@@ -321,7 +325,7 @@ impl VirtioMem {
         resp::ACK
     }
 
-    fn shrink_to(&self, end: u64) -> guest_mem::Result<()> {
+    fn shrink_to(&self, end: u64) -> Result<(), BackendError> {
         if end < self.backend.backed_size() {
             self.backend.set_backed_size(end)
         } else {
@@ -404,7 +408,7 @@ impl VirtioMem {
     /// the response.
     fn parse_chain(
         &self,
-        mem: &GuestMemoryMap,
+        mem: &impl GuestMemory,
         descs: &[Descriptor],
     ) -> Option<(MemRequest, GuestAddress)> {
         let split = descs.iter().position(Descriptor::is_write_only);
@@ -476,73 +480,49 @@ impl VirtioMem {
     /// against the memory as it is afterwards. A request that would unplug
     /// the memory its own answer or the queue lives in is answered ERROR.
     fn process_requests(&mut self) -> Progress {
-        let (Some(dm), Some(mut queue)) = (self.mem.clone(), self.queue.take()) else {
+        let (Some(mem), Some(mut queue)) = (self.mem.clone(), self.queue.take()) else {
             return Progress::Done;
         };
-        let mut budget = Budget::new(&queue);
-        let mut returned = false;
-        let progress = loop {
-            if budget.spent() {
-                break Progress::MoreWork;
-            }
-            let mem = dm.memory();
-            let head = match pop_head(&mut queue, &*mem) {
-                Ok(Some(head)) => head,
-                Ok(None) => break Progress::Done,
-                Err(e) => {
-                    self.reject_chain(format_args!("{e}"));
-                    break Progress::Done;
-                }
-            };
-            let request = match read_chain(&*mem, &queue, head, MAX_DESCS_PER_CHAIN) {
-                Ok(descs) => {
-                    budget.spend(descs.len());
-                    self.parse_chain(&mem, &descs)
-                }
-                Err(e) => {
-                    budget.spend(1);
-                    self.reject_chain(format_args!("{e}"));
-                    None
-                }
-            };
-            let mut used = 0u32;
-            if let Some((r, resp)) = request {
-                let answer = if self.unplugs_own_buffers(&r, resp, &queue) {
-                    self.state
+        let interrupt = self.interrupt.clone();
+        let progress = serve_queue(
+            self,
+            &mem,
+            &mut queue,
+            interrupt.as_deref(),
+            MAX_DESCS_PER_CHAIN,
+            |d, why| d.reject_chain(why),
+            |d, queue, _, descs| {
+                let Some((r, resp)) = d.parse_chain(&*mem.memory(), descs) else {
+                    return Served::Used(0);
+                };
+                let answer = if d.unplugs_own_buffers(&r, resp, queue) {
+                    d.state
                         .counters
                         .self_unplug_refused
                         .fetch_add(1, Ordering::Relaxed);
-                    self.refused(&r, resp::ERROR);
+                    d.refused(&r, resp::ERROR);
                     MemResponse {
                         kind: resp::ERROR,
                         ..Default::default()
                     }
                 } else {
-                    drop(mem);
-                    self.handle(&r)
+                    d.handle(&r)
                 };
-                let mem = dm.memory();
-                match mem.write_obj(answer, resp) {
-                    Ok(()) => used = size_of::<MemResponse>() as u32,
-                    Err(e) => self.reject_chain(format_args!("writing the response: {e}")),
+                match mem.memory().write_obj(answer, resp) {
+                    Ok(()) => Served::Used(size_of::<MemResponse>() as u32),
+                    Err(e) => {
+                        d.reject_chain(format_args!("writing the response: {e}"));
+                        Served::Used(0)
+                    }
                 }
-            }
-            let mem = dm.memory();
-            match queue.add_used(&*mem, head, used) {
-                Ok(()) => returned = true,
-                Err(e) => self.reject_chain(format_args!("returning {head}: {e}")),
-            }
-        };
-        if returned {
-            let mem = dm.memory();
-            signal_used(&mut queue, &*mem, self.interrupt.as_deref());
-        }
+            },
+        );
         self.queue = Some(queue);
         progress
     }
 }
 
-impl VirtioDevice for VirtioMem {
+impl<M: GuestAddressSpace + Send> VirtioDevice<M> for VirtioMem<M> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_MEM
     }
@@ -574,7 +554,7 @@ impl VirtioDevice for VirtioMem {
 
     fn activate(
         &mut self,
-        mem: DeviceMemory,
+        mem: M,
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
@@ -597,6 +577,18 @@ impl VirtioDevice for VirtioMem {
             );
             Progress::Done
         }
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.queue.iter().map(|q| q.state()).collect()
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::to_value(self.save()).unwrap_or_default()
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        self.restore(&crate::state::parse("virtio-mem", state)?)
     }
 
     fn reset(&mut self) {

@@ -15,6 +15,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{Interrupt, Progress, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
+mod saved;
+pub use saved::{MmioTransportState, VirtqueueState, MMIO_STATE_VERSION};
+
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x554d_4551; // as QEMU and others do
@@ -65,13 +68,22 @@ mod reg {
     pub const CONFIG: u64 = m::VIRTIO_MMIO_CONFIG as u64;
 }
 
+/// The status bits in the order a driver sets them.
+const STATUS_ORDER: [u32; 4] = [
+    status::ACKNOWLEDGE,
+    status::DRIVER,
+    status::FEATURES_OK,
+    status::DRIVER_OK,
+];
+
 /// Offset of the notify register, for the VMM's ioeventfds.
 pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 
-/// A virtio device behind the MMIO register interface.
-pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: DeviceMemory,
+/// A virtio device behind the MMIO register interface, reaching guest
+/// memory through `M`.
+pub struct MmioTransport<M: GuestAddressSpace = DeviceMemory> {
+    device: Box<dyn VirtioDevice<M>>,
+    mem: M,
     interrupt: Arc<Interrupt>,
     /// The queues' notification eventfds, written to continue a queue
     /// whose work was cut at the budget (the event loop comes back to it
@@ -97,13 +109,9 @@ pub struct MmioTransport {
     rejected: AtomicU64,
 }
 
-impl MmioTransport {
+impl<M: GuestAddressSpace> MmioTransport<M> {
     /// Puts `device` behind the transport; `interrupt` is its irqfd.
-    pub fn new(
-        device: Box<dyn VirtioDevice>,
-        mem: DeviceMemory,
-        interrupt: Arc<Interrupt>,
-    ) -> Self {
+    pub fn new(device: Box<dyn VirtioDevice<M>>, mem: M, interrupt: Arc<Interrupt>) -> Self {
         let queues: Vec<Queue> = device
             .queue_max_sizes()
             .iter()
@@ -135,12 +143,12 @@ impl MmioTransport {
     }
 
     /// The device behind the transport.
-    pub fn device(&self) -> &dyn VirtioDevice {
+    pub fn device(&self) -> &dyn VirtioDevice<M> {
         self.device.as_ref()
     }
 
     /// The device behind the transport, mutably (configuration changes).
-    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice<M> {
         self.device.as_mut()
     }
 
@@ -243,12 +251,7 @@ impl MmioTransport {
     }
 
     fn set_status(&mut self, v: u32) {
-        const ORDER: [u32; 4] = [
-            status::ACKNOWLEDGE,
-            status::DRIVER,
-            status::FEATURES_OK,
-            status::DRIVER_OK,
-        ];
+        const ORDER: [u32; 4] = STATUS_ORDER;
         if v == 0 {
             return self.reset();
         }
@@ -436,7 +439,7 @@ impl MmioTransport {
     }
 }
 
-impl BusDevice for MmioTransport {
+impl<M: GuestAddressSpace + Send> BusDevice for MmioTransport<M> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= reg::CONFIG {
             return self.device.read_config(offset - reg::CONFIG, data);
@@ -529,6 +532,9 @@ mod tests {
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
+        }
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+            Vec::new()
         }
     }
 
@@ -785,6 +791,9 @@ mod tests {
             Progress::Done
         }
         fn reset(&mut self) {}
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+            Vec::new()
+        }
     }
 
     /// A notification queued before DRIVER_OK is served at activation with

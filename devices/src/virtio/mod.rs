@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use guest_mem::DeviceMemory;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemory;
+use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemory};
 
+use crate::state::StateError;
 pub use chain::Progress;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -66,6 +67,13 @@ impl Interrupt {
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
+
+    /// Sets the interrupt status register to a restored value without
+    /// signalling: an interrupt in flight at the snapshot is in the
+    /// restored interrupt controller's state.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::Release);
+    }
 }
 
 /// Raises a used-buffer interrupt for `queue` unless the driver suppressed
@@ -92,7 +100,11 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 
 /// A virtio device behind the MMIO transport. Everything the driver sends is
 /// untrusted: devices validate it and never panic on it.
-pub trait VirtioDevice: Send {
+///
+/// `M` is the guest memory the device reaches once activated: any
+/// `vm-memory` address space; this VMM's is `guest_mem::DeviceMemory`,
+/// whose snapshots hold off shrinks while a device uses them.
+pub trait VirtioDevice<M: GuestAddressSpace = DeviceMemory>: Send {
     /// The virtio device ID.
     fn device_type(&self) -> u32;
     /// Maximum size of each queue the device may use.
@@ -108,7 +120,7 @@ pub trait VirtioDevice: Send {
     /// The driver set DRIVER_OK: start using `queues`.
     fn activate(
         &mut self,
-        mem: DeviceMemory,
+        mem: M,
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError>;
@@ -118,6 +130,33 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize) -> Progress;
     /// The driver reset the device: drop the queues.
     fn reset(&mut self);
+    /// The state of the queues the device runs with, by queue index (it
+    /// holds the live copies, with their ring positions, since
+    /// activation); empty when not activated.
+    fn queue_states(&self) -> Vec<QueueState>;
     /// The host wants fresh device-reported data (balloon statistics).
     fn refresh(&mut self) {}
+
+    /// The device's own state, for a snapshot taken while the VM is paused
+    /// (no chain half-processed): what the transport's state does not hold
+    /// (see [`crate::state`]). `Null` for a device that keeps none.
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// Restores what [`save_state`](VirtioDevice::save_state) gave, into a
+    /// device built with the same configuration. The transport calls it
+    /// after replaying the negotiated features and before activating the
+    /// device with its restored queues. The state is untrusted: anything
+    /// that does not fit the device is refused.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        if state.is_null() {
+            Ok(())
+        } else {
+            Err(StateError::invalid(
+                "virtio device",
+                "a saved state for a device that keeps none",
+            ))
+        }
+    }
 }

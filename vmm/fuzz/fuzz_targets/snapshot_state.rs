@@ -24,7 +24,10 @@ fuzz_target!(|data: &[u8]| {
     if data.first().is_some_and(|b| b & 1 == 1) {
         if let Ok(snap) = parse_state(&with_header(&data[1..])) {
             let again = serde_json::to_vec(&snap).expect("an accepted state serializes");
-            assert!(parse_state(&with_header(&again)).is_ok(), "a loaded state reloads");
+            assert!(
+                parse_state(&with_header(&again)).is_ok(),
+                "a loaded state reloads"
+            );
         }
     }
 });

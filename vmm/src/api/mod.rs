@@ -15,11 +15,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use devices::memory::HotplugBackend;
 use devices::virtio::balloon::{BalloonState, BALLOON_PAGE, STAT_NAMES};
 use devices::virtio::mem::{MemState, BLOCK_SIZE};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::resize_timer::ResizeTimer;
-use guest_mem::backend::HotplugBackend;
 use guest_mem::GuestMem;
 use serde_json::{json, Value};
 

@@ -14,7 +14,23 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use super::BALLOON_PAGE;
+
+/// The largest unit a restored tracker accepts (1 GiB huge pages).
+const MAX_UNIT: u64 = 1 << 30;
+
+/// One unit of a saved [`HugePageTracker`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HugeUnitState {
+    /// The unit's size in bytes (a power of two above a balloon page).
+    pub grain: u64,
+    /// Its index (guest-physical address / `grain`).
+    pub unit: u64,
+    /// Which of its balloon pages are in the balloon, one bit each.
+    pub pages: Vec<u64>,
+}
 
 /// Small pages per unit, as a bit set.
 #[derive(Debug, Clone)]
@@ -76,6 +92,62 @@ impl HugePageTracker {
     pub fn units(&self) -> usize {
         self.units.len()
     }
+
+    /// Its state, for a snapshot.
+    pub fn save(&self) -> Vec<HugeUnitState> {
+        self.units
+            .iter()
+            .map(|(&(grain, unit), u)| HugeUnitState {
+                grain,
+                unit,
+                pages: u.bits.clone(),
+            })
+            .collect()
+    }
+
+    /// A tracker as `units` describe it. Each unit must be whole (a power of
+    /// two above a balloon page, at most 1 GiB, its bit set of the right
+    /// length, at least one page in), appear once, and be a unit of RAM as
+    /// `unit_of_ram(grain, address)` says.
+    pub fn restore(
+        units: &[HugeUnitState],
+        unit_of_ram: impl Fn(u64, u64) -> bool,
+    ) -> Result<Self, String> {
+        let mut t = HugePageTracker::default();
+        for s in units {
+            let grain = s.grain;
+            if !grain.is_power_of_two() || grain <= BALLOON_PAGE || grain > MAX_UNIT {
+                return Err(format!("a huge page unit of {grain:#x} bytes"));
+            }
+            let per_unit = grain / BALLOON_PAGE;
+            let words = per_unit.div_ceil(64) as usize;
+            let past_end =
+                per_unit % 64 != 0 && s.pages.last().is_some_and(|w| w >> (per_unit % 64) != 0);
+            if s.pages.len() != words || past_end {
+                return Err(format!(
+                    "huge page {:#x}: {} words of page bits for {per_unit} pages",
+                    s.unit,
+                    s.pages.len()
+                ));
+            }
+            let count: u64 = s.pages.iter().map(|w| u64::from(w.count_ones())).sum();
+            let at = s.unit.checked_mul(grain);
+            if count == 0 || !at.is_some_and(|a| unit_of_ram(grain, a)) {
+                return Err(format!(
+                    "huge page {:#x} of {grain:#x} bytes: not RAM in such units, or empty",
+                    s.unit
+                ));
+            }
+            let unit = Unit {
+                bits: s.pages.clone(),
+                count,
+            };
+            if t.units.insert((grain, s.unit), unit).is_some() {
+                return Err(format!("huge page {:#x} listed twice", s.unit));
+            }
+        }
+        Ok(t)
+    }
 }
 
 #[cfg(test)]
@@ -103,5 +175,33 @@ mod tests {
         assert_eq!(t.units(), 0, "an empty unit is forgotten");
         t.deflate(base, HUGE); // never inflated: nothing happens
         assert_eq!(t.units(), 0);
+    }
+
+    #[test]
+    fn a_restored_tracker_completes_the_same_unit_and_bad_units_are_refused() {
+        let mut t = HugePageTracker::default();
+        for p in 1..PER {
+            t.inflate(PER + p, HUGE);
+        }
+        let saved = t.save();
+        let mut r = HugePageTracker::restore(&saved, |_, _| true).unwrap();
+        assert_eq!(r.inflate(PER, HUGE), Some(HUGE), "one page was missing");
+        let bad = |f: &dyn Fn(&mut HugeUnitState)| {
+            let mut s = saved.clone();
+            f(&mut s[0]);
+            HugePageTracker::restore(&s, |_, _| true).unwrap_err()
+        };
+        bad(&|u| u.grain = 3 << 20);
+        bad(&|u| u.grain = BALLOON_PAGE);
+        bad(&|u| u.pages.push(0));
+        bad(&|u| u.pages.iter_mut().for_each(|w| *w = 0));
+        bad(&|u| u.unit = u64::MAX);
+        let mut twice = saved.clone();
+        twice.push(saved[0].clone());
+        assert!(HugePageTracker::restore(&twice, |_, _| true).is_err());
+        assert!(
+            HugePageTracker::restore(&saved, |_, _| false).is_err(),
+            "not RAM"
+        );
     }
 }

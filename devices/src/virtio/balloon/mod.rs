@@ -16,21 +16,25 @@
 //! never a panic.
 
 pub mod huge_pages;
+mod saved;
+
+pub use saved::{BalloonCountersState, BalloonDeviceState, BALLOON_STATE_VERSION};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use guest_mem::backend::MemoryBackend;
-use guest_mem::{DeviceMemory, GuestMemoryMap};
+use guest_mem::DeviceMemory;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
 
-use super::chain::{pop_head, read_chain, Budget, Progress};
+use super::chain::{serve_queue, Progress, Served};
 use super::resize_timer::ResizeTimer;
 use super::{signal_used, ActivateError, Interrupt, VirtioDevice};
 use crate::guest_log::refuse;
+use crate::memory::MemoryBackend;
+use crate::state::StateError;
 use huge_pages::HugePageTracker;
 
 /// The virtio device ID of the balloon.
@@ -165,21 +169,13 @@ impl Default for BalloonConfig {
     }
 }
 
-/// What a chain handler wants done with the chain.
-enum Done {
-    /// Return it to the driver now.
-    Used,
-    /// The device holds on to it (the statistics buffer, the only one).
-    Held,
-}
-
-/// The balloon device.
-pub struct Balloon {
+/// The balloon device, reaching guest memory through `M`.
+pub struct Balloon<M = DeviceMemory> {
     backend: Arc<dyn MemoryBackend>,
     state: Arc<BalloonState>,
     offered: u64,
     acked: u64,
-    mem: Option<DeviceMemory>,
+    mem: Option<M>,
     interrupt: Option<Arc<Interrupt>>,
     queues: Vec<Queue>,
     /// Queue index of each role, after feature negotiation.
@@ -191,7 +187,7 @@ pub struct Balloon {
     huge: HugePageTracker,
 }
 
-impl Balloon {
+impl<M: GuestAddressSpace> Balloon<M> {
     /// A balloon giving memory back through `backend`. The statistics
     /// queue is always offered; `config` says what else is.
     pub fn new(backend: Arc<dyn MemoryBackend>, config: BalloonConfig) -> Self {
@@ -247,65 +243,39 @@ impl Balloon {
         );
     }
 
-    /// Serves queue `q`: each chain is read (at most `max_descs`
-    /// descriptors), handed to `handle` and returned before the next is
-    /// taken, within one notification's budget.
+    /// Serves queue `q` with `handle`, within one notification's budget
+    /// (see [`serve_queue`]). The queue is taken out of the device while
+    /// it is served, so the handler may use the rest of the device.
     fn serve(
         &mut self,
         q: usize,
         max_descs: usize,
-        mut handle: impl FnMut(&mut Self, &GuestMemoryMap, &[Descriptor]) -> Done,
+        handle: impl FnMut(&mut Self, &mut Queue, u16, &[Descriptor]) -> Served,
     ) -> Progress {
-        let Some(dm) = self.mem.clone() else {
+        let (Some(mem), Some(slot)) = (self.mem.clone(), self.queues.get_mut(q)) else {
             return Progress::Done;
         };
-        let mut budget = Budget::new(&self.queues[q]);
-        let mut returned = false;
-        let progress = loop {
-            if budget.spent() {
-                self.state.counters.yields.fetch_add(1, Ordering::Relaxed);
-                break Progress::MoreWork;
-            }
-            // Held for one chain only: a shrink elsewhere waits at most that.
-            let mem = dm.memory();
-            let head = match pop_head(&mut self.queues[q], &*mem) {
-                Ok(Some(head)) => head,
-                Ok(None) => break Progress::Done,
-                Err(e) => {
-                    // A broken avail ring: nothing more until the next notify.
-                    self.reject_chain(format_args!("queue {q}: {e}"));
-                    break Progress::Done;
-                }
-            };
-            let done = match read_chain(&*mem, &self.queues[q], head, max_descs) {
-                Ok(descs) => {
-                    budget.spend(descs.len());
-                    handle(self, &mem, &descs)
-                }
-                Err(e) => {
-                    budget.spend(1);
-                    self.reject_chain(format_args!("queue {q}: {e}"));
-                    Done::Used
-                }
-            };
-            match done {
-                Done::Used => match self.queues[q].add_used(&*mem, head, 0) {
-                    Ok(()) => returned = true,
-                    Err(e) => self.reject_chain(format_args!("queue {q}: returning {head}: {e}")),
-                },
-                Done::Held => self.stats_head = Some(head),
-            }
-        };
-        if returned {
-            let mem = dm.memory();
-            signal_used(&mut self.queues[q], &*mem, self.interrupt.as_deref());
+        let mut queue = std::mem::take(slot);
+        let interrupt = self.interrupt.clone();
+        let progress = serve_queue(
+            self,
+            &mem,
+            &mut queue,
+            interrupt.as_deref(),
+            max_descs,
+            |b, why| b.reject_chain(format_args!("queue {q}: {why}")),
+            handle,
+        );
+        self.queues[q] = queue;
+        if progress == Progress::MoreWork {
+            self.state.counters.yields.fetch_add(1, Ordering::Relaxed);
         }
         progress
     }
 
     /// The PFNs of one chain: device-readable buffers of whole PFNs, at most
     /// [`MAX_PFNS_PER_CHAIN`]. `None` (refused) for anything else.
-    fn read_pfns(&self, mem: &GuestMemoryMap, descs: &[Descriptor]) -> Option<Vec<u32>> {
+    fn read_pfns(&self, mem: &impl GuestMemory, descs: &[Descriptor]) -> Option<Vec<u32>> {
         let mut pfns = Vec::new();
         for desc in descs {
             if desc.is_write_only() || desc.len() % 4 != 0 {
@@ -396,11 +366,17 @@ impl Balloon {
         }
     }
 
-    fn inflate_chain(&mut self, mem: &GuestMemoryMap, descs: &[Descriptor]) -> Done {
-        let Some(pfns) = self.read_pfns(mem, descs) else {
-            return Done::Used;
+    /// The valid PFNs of an inflate or deflate chain, each with its
+    /// discard unit; `None` for a chain refused whole.
+    fn chain_pfns(&self, descs: &[Descriptor]) -> Option<Vec<(u64, u64)>> {
+        let pfns = self.read_pfns(&*self.mem.as_ref()?.memory(), descs)?;
+        Some(self.valid_pfns(pfns))
+    }
+
+    fn inflate_chain(&mut self, descs: &[Descriptor]) -> Served {
+        let Some(pfns) = self.chain_pfns(descs) else {
+            return Served::Used(0);
         };
-        let pfns = self.valid_pfns(pfns);
         self.state
             .counters
             .inflated_pages
@@ -422,14 +398,13 @@ impl Balloon {
         for (unit, grain) in whole_units {
             self.discard(unit, grain);
         }
-        Done::Used
+        Served::Used(0)
     }
 
-    fn deflate_chain(&mut self, mem: &GuestMemoryMap, descs: &[Descriptor]) -> Done {
-        let Some(pfns) = self.read_pfns(mem, descs) else {
-            return Done::Used;
+    fn deflate_chain(&mut self, descs: &[Descriptor]) -> Served {
+        let Some(pfns) = self.chain_pfns(descs) else {
+            return Served::Used(0);
         };
-        let pfns = self.valid_pfns(pfns);
         self.state
             .counters
             .deflated_pages
@@ -439,21 +414,25 @@ impl Balloon {
                 self.huge.deflate(pfn, grain);
             }
         }
-        Done::Used
+        Served::Used(0)
     }
 
-    fn stats_chain(&mut self, q: usize, mem: &GuestMemoryMap, descs: &[Descriptor]) -> Done {
+    fn stats_chain(&mut self, queue: &mut Queue, head: u16, descs: &[Descriptor]) -> Served {
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
+            return Served::Used(0);
+        };
+        let mem = &*mem;
         let mut values = BTreeMap::new();
         for desc in descs {
             if desc.is_write_only() {
                 self.reject_chain(format_args!("write-only stats buffer"));
-                return Done::Used;
+                return Served::Used(0);
             }
             let len = (desc.len() as usize).min(STAT_SIZE * 64);
             let mut buf = vec![0u8; len - len % STAT_SIZE];
             if mem.read_slice(&mut buf, desc.addr()).is_err() {
                 self.reject_chain(format_args!("stats at {:#x}", desc.addr().0));
-                return Done::Used;
+                return Served::Used(0);
             }
             for s in buf.chunks_exact(STAT_SIZE) {
                 let tag = u16::from_le_bytes([s[0], s[1]]);
@@ -471,16 +450,16 @@ impl Balloon {
         }
         // Hold the buffer: returning it asks for new numbers. A driver that
         // queues several gets the older ones back.
-        if let Some(old) = self.stats_head.take() {
-            match self.queues[q].add_used(mem, old, 0) {
-                Ok(()) => signal_used(&mut self.queues[q], mem, self.interrupt.as_deref()),
+        if let Some(old) = self.stats_head.replace(head) {
+            match queue.add_used(mem, old, 0) {
+                Ok(()) => signal_used(queue, mem, self.interrupt.as_deref()),
                 Err(e) => self.reject_chain(format_args!("returning stats buffer {old}: {e}")),
             }
         }
-        Done::Held
+        Served::Held
     }
 
-    fn report_chain(&mut self, descs: &[Descriptor]) -> Done {
+    fn report_chain(&mut self, descs: &[Descriptor]) -> Served {
         let poisoned = self.has(VIRTIO_BALLOON_F_PAGE_POISON)
             && self.state.poison_val.load(Ordering::Relaxed) != 0;
         for desc in descs {
@@ -506,7 +485,7 @@ impl Balloon {
             }
             self.discard(gpa, len);
         }
-        Done::Used
+        Served::Used(0)
     }
 }
 /// Sorted, distinct PFNs as (first, count) runs.
@@ -521,7 +500,7 @@ pub fn coalesce(pfns: &[u64]) -> Vec<(u64, u64)> {
     runs
 }
 
-impl VirtioDevice for Balloon {
+impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Balloon<M> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BALLOON
     }
@@ -584,7 +563,7 @@ impl VirtioDevice for Balloon {
 
     fn activate(
         &mut self,
-        mem: DeviceMemory,
+        mem: M,
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
@@ -608,19 +587,17 @@ impl VirtioDevice for Balloon {
         match index {
             0 => {
                 let start = std::time::Instant::now();
-                let progress = self.serve(0, pfn_descs, Self::inflate_chain);
+                let progress = self.serve(0, pfn_descs, |b, _, _, d| b.inflate_chain(d));
                 let c = &self.state.counters;
                 c.inflate_batches.fetch_add(1, Ordering::Relaxed);
                 c.inflate_us
                     .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
                 progress
             }
-            1 => self.serve(1, pfn_descs, Self::deflate_chain),
-            i if Some(i) == self.stats_queue => {
-                self.serve(i, pfn_descs, |b, mem, d| b.stats_chain(i, mem, d))
-            }
+            1 => self.serve(1, pfn_descs, |b, _, _, d| b.deflate_chain(d)),
+            i if Some(i) == self.stats_queue => self.serve(i, pfn_descs, Self::stats_chain),
             i if Some(i) == self.reporting_queue => {
-                self.serve(i, usize::from(QUEUE_SIZE), |b, _, d| b.report_chain(d))
+                self.serve(i, usize::from(QUEUE_SIZE), |b, _, _, d| b.report_chain(d))
             }
             i => {
                 refuse(
@@ -634,6 +611,18 @@ impl VirtioDevice for Balloon {
 
     fn refresh(&mut self) {
         self.request_stats();
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.queues.iter().map(|q| q.state()).collect()
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::to_value(self.save()).unwrap_or_default()
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        self.restore(&crate::state::parse("balloon", state)?)
     }
 
     fn reset(&mut self) {
@@ -650,6 +639,7 @@ impl VirtioDevice for Balloon {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::BackendError;
     use guest_mem::{GuestMem, RegionConfig};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -791,7 +781,7 @@ mod tests {
         fn is_ram(&self, gpa: GuestAddress, len: u64) -> bool {
             self.0.is_ram(gpa, len)
         }
-        fn discard(&self, _gpa: GuestAddress, _len: u64) -> guest_mem::Result<()> {
+        fn discard(&self, _gpa: GuestAddress, _len: u64) -> Result<(), BackendError> {
             Ok(())
         }
         fn populated(&self, gpa: GuestAddress, len: u64) -> Option<bool> {
@@ -956,7 +946,7 @@ mod tests {
     #[test]
     fn config_space_and_queue_roles_follow_features() {
         let mem = memory();
-        let mut b = Balloon::new(mem, BalloonConfig::default());
+        let mut b: Balloon = Balloon::new(mem, BalloonConfig::default());
         assert_eq!(b.features() & (1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM), 0);
         b.ack_features(1 << VIRTIO_BALLOON_F_REPORTING);
         assert_eq!((b.stats_queue, b.reporting_queue), (None, Some(2)));
@@ -979,7 +969,7 @@ mod tests {
 
     #[test]
     fn features_follow_the_config() {
-        let quiet = Balloon::new(
+        let quiet: Balloon = Balloon::new(
             memory(),
             BalloonConfig {
                 deflate_on_oom: true,
@@ -1010,7 +1000,7 @@ mod tests {
         fn is_ram(&self, gpa: GuestAddress, len: u64) -> bool {
             self.mem.is_ram(gpa, len)
         }
-        fn discard(&self, gpa: GuestAddress, len: u64) -> guest_mem::Result<()> {
+        fn discard(&self, gpa: GuestAddress, len: u64) -> Result<(), BackendError> {
             // Bounded, so that a device without a budget ends the test
             // (with a failed assertion) instead of hanging it.
             if self.published.fetch_add(1, Ordering::Relaxed) < 100_000 {
@@ -1018,7 +1008,7 @@ mod tests {
                 let idx: u16 = ram.read_obj(self.avail_idx).unwrap();
                 ram.write_obj(idx.wrapping_add(1), self.avail_idx).unwrap();
             }
-            self.mem.discard(gpa, len)
+            Ok(self.mem.discard(gpa, len)?)
         }
     }
 
@@ -1107,10 +1097,10 @@ mod tests {
         fn is_ram(&self, gpa: GuestAddress, len: u64) -> bool {
             self.0.is_ram(gpa, len)
         }
-        fn discard(&self, gpa: GuestAddress, len: u64) -> guest_mem::Result<()> {
+        fn discard(&self, gpa: GuestAddress, len: u64) -> Result<(), BackendError> {
             assert_eq!((gpa.0 % (2 * MIB), len % (2 * MIB)), (0, 0));
             self.1.lock().unwrap().push((gpa.0, len));
-            self.0.discard(gpa, len)
+            Ok(self.0.discard(gpa, len)?)
         }
     }
 
@@ -1157,7 +1147,7 @@ mod tests {
         let ram = &*ram_guard;
         let features = all_features() | (1 << VIRTIO_BALLOON_F_PAGE_POISON);
         assert_ne!(
-            Balloon::new(mem.clone(), BalloonConfig::default()).features()
+            Balloon::<DeviceMemory>::new(mem.clone(), BalloonConfig::default()).features()
                 & (1 << VIRTIO_BALLOON_F_PAGE_POISON),
             0,
             "offered with free page reporting"
