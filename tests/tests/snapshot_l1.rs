@@ -14,7 +14,7 @@ VMMCTL=/bin/vmmctl MEMORY_MIB=512 MODES="lazy eager" sh /guest/snapshot-demo.sh
 "#;
 
 fn uptime(line: &str) -> f64 {
-    line.split(|c| c == ' ' || c == ',')
+    line.split([' ', ','])
         .find_map(|w| w.strip_prefix("uptime="))
         .and_then(|v| v.parse().ok())
         .unwrap_or(-1.0)
