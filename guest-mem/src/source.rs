@@ -22,6 +22,15 @@ pub trait PageSource: Send + Sync + Debug {
     /// Fills `buf` with the contents at `offset`; bytes past the source's end
     /// read as zero.
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// How many of the `len` bytes from `offset` come before the source's
+    /// next hole (a range known to read zero): the part of a readahead
+    /// window worth installing, so that a restore keeps a sparse image
+    /// sparse. The default, for a source that cannot tell: all of them.
+    fn data_len(&self, offset: u64, len: u64) -> u64 {
+        let _ = offset;
+        len
+    }
 }
 
 /// Every page reads as zero: fresh guest memory.
@@ -87,6 +96,24 @@ impl PageSource for FileSource {
         data as u64 >= offset.saturating_add(len)
     }
 
+    fn data_len(&self, offset: u64, len: u64) -> u64 {
+        if offset >= self.len {
+            return 0;
+        }
+        // SAFETY: lseek on an open descriptor has no memory effects.
+        let hole = unsafe {
+            libc::lseek64(
+                std::os::unix::io::AsRawFd::as_raw_fd(&self.file),
+                offset as i64,
+                libc::SEEK_HOLE,
+            )
+        };
+        if hole < 0 {
+            return len; // cannot tell: all of it
+        }
+        (hole as u64).saturating_sub(offset).min(len)
+    }
+
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
@@ -123,6 +150,25 @@ mod tests {
         assert!(buf[1904..].iter().all(|&b| b == 0));
         assert!(src.is_zero(8192, 4096));
         assert!(!src.is_zero(4096, 4096));
+    }
+
+    #[test]
+    fn file_source_data_len_stops_at_the_next_hole() {
+        let f = tempfile();
+        // Data in [0, 8 KiB) and [64 KiB, 68 KiB); a hole between.
+        f.write_all_at(&[1u8; 8192], 0).unwrap();
+        f.write_all_at(&[2u8; 4096], 64 << 10).unwrap();
+        let src = FileSource::from_file(f).unwrap();
+        assert_eq!(src.data_len(0, 1 << 20), 8192);
+        assert_eq!(src.data_len(4096, 1 << 20), 4096);
+        assert_eq!(src.data_len(0, 4096), 4096, "no more than asked");
+        assert_eq!(src.data_len(16 << 10, 4096), 0, "in the hole");
+        assert_eq!(
+            src.data_len(64 << 10, 1 << 20),
+            4096,
+            "to the end of the file"
+        );
+        assert_eq!(src.data_len(1 << 20, 4096), 0, "past the end");
     }
 
     fn tempfile() -> File {

@@ -201,3 +201,57 @@ fn a_lazily_restored_memory_saves_its_unfetched_pages_from_the_source() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Readahead over a restored region stops at the image's holes: touching
+/// a page next to memory the guest never had (or gave back) does not
+/// allocate that memory as zero pages.
+#[test]
+fn a_restores_readahead_leaves_the_images_holes_unallocated() {
+    let d = std::env::temp_dir().join(format!("guest-mem-ra-holes-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let path = d.join("memory");
+    let mem = GuestMem::builder()
+        .region(RegionConfig::new(0, 8 * MIB))
+        .build()
+        .unwrap();
+    // Data in pages 0-3 and 64; holes around them.
+    for p in [0, 1, 2, 3, 64] {
+        mem.memory()
+            .memory()
+            .write_obj(p + 1, GuestAddress(p * PAGE))
+            .unwrap();
+    }
+    let saved = memory_file::save(&mem, &path).unwrap();
+    let mut rc = RegionConfig::new(0, 8 * MIB);
+    rc.source = Some(RegionSource {
+        source: Arc::new(FileSource::open(&path).unwrap()),
+        offset: saved.regions[0].offset,
+    });
+    // A 256 KiB window on every fault: without the trim it would reach
+    // page 63.
+    let restored = GuestMem::builder()
+        .region(rc)
+        .fault_config(guest_mem::FaultConfig {
+            readahead: guest_mem::Readahead::fixed(256 << 10),
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let v: u64 = restored
+        .memory()
+        .memory()
+        .read_obj(GuestAddress(0))
+        .unwrap();
+    assert_eq!(v, 1);
+    let r = &restored.regions()[0];
+    let backed = |p: u64| r.backing().has_data(r.file_range(p * PAGE, PAGE)).unwrap();
+    assert!((0..4).all(backed), "the data run comes in one fault");
+    let filled: Vec<u64> = (4..64).filter(|&p| backed(p)).collect();
+    assert!(
+        filled.is_empty(),
+        "holes allocated by readahead: {filled:?}"
+    );
+    let s = restored.settled_stats(std::time::Duration::from_secs(1));
+    assert_eq!(s.faults, 1, "{s}");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -69,3 +69,26 @@ fn without_the_recheck_the_same_seed_finds_stale_pages() {
     }
     panic!("without the re-check no stale page was found in three runs: {found:?}");
 }
+
+/// The same churn across a snapshot: paused and saved 3 s in, the VM is
+/// ended and its snapshot restored lazily into a fresh VM, which the driver
+/// keeps ballooning and resizing to the end. Nothing written before the
+/// snapshot is lost after it (the guest's own checks and the host's final
+/// one), nothing given back is backed, and the device's counters agree with
+/// the guest's across the two VMs.
+#[test]
+fn a_snapshot_mid_run_restores_lazily_and_the_churn_carries_on() {
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    let cfg = StressConfig {
+        snapshot_at: Some(Duration::from_secs(3)),
+        ..config(false)
+    };
+    let v = run(&cfg);
+    assert!(v.passed(), "{}", v.table());
+    assert_eq!(v.restores, 1, "one snapshot and restore");
+    assert!(v.verified_writes > 0 && v.inflated_pages > 0 && v.deflated_pages > 0);
+    assert!(v.shrinks > 0 && v.grows > 0);
+}

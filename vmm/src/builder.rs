@@ -8,7 +8,7 @@ use guest_mem::{FileSource, GuestMem, RegionConfig, RegionSource};
 
 use crate::config::{MemBackend, VmConfig};
 use crate::control;
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{DeviceManager, DevicesState};
 use crate::error::{io_err, VmError};
 use crate::kvm_vm;
 use crate::ram::build_memory;
@@ -33,18 +33,33 @@ impl Vm {
     /// `mem` is the virtio-mem window. `config.backend` and `config.fault`
     /// are not used.
     pub fn with_memory(config: VmConfig, mem: GuestMem) -> Result<Vm, VmError> {
+        Vm::build(config, mem, None)
+    }
+
+    /// The one path every VM takes; `saved`: the devices of a restore.
+    fn build(config: VmConfig, mem: GuestMem, saved: Option<&DevicesState>) -> Result<Vm, VmError> {
         let kvm = kvm_vm::open_kvm(config.vcpus)?;
         let fd = Arc::new(kvm_vm::create_vm(&kvm)?);
         let mem = Arc::new(mem);
         let fixed = mem.regions().len() - usize::from(config.hotplug.is_some());
         kvm_vm::map_regions(&fd, &mem, fixed)?;
 
-        let mut devices = DeviceManager::new(&fd, config.serial)?;
+        let mut devices = DeviceManager::new(&fd, config.serial, saved)?;
+        // A restore needs the state of every device the machine has.
+        let missing = |what: &str| VmError::Config(format!("snapshot: no {what} state"));
         if let Some(opts) = config.balloon {
-            devices.add_balloon(&fd, &mem, opts)?;
+            let s = match saved {
+                Some(d) => Some(d.balloon.as_ref().ok_or_else(|| missing("balloon"))?),
+                None => None,
+            };
+            devices.add_balloon(&fd, &mem, opts, s)?;
         }
         if config.hotplug.is_some() {
-            devices.add_hotplug(&fd, &mem)?;
+            let s = match saved {
+                Some(d) => Some(d.virtio_mem.as_ref().ok_or_else(|| missing("virtio-mem"))?),
+                None => None,
+            };
+            devices.add_hotplug(&fd, &mem, s)?;
         }
 
         let machine = MachineConfig {
@@ -143,7 +158,8 @@ impl Vm {
             .iter()
             .map(|saved| {
                 let mut r = RegionConfig::new(saved.guest_addr, saved.size);
-                r.max_size = (saved.max_size != saved.size).then_some(saved.max_size);
+                // Resizable as before (each region has a file of its own).
+                r.max_size = Some(saved.max_size);
                 if saved.page_size > 4096 {
                     r.backing = guest_mem::Backing::MemfdHugetlb;
                 }
@@ -156,9 +172,6 @@ impl Vm {
                 return Err(bad_snapshot(format!(
                     "the last region is not the {w:#x}-byte virtio-mem window"
                 )));
-            }
-            if let Some(r) = regions.last_mut() {
-                r.max_size = Some(w);
             }
         }
         if restore.mode == RestoreMode::Lazy {
@@ -199,15 +212,13 @@ impl Vm {
             seccomp: restore.seccomp,
         };
         let payload = m.payload;
-        let mut vm = Vm::with_memory(config, mem)?;
+        let mut vm = Vm::build(config, mem, Some(&snap.devices))?;
         vm.payload = payload;
         vm.machine.payload = payload;
         for (v, s) in vm.vcpus.iter().zip(&snap.vcpus) {
             vcpu_state::restore(v, s)?;
         }
         kvm_vm::restore_state(&vm.fd, &snap.kvm)?;
-        crate::device_manager::restore_devices(&mut vm.devices, &snap.devices)
-            .map_err(bad_snapshot)?;
         Ok(vm)
     }
 }

@@ -7,9 +7,13 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, SharedDevice};
-use devices::legacy::{AcpiSleep, Cmos, SerialConsole, I8042};
-use devices::virtio::balloon::Balloon;
-use devices::virtio::mem::VirtioMem;
+use devices::legacy::{
+    AcpiSleep, AcpiSleepState, Cmos, CmosState, I8042State, SerialConsole, SerialConsoleState,
+    I8042,
+};
+use devices::virtio::balloon::{Balloon, VIRTIO_ID_BALLOON};
+use devices::virtio::mem::{VirtioMem, VIRTIO_ID_MEM};
+use devices::virtio::mmio::MmioTransportState;
 use devices::virtio::VirtioDevice;
 use guest_mem::{GuestMem, RegionIndex};
 use kvm_ioctls::VmFd;
@@ -59,9 +63,35 @@ pub struct DeviceManager {
     pub hotplug: Option<HotplugHandle>,
 }
 
+/// Every device's saved state, for a snapshot.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    /// COM1.
+    pub serial: SerialConsoleState,
+    /// The i8042.
+    pub i8042: I8042State,
+    /// The CMOS clock.
+    pub cmos: CmosState,
+    /// The ACPI sleep register.
+    pub acpi_sleep: AcpiSleepState,
+    /// The balloon's transport and device, if the VM has one.
+    pub balloon: Option<MmioTransportState>,
+    /// virtio-mem's transport and device, if the VM has one.
+    pub virtio_mem: Option<MmioTransportState>,
+}
+
+fn restored<T>(what: &str, r: Result<T, devices::state::StateError>) -> Result<T, VmError> {
+    r.map_err(|e| VmError::Config(format!("snapshot: {what}: {e}")))
+}
+
 impl DeviceManager {
-    /// The legacy devices, writing the console to `serial`.
-    pub fn new(fd: &VmFd, serial: SerialOut) -> Result<Self, VmError> {
+    /// The legacy devices, writing the console to `serial`; as `saved`
+    /// left them, if given.
+    pub fn new(
+        fd: &VmFd,
+        serial: SerialOut,
+        saved: Option<&DevicesState>,
+    ) -> Result<Self, VmError> {
         let out: Box<dyn Write + Send> = match serial {
             SerialOut::Stdout => Box::new(std::io::stdout()),
             SerialOut::File(p) => Box::new(
@@ -79,18 +109,28 @@ impl DeviceManager {
         let serial_irq = eventfd()?;
         fd.register_irqfd(&serial_irq, SerialConsole::COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
+        let out = Box::new(SharedWriter(console.clone()));
+        let reset = reset_evt.try_clone().map_err(io_err("eventfd"))?;
+        let power_off = power_off_evt.try_clone().map_err(io_err("eventfd"))?;
+        let (serial, i8042, cmos, acpi_sleep) = match saved {
+            None => (
+                SerialConsole::new(serial_irq, out),
+                I8042::new(reset),
+                Cmos::new(),
+                AcpiSleep::new(power_off),
+            ),
+            Some(s) => (
+                restored("serial", SerialConsole::restore(serial_irq, out, &s.serial))?,
+                restored("i8042", I8042::restore(reset, &s.i8042))?,
+                restored("CMOS", Cmos::restore(&s.cmos))?,
+                restored("ACPI sleep", AcpiSleep::restore(power_off, &s.acpi_sleep))?,
+            ),
+        };
         let legacy = LegacyDevices {
-            serial: Arc::new(Mutex::new(SerialConsole::new(
-                serial_irq,
-                Box::new(SharedWriter(console.clone())),
-            ))),
-            i8042: Arc::new(Mutex::new(I8042::new(
-                reset_evt.try_clone().map_err(io_err("eventfd"))?,
-            ))),
-            cmos: Arc::new(Mutex::new(Cmos::new())),
-            acpi_sleep: Arc::new(Mutex::new(AcpiSleep::new(
-                power_off_evt.try_clone().map_err(io_err("eventfd"))?,
-            ))),
+            serial: Arc::new(Mutex::new(serial)),
+            i8042: Arc::new(Mutex::new(i8042)),
+            cmos: Arc::new(Mutex::new(cmos)),
+            acpi_sleep: Arc::new(Mutex::new(acpi_sleep)),
         };
         let on_bus: [(SharedDevice, u64, u64); 4] = [
             (legacy.serial.clone(), SerialConsole::COM1, 8),
@@ -121,6 +161,7 @@ impl DeviceManager {
         fd: &VmFd,
         mem: &GuestMem,
         device: Box<dyn VirtioDevice>,
+        saved: Option<&MmioTransportState>,
     ) -> Result<Arc<Mutex<devices::virtio::mmio::MmioTransport>>, VmError> {
         let slot = VirtioSlot::attach(
             self.virtio.len() as u32,
@@ -128,30 +169,38 @@ impl DeviceManager {
             mem.device_memory(),
             fd,
             &mut self.mmio,
+            saved,
         )?;
         let transport = slot.transport.clone();
         self.virtio.push(slot);
         Ok(transport)
     }
 
-    /// Adds a virtio-balloon over `mem`.
+    /// Adds a virtio-balloon over `mem` (as `saved` left it, if given).
     pub fn add_balloon(
         &mut self,
         fd: &VmFd,
         mem: &Arc<GuestMem>,
         opts: BalloonOptions,
+        saved: Option<&MmioTransportState>,
     ) -> Result<(), VmError> {
         let backend: Arc<dyn devices::memory::MemoryBackend> = mem.clone();
         let device = Balloon::new(backend, opts);
         let state = device.state();
-        let transport = self.attach(fd, mem, Box::new(device))?;
+        let transport = self.attach(fd, mem, Box::new(device), saved)?;
         self.balloon = Some(BalloonHandle { state, transport });
         Ok(())
     }
 
-    /// Adds a virtio-mem device over the last region of `mem`, its window;
-    /// the window's memory slots are numbered from that region's index.
-    pub fn add_hotplug(&mut self, fd: &Arc<VmFd>, mem: &Arc<GuestMem>) -> Result<(), VmError> {
+    /// Adds a virtio-mem device over the last region of `mem`, its window
+    /// (as `saved` left it, if given); the window's memory slots are
+    /// numbered from that region's index.
+    pub fn add_hotplug(
+        &mut self,
+        fd: &Arc<VmFd>,
+        mem: &Arc<GuestMem>,
+        saved: Option<&MmioTransportState>,
+    ) -> Result<(), VmError> {
         let last = mem.regions().len() - 1;
         let window = Arc::new(SlottedWindow::new(
             fd.clone(),
@@ -161,7 +210,7 @@ impl DeviceManager {
         )?);
         let device = VirtioMem::new(window.clone()).map_err(VmError::Config)?;
         let state = device.state();
-        let transport = self.attach(fd, mem, Box::new(device))?;
+        let transport = self.attach(fd, mem, Box::new(device), saved)?;
         self.hotplug = Some(HotplugHandle {
             state,
             transport,
@@ -183,24 +232,41 @@ impl Write for SharedWriter {
     }
 }
 
-/// The state of every virtio device, for a snapshot.
+/// Every device's state, for a snapshot. The VM must be paused: no vCPU
+/// in a device, no notification being served.
 pub fn save_devices(
-    _legacy: &LegacyDevices,
+    legacy: &LegacyDevices,
     transports: &[Arc<Mutex<devices::virtio::mmio::MmioTransport>>],
-) -> Result<serde_json::Value, String> {
-    if !transports.is_empty() {
-        return Err("snapshots of VMs with virtio devices are not supported yet".into());
+) -> Result<DevicesState, String> {
+    let mut balloon = None;
+    let mut virtio_mem = None;
+    for t in transports {
+        let t = t.lock().unwrap_or_else(|p| p.into_inner());
+        let state = t.save();
+        match t.device().device_type() {
+            VIRTIO_ID_BALLOON => balloon = Some(state),
+            VIRTIO_ID_MEM => virtio_mem = Some(state),
+            other => return Err(format!("cannot save a virtio device of type {other}")),
+        }
     }
-    Ok(serde_json::json!({}))
-}
-
-/// Puts saved virtio device state back (see [`save_devices`]).
-pub fn restore_devices(
-    devices: &mut DeviceManager,
-    saved: &serde_json::Value,
-) -> Result<(), String> {
-    if !devices.virtio.is_empty() || saved.as_object().is_none_or(|o| !o.is_empty()) {
-        return Err("snapshots of VMs with virtio devices are not supported yet".into());
-    }
-    Ok(())
+    Ok(DevicesState {
+        serial: legacy
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save(),
+        i8042: legacy
+            .i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save(),
+        cmos: legacy.cmos.lock().unwrap_or_else(|p| p.into_inner()).save(),
+        acpi_sleep: legacy
+            .acpi_sleep
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save(),
+        balloon,
+        virtio_mem,
+    })
 }

@@ -304,6 +304,12 @@ impl Vm {
                 first = Some(ExitReason::Error(e.to_string()));
             }
         }
+        // A restored driver may have published chains whose notification
+        // went with the old process: serve every running queue once (a
+        // booted VM's devices are not running yet: nothing to do).
+        for t in &device_transports {
+            t.lock().unwrap_or_else(|p| p.into_inner()).kick_queues();
+        }
         let mut done = 0;
         while done < n && first.is_none() {
             if let Err(e) = events.run_with_timeout(100) {

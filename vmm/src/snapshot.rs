@@ -134,7 +134,7 @@ pub struct VmSnapshot {
     /// The in-kernel devices (PIC, IOAPIC, PIT, clock).
     pub kvm: VmState,
     /// The VMM's devices.
-    pub devices: serde_json::Value,
+    pub devices: crate::device_manager::DevicesState,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, SharedDevice};
-use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::mmio::{MmioTransport, MmioTransportState, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::{Interrupt, VirtioDevice};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use guest_mem::DeviceMemory;
@@ -32,12 +32,15 @@ pub struct VirtioSlot {
 
 impl VirtioSlot {
     /// Places `device` in slot `index`: MMIO window, irqfd and ioeventfds.
+    /// With `saved`, the transport and device come back as a snapshot left
+    /// them (a running device running, its queues where they were).
     pub fn attach(
         index: u32,
         device: Box<dyn VirtioDevice>,
         mem: DeviceMemory,
         vm: &VmFd,
         mmio: &mut Bus,
+        saved: Option<&MmioTransportState>,
     ) -> Result<VirtioSlot, VmError> {
         let base = VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE;
         let irq = VIRTIO_IRQ_BASE + index;
@@ -52,11 +55,13 @@ impl VirtioSlot {
                 source,
             })?;
         let queues = device.queue_max_sizes().len();
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
-            device,
-            mem,
-            Arc::new(Interrupt::new(irq_evt)),
-        )));
+        let interrupt = Arc::new(Interrupt::new(irq_evt));
+        let transport = match saved {
+            None => MmioTransport::new(device, mem, interrupt),
+            Some(state) => MmioTransport::restore(device, mem, interrupt, state)
+                .map_err(|e| VmError::Config(format!("snapshot: {e}")))?,
+        };
+        let transport = Arc::new(Mutex::new(transport));
         let mut queue_evts = Vec::with_capacity(queues);
         for q in 0..queues as u32 {
             let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?;

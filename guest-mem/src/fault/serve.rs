@@ -131,7 +131,8 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
         let pages = if minor || discarded {
             1
         } else {
-            window_pages(&ctx.config.readahead, region, page_index, plugged / page)
+            let window = window_pages(&ctx.config.readahead, region, page_index, plugged / page);
+            trim_to_data(region, offset, window)
         };
         let mut len = pages * page;
         let mut contents = match fetch(region, offset, len, discarded, minor, scratch) {
@@ -193,6 +194,20 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
         region.index(),
         took.as_secs_f64() * 1e6
     );
+}
+
+/// A readahead window over a region served from a source stops at the
+/// source's next hole: neighbours that would only be zero pages are left to
+/// their own faults, so a restored guest's untouched (or given-back)
+/// memory stays unallocated. Fresh memory, with no source, keeps the whole
+/// window.
+fn trim_to_data(region: &Region, offset: u64, window: u64) -> u64 {
+    let Some(src) = region.source.as_ref().filter(|_| window > 1) else {
+        return window;
+    };
+    let page = region.page_size();
+    let data = src.source.data_len(src.offset + offset, window * page) / page;
+    data.clamp(1, window)
 }
 
 /// What a fault whose fetch an invalidation overlapped may install.

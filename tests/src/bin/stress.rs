@@ -45,6 +45,10 @@ struct Args {
     /// Run without the VMM's seccomp filters (to measure what they cost).
     #[arg(long)]
     no_seccomp: bool,
+    /// Pause and snapshot the VM this many seconds in, end it, and carry on
+    /// in a VM restored lazily from the snapshot.
+    #[arg(long)]
+    snapshot_at: Option<f64>,
     /// Where to write the JSON verdict.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
         },
         progress: true,
         seccomp: !a.no_seccomp,
+        snapshot_at: a.snapshot_at.map(Duration::from_secs_f64),
     };
     let result = if a.compare_recheck {
         compare(

@@ -18,6 +18,8 @@ pub(crate) const WINDOW_REGION: guest_mem::RegionIndex = guest_mem::RegionIndex(
 /// What the driver did.
 #[derive(Debug, Default, Clone)]
 pub struct Driven {
+    /// Snapshots taken and restored mid-run.
+    pub restores: u64,
     pub target_changes: u64,
     pub shrinks: u64,
     pub grows: u64,
@@ -96,26 +98,31 @@ impl Guest<'_> {
     }
 }
 
-/// Runs until `cfg.duration` has passed, then stops the guest.
+/// Drives the guest for `run_for`, then stops it if `stop_guest` (else
+/// leaves it running, for a snapshot). `seed` varies the choices of a
+/// second leg after a restore.
 pub fn drive(
     cfg: &StressConfig,
     layout: &Layout,
     mem: &GuestMem,
     balloon: &BalloonHandle,
     vm_done: &AtomicBool,
+    run_for: Duration,
+    stop_guest: bool,
 ) -> Driven {
     let g = Guest { mem, layout };
-    let mut rng = Rng::new(cfg.seed ^ 0x5eed_d21e);
+    let mut rng = Rng::new(cfg.seed ^ 0x5eed_d21e ^ run_for.as_nanos() as u64);
     let mut done = Driven::default();
     let start = Instant::now();
     let chunks = layout.ram.pages / CHUNK;
     let steps = layout.window.pages * 4096 / RESIZE_STEP;
-    let mut limit = layout.window.pages;
+    // Where the window stands (a second leg starts where the first left it).
+    let mut limit = g.load(CTRL + ctrl::LIMIT);
     let mut next_target = Duration::ZERO;
     let mut next_resize = Duration::from_millis(100);
     let mut next_progress = Duration::from_secs(5);
     let gone = || vm_done.load(Ordering::Acquire) || g.all_exited();
-    while start.elapsed() < cfg.duration && !gone() {
+    while start.elapsed() < run_for && !gone() {
         let now = start.elapsed();
         g.store(
             CTRL + ctrl::HOT,
@@ -148,6 +155,9 @@ pub fn drive(
             next_progress += Duration::from_secs(5);
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+    if !stop_guest {
+        return done;
     }
     g.store(CTRL + ctrl::STOP, 1);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -198,4 +208,18 @@ fn resize(g: &Guest, done: &mut Driven, limit: &mut u64, new: u64) {
         Equal => return,
     }
     *limit = new;
+}
+
+impl Driven {
+    /// Adds a later leg's doings to these.
+    pub fn merge(&mut self, later: Driven) {
+        self.restores += later.restores;
+        self.target_changes += later.target_changes;
+        self.shrinks += later.shrinks;
+        self.grows += later.grows;
+        self.ack_timeouts += later.ack_timeouts;
+        self.resize_errors.extend(later.resize_errors);
+        self.stuck_vcpus += later.stuck_vcpus;
+        self.max_ack_wait = self.max_ack_wait.max(later.max_ack_wait);
+    }
 }

@@ -49,6 +49,9 @@ pub struct StressConfig {
     /// The VMM's seccomp filters on the vCPU, fault handler and event loop
     /// threads (on unless measuring what they cost).
     pub seccomp: bool,
+    /// Pause and snapshot the VM this far into the run, end it, restore the
+    /// snapshot (lazily) into a fresh VM and drive that one to the end.
+    pub snapshot_at: Option<Duration>,
 }
 
 impl Default for StressConfig {
@@ -64,6 +67,7 @@ impl Default for StressConfig {
             readahead: Readahead::default(),
             progress: false,
             seccomp: true,
+            snapshot_at: None,
         }
     }
 }
@@ -112,17 +116,21 @@ fn region(guest_addr: u64, size: u64, resizable: bool) -> RegionConfig {
     rc
 }
 
+fn fault_config(cfg: &StressConfig) -> FaultConfig {
+    FaultConfig {
+        threads: 2,
+        readahead: cfg.readahead,
+        skip_recheck: cfg.skip_recheck,
+        fetch_delay: cfg.fetch_delay,
+        on_thread_start: cfg.seccomp.then(vmm::seccomp::fault_thread_hook),
+        ..FaultConfig::default()
+    }
+}
+
 fn build_memory(cfg: &StressConfig, window_base: u64) -> Result<GuestMem, String> {
     let mut builder = GuestMem::builder()
         .region(region(0, cfg.memory, false))
-        .fault_config(FaultConfig {
-            threads: 2,
-            readahead: cfg.readahead,
-            skip_recheck: cfg.skip_recheck,
-            fetch_delay: cfg.fetch_delay,
-            on_thread_start: cfg.seccomp.then(vmm::seccomp::fault_thread_hook),
-            ..FaultConfig::default()
-        });
+        .fault_config(fault_config(cfg));
     if cfg.window > 0 {
         builder = builder.region(region(window_base, cfg.window, true));
     }
@@ -193,8 +201,13 @@ pub fn run(cfg: &StressConfig) -> Result<Verdict, String> {
     })
     .map_err(|e| format!("loading the payload: {e}"))?;
 
-    let before = mem.stats();
     let start = Instant::now();
+    let (vm, mem, balloon, mut driven) = match cfg.snapshot_at {
+        None => (vm, mem, balloon, driver::Driven::default()),
+        Some(at) => first_leg(cfg, &layout, vm, at)?,
+    };
+    let before = mem.stats();
+    let rest = cfg.duration.saturating_sub(start.elapsed());
     // Set when the VM stopped, so the driver does not wait for a guest
     // that is gone (a vCPU that failed stops them all).
     let vm_done = Arc::new(AtomicBool::new(false));
@@ -203,14 +216,15 @@ pub fn run(cfg: &StressConfig) -> Result<Verdict, String> {
         let vm_done = vm_done.clone();
         std::thread::Builder::new()
             .name("stress-driver".into())
-            .spawn(move || driver::drive(&cfg, &layout, &mem, &balloon, &vm_done))
+            .spawn(move || driver::drive(&cfg, &layout, &mem, &balloon, &vm_done, rest, true))
             .map_err(|e| format!("spawning the driver: {e}"))?
     };
     let outcome = vm.run().map_err(|e| format!("running the guest: {e}"));
     vm_done.store(true, Ordering::Release);
-    let driven = drv
-        .join()
-        .map_err(|_| "the stress driver panicked".to_string())?;
+    driven.merge(
+        drv.join()
+            .map_err(|_| "the stress driver panicked".to_string())?,
+    );
     let outcome = outcome?;
     let seconds = start.elapsed().as_secs_f64();
     let reasons: Vec<String> = outcome
@@ -229,6 +243,65 @@ pub fn run(cfg: &StressConfig) -> Result<Verdict, String> {
         seconds,
         bad_exits: reasons,
     })
+}
+
+/// The first leg of a run with a snapshot: drives the VM for `at`, pauses
+/// and saves it, ends it, and restores the snapshot lazily into a fresh VM
+/// (same fault settings), which it returns with its memory and balloon.
+fn first_leg(
+    cfg: &StressConfig,
+    layout: &Layout,
+    vm: Vm,
+    at: Duration,
+) -> Result<(Vm, Arc<GuestMem>, vmm::api::BalloonHandle, driver::Driven), String> {
+    use vmm::control::ControlRequest;
+    let (mem, balloon) = (
+        vm.memory().clone(),
+        vm.balloon().expect("a balloon").clone(),
+    );
+    let control = vm.control();
+    let running = std::thread::spawn(move || vm.run());
+    let not_running = AtomicBool::new(false);
+    let mut driven = driver::drive(cfg, layout, &mem, &balloon, &not_running, at, false);
+    let dir = std::env::temp_dir().join(format!(
+        "stress-snapshot-{}-{}",
+        std::process::id(),
+        cfg.seed
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ask = |req: ControlRequest| {
+        control
+            .request(req.clone(), Duration::from_secs(60))
+            .map_err(|e| format!("{req:?}: {e}"))
+    };
+    ask(ControlRequest::Pause)?;
+    ask(ControlRequest::Snapshot(dir.clone()))?;
+    ask(ControlRequest::Stop)?;
+    let first = running
+        .join()
+        .map_err(|_| "the first VM's thread panicked".to_string())?
+        .map_err(|e| format!("running the first VM: {e}"))?;
+    if first.reason != ExitReason::Stopped {
+        return Err(format!(
+            "the first VM ended before its snapshot: {}",
+            first.reason
+        ));
+    }
+    drop(mem);
+    let restored = Vm::restore(vmm::builder::RestoreConfig {
+        dir: dir.clone(),
+        mode: vmm::builder::RestoreMode::Lazy,
+        fault: fault_config(cfg),
+        serial: SerialOut::Sink,
+        api_socket: None,
+        seccomp: cfg.seccomp,
+    })
+    .map_err(|e| format!("restoring the snapshot: {e}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let mem = restored.memory().clone();
+    let balloon = restored.balloon().expect("a restored balloon").clone();
+    driven.restores += 1;
+    Ok((restored, mem, balloon, driven))
 }
 
 /// Where the benchmarks keep their JSON: `target/bench/NAME` in the

@@ -55,6 +55,8 @@ pub struct Verdict {
     pub target_changes: u64,
     pub shrinks: u64,
     pub grows: u64,
+    /// Snapshots taken and restored mid-run.
+    pub restores: u64,
     pub faults: u64,
     pub pages_installed: u64,
     pub retries: u64,
@@ -139,7 +141,10 @@ impl Verdict {
         );
         row(
             "window",
-            format!("{} shrinks, {} grows", self.shrinks, self.grows),
+            format!(
+                "{} shrinks, {} grows, {} snapshot restores",
+                self.shrinks, self.grows, self.restores
+            ),
         );
         row(
             "faults",
@@ -359,6 +364,7 @@ pub(crate) fn judge(i: Inputs) -> Result<Verdict, String> {
         target_changes: d.target_changes,
         shrinks: d.shrinks,
         grows: d.grows,
+        restores: d.restores,
         faults: s.faults - i.before.faults,
         pages_installed: s.pages_installed - i.before.pages_installed,
         retries: s.retries - i.before.retries,
