@@ -15,7 +15,6 @@ pub mod hotplug_slots;
 pub mod layout;
 pub mod seccomp;
 pub mod signals;
-pub mod uffd_handshake;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
