@@ -143,7 +143,6 @@ impl PeerRegions {
     /// drops what it fetched.
     fn remove(&self, stats: &Stats, start: u64, end: u64) {
         let page = self.file.page_size;
-        stats.remove_events.fetch_add(1, Relaxed);
         for span in self.file_spans(start, end) {
             self.file.gen.invalidate(span, || {
                 self.file
@@ -152,6 +151,9 @@ impl PeerRegions {
             });
             stats.pages_removed.fetch_add(span.len() / page, Relaxed);
         }
+        // Counted once applied, so that a reader of the counters sees the
+        // table as the event left it.
+        stats.remove_events.fetch_add(1, Relaxed);
     }
 
     /// Takes `[start, end)` out of the table; returns the parts taken, with
@@ -225,13 +227,12 @@ impl RegionTable for PeerRegions {
         match event {
             Event::Remove { start, end } => self.remove(stats, start as u64, end as u64),
             Event::Unmap { start, end } => {
-                stats.unmap_events.fetch_add(1, Relaxed);
                 let (start, end) = (start as u64, end as u64);
                 self.invalidate(start, end);
                 self.cut(start, end);
+                stats.unmap_events.fetch_add(1, Relaxed);
             }
             Event::Remap { from, to, len } => {
-                stats.remap_events.fetch_add(1, Relaxed);
                 let (from, to, len) = (from as u64, to as u64, len as u64);
                 let Some(end) = from.checked_add(len) else {
                     log::warn!("remap of {from:#x}+{len:#x} wraps; ignored");
@@ -248,6 +249,7 @@ impl RegionTable for PeerRegions {
                     })
                     .collect();
                 self.add(moved);
+                stats.remap_events.fetch_add(1, Relaxed);
             }
             Event::Fork { .. } => {
                 // Dropping the child's userfaultfd leaves its memory to the
