@@ -205,3 +205,39 @@ fn map_anonymous(size: u64, page_size: u64) -> std::io::Result<u64> {
     }
     Ok(p as u64)
 }
+
+const POOL: &str = "/proc/sys/vm/nr_hugepages";
+
+/// Puts the huge page pool back the way it was found.
+pub struct PoolGuard(Option<u64>);
+
+impl Drop for PoolGuard {
+    fn drop(&mut self) {
+        if let Some(total) = self.0 {
+            let _ = std::fs::write(POOL, total.to_string());
+        }
+    }
+}
+
+/// Makes sure `pages` 2 MiB huge pages are free, reserving more when
+/// allowed; `None` (with the reason printed) when they cannot be had.
+pub fn reserve_huge_pages(pages: u64) -> Option<PoolGuard> {
+    let free = guest_mem::backing::free_huge_pages(2 << 20).unwrap_or(0);
+    if free >= pages {
+        return Some(PoolGuard(None));
+    }
+    let total: u64 = std::fs::read_to_string(POOL)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if std::fs::write(POOL, (total + pages - free).to_string()).is_err() {
+        eprintln!("{pages} free 2 MiB huge pages needed and {POOL} is not writable");
+        return None;
+    }
+    let guard = PoolGuard(Some(total));
+    if guest_mem::backing::free_huge_pages(2 << 20).unwrap_or(0) < pages {
+        eprintln!("the kernel could not reserve {pages} 2 MiB huge pages");
+        return None;
+    }
+    Some(guard)
+}

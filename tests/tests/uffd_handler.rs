@@ -535,3 +535,40 @@ fn bad_handshakes_are_refused_with_a_clear_error_and_the_server_keeps_listening(
     drop(good);
     assert!(ended(peer).contains("the peer closed its socket"));
 }
+
+#[test]
+fn two_mib_pages_are_served_and_removed_whole() {
+    if !userfaultfd_usable() {
+        eprintln!("skipped: userfaultfd is not available");
+        return;
+    }
+    const HUGE: u64 = 2 * MIB;
+    let Some(_pool) = integration_tests::uffd_peer::reserve_huge_pages(8) else {
+        eprintln!("skipped: no huge pages");
+        return;
+    };
+    let dir = Dir::new("huge");
+    let (sock, rx) = server(&dir, 16 * MIB, FaultConfig::default());
+    let mut fc = FirecrackerLike::new(&[16 * MIB], HUGE, FeatureFlags::empty()).unwrap();
+    fc.connect(&sock).unwrap();
+    let peer = accepted(&rx).map_err(|(_, e)| e).unwrap();
+    let base = fc.regions[0].host;
+    fc.remove(base + 3 * HUGE, HUGE).unwrap();
+    for h in 0..8 {
+        for o in [0, 5 * PAGE + 8, HUGE - 8] {
+            let a = base + h * HUGE + o;
+            let want = if h == 3 { 0 } else { file_word(h * HUGE + o) };
+            assert_eq!(fc.read(a), want, "huge page {h} offset {o:#x}");
+        }
+    }
+    // A page served, then given back: zero from then on.
+    fc.remove(base + 5 * HUGE, HUGE).unwrap();
+    assert_eq!(fc.read(base + 5 * HUGE + 64), 0);
+    let s = peer.handler.settled_stats(Duration::from_secs(5));
+    assert_eq!(s.pages_removed, 2, "{s}");
+    assert_eq!(
+        s.pages_installed, 9,
+        "8 pages and the one removed after use: {s}"
+    );
+    assert_eq!(s.install_errors + s.out_of_range, 0, "{s}");
+}
