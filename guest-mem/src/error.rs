@@ -137,6 +137,10 @@ pub enum Error {
     /// An inconsistent configuration.
     #[error("{0}")]
     Config(String),
+    /// Another process's memory cannot be served as described: a region
+    /// table that does not fit, or a descriptor that is not a userfaultfd.
+    #[error("external memory: {0}")]
+    External(String),
     /// The backing file is a read-only image (under private mappings).
     #[error("{0} is opened read-only (an image under private mappings); it is never modified")]
     ReadOnly(PathBuf),

@@ -38,6 +38,7 @@ pub mod access;
 pub mod backend;
 pub mod backing;
 mod error;
+pub mod external;
 pub mod fault;
 pub mod generation;
 pub mod image;

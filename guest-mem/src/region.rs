@@ -400,7 +400,12 @@ pub(crate) struct DiscardView<'a> {
     pages: u64,
 }
 
-impl DiscardView<'_> {
+impl<'a> DiscardView<'a> {
+    /// Region page `p` is page `first + p` of `map`; the region has `pages`.
+    pub(crate) fn new(map: Option<&'a PageBits>, first: u64, pages: u64) -> Self {
+        DiscardView { map, first, pages }
+    }
+
     pub(crate) fn get(&self, page: u64) -> bool {
         page < self.pages && self.map.is_some_and(|m| m.get(self.first + page))
     }

@@ -225,6 +225,20 @@ counters! {
     bytes_truncated,
     /// Grows.
     grows,
+    /// Installs the kernel held back (`EAGAIN`) until the events pending on
+    /// the userfaultfd were read; each was retried after reading them.
+    installs_held_back,
+    /// Messages read from the userfaultfd that could not be decoded.
+    bad_events,
+    /// `UFFD_EVENT_REMOVE`s applied (another process's `MADV_DONTNEED`,
+    /// a balloon inflating): each one invalidation.
+    remove_events,
+    /// Pages those remove events gave back; they read zero from then on.
+    pages_removed,
+    /// `UFFD_EVENT_UNMAP`s applied.
+    unmap_events,
+    /// `UFFD_EVENT_REMAP`s applied.
+    remap_events,
 }
 
 #[cfg(test)]

@@ -164,3 +164,84 @@ pub fn snapshot_payload(load_addr: u64) -> Vec<u8> {
     })()
     .expect("the snapshot payload assembles")
 }
+
+/// Checks the words at 0, 0x800 and 0xff8 of every page of `[rsi, rdx)`
+/// against the memory file's [`file_word`](crate::uffd_peer::file_word)
+/// (`file offset = address + rcx`, wrapping). With `r8 != 0` a page
+/// whose first word is zero must be zero at all three (a page given back)
+/// and is counted apart.
+///
+/// Success (code 0): rbx = pages holding the file's words, rcx = zero
+/// pages. Failure: code 1 (a wrong word) or 2 (a page zero only in part),
+/// rbx = page, rcx = expected, rdx = found.
+pub fn file_check_payload(load_addr: u64) -> Vec<u8> {
+    (|| -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        let mut next_page = a.create_label();
+        let mut strict = a.create_label();
+        let mut next = a.create_label();
+        let mut done = a.create_label();
+        let mut fail = a.create_label();
+        let mut fail_zero = a.create_label();
+
+        a.mov(r9, 0xf11e_0000_0000_0000u64)?;
+        a.mov(r10, rsi)?;
+        a.xor(r12, r12)?;
+        a.xor(r13, r13)?;
+        a.set_label(&mut next_page)?;
+        a.cmp(r10, rdx)?;
+        a.jae(done)?;
+        a.mov(r11, qword_ptr(r10))?;
+        a.test(r8, r8)?;
+        a.jz(strict)?;
+        a.test(r11, r11)?;
+        a.jnz(strict)?;
+        for off in [0x800, 0xff8] {
+            a.mov(r11, qword_ptr(r10 + off))?;
+            a.test(r11, r11)?;
+            a.jnz(fail_zero)?;
+        }
+        a.inc(r12)?;
+        a.jmp(next)?;
+
+        a.set_label(&mut strict)?;
+        for off in [0, 0x800, 0xff8] {
+            a.lea(rax, qword_ptr(r10 + off))?;
+            a.add(rax, rcx)?;
+            a.xor(rax, r9)?;
+            a.mov(r11, qword_ptr(r10 + off))?;
+            a.cmp(r11, rax)?;
+            a.jne(fail)?;
+        }
+        a.inc(r13)?;
+        a.set_label(&mut next)?;
+        a.add(r10, 0x1000)?;
+        a.jmp(next_page)?;
+
+        a.set_label(&mut done)?;
+        a.mov(rbx, r13)?;
+        a.mov(rcx, r12)?;
+        a.xor(eax, eax)?;
+        a.out(0xe0, eax)?;
+        a.jmp(done)?;
+
+        a.set_label(&mut fail)?;
+        a.mov(rbx, r10)?;
+        a.mov(rcx, rax)?;
+        a.mov(rdx, r11)?;
+        a.mov(eax, 1)?;
+        a.out(0xe0, eax)?;
+        a.jmp(fail)?;
+
+        a.set_label(&mut fail_zero)?;
+        a.mov(rbx, r10)?;
+        a.xor(ecx, ecx)?;
+        a.mov(rdx, r11)?;
+        a.mov(eax, 2)?;
+        a.out(0xe0, eax)?;
+        a.jmp(fail_zero)?;
+
+        a.assemble(load_addr)
+    })()
+    .expect("the file-check payload assembles")
+}

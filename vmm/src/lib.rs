@@ -24,7 +24,6 @@ pub mod ram;
 pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
-pub mod uffd_handshake;
 pub mod vcpu;
 pub mod vcpu_gate;
 pub mod vcpu_state;

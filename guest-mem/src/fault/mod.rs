@@ -2,16 +2,18 @@
 //! the fault path of the truncate-generation protocol.
 
 mod failure;
-mod ioctl;
+pub(crate) mod ioctl;
 mod readahead;
+pub(crate) mod run;
 mod serve;
+pub(crate) mod target;
 
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 
-use userfaultfd::{Event, FaultKind, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use failure::FaultFailure;
@@ -22,6 +24,8 @@ use crate::generation::RetryPolicy;
 use crate::region::Region;
 use crate::stats::Stats;
 use crate::{Error, Result};
+use run::Stopped;
+use target::{OwnRegions, RegionTable};
 
 /// Who serves first touches of guest memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -140,7 +144,7 @@ impl ThreadStartHook {
         ThreadStartHook(Arc::new(f))
     }
 
-    fn call(&self) -> std::result::Result<(), String> {
+    pub(crate) fn call(&self) -> std::result::Result<(), String> {
         (self.0)()
     }
 }
@@ -151,29 +155,42 @@ impl std::fmt::Debug for ThreadStartHook {
     }
 }
 
-/// What the handler threads share.
-pub(crate) struct Context {
+/// What the handler threads of one userfaultfd share.
+pub(crate) struct Context<T: RegionTable> {
     pub uffd: Uffd,
-    /// Sorted by host address.
-    pub regions: Vec<Arc<Region>>,
+    pub table: T,
     pub stats: Arc<Stats>,
     pub config: FaultConfig,
     pub failure: Arc<FaultFailure>,
     /// Set when the handler is being dropped: threads stop on purpose.
     pub stopping: AtomicBool,
+    /// Held exclusively by a thread from reading events to applying them,
+    /// shared by installs (only when `T::EVENTS`; see [`RegionTable`]).
+    pub event_gate: RwLock<()>,
 }
 
-impl Context {
-    pub(crate) fn region_at(&self, addr: u64) -> Option<&Arc<Region>> {
-        let i = self.regions.partition_point(|r| r.host_addr() <= addr);
-        let r = self.regions.get(i.checked_sub(1)?)?;
-        r.contains_host(addr).then_some(r)
+impl<T: RegionTable> Context<T> {
+    pub(crate) fn new(
+        uffd: Uffd,
+        table: T,
+        stats: Arc<Stats>,
+        config: FaultConfig,
+    ) -> Result<Self> {
+        Ok(Context {
+            uffd,
+            table,
+            stats,
+            config,
+            failure: Arc::new(FaultFailure::new()?),
+            stopping: AtomicBool::new(false),
+            event_gate: RwLock::new(()),
+        })
     }
 }
 
 /// The running fault handler: a userfaultfd and its threads.
 pub(crate) struct FaultHandler {
-    ctx: Arc<Context>,
+    ctx: Arc<Context<OwnRegions>>,
     stop: EventFd,
     threads: Vec<JoinHandle<()>>,
 }
@@ -238,14 +255,7 @@ impl FaultHandler {
         }
         let mut sorted = regions;
         sorted.sort_by_key(|r| r.host_addr());
-        let ctx = Arc::new(Context {
-            uffd,
-            regions: sorted,
-            stats,
-            config,
-            failure: Arc::new(FaultFailure::new()?),
-            stopping: AtomicBool::new(false),
-        });
+        let ctx = Arc::new(Context::new(uffd, OwnRegions(sorted), stats, config)?);
         let stop = EventFd::new(libc::EFD_CLOEXEC).map_err(Error::Eventfd)?;
         let mut handler = FaultHandler {
             ctx: ctx.clone(),
@@ -263,7 +273,10 @@ impl FaultHandler {
                         None => Ok(()),
                     };
                     let why = match started {
-                        Ok(()) => run(&ctx, stop_fd),
+                        Ok(()) => match run::run(&ctx, stop_fd, None) {
+                            Stopped::Asked => return,
+                            Stopped::PeerGone(why) | Stopped::Failed(why) => why,
+                        },
                         Err(e) => format!("its start hook failed: {e}"),
                     };
                     if !ctx.stopping.load(Ordering::Acquire) {
@@ -299,69 +312,11 @@ impl Drop for FaultHandler {
         }
         // Unregistering wakes any thread still blocked on a fault in the
         // range; it then faults again under the kernel's own handling.
-        for r in &self.ctx.regions {
+        for r in &self.ctx.table.0 {
             let _ = self
                 .ctx
                 .uffd
                 .unregister(r.host_addr() as *mut _, r.max_size() as usize);
-        }
-    }
-}
-
-/// Serves faults until asked to stop; returns why it stopped.
-fn run(ctx: &Context, stop_fd: RawFd) -> String {
-    let mut buf = userfaultfd::EventBuffer::new(32);
-    let mut scratch = serve::Scratch::new();
-    let uffd_fd = ctx.uffd.as_raw_fd();
-    #[cfg(feature = "test-switches")]
-    let mut served = 0u64;
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: uffd_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: fds is a valid array of two pollfd structures.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return format!("poll failed: {err}");
-        }
-        if fds[1].revents != 0 {
-            return "asked to stop".into();
-        }
-        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-            return "the userfaultfd reported an error condition".into();
-        }
-        let events = match ctx.uffd.read_events(&mut buf) {
-            Ok(events) => events,
-            Err(e) => return format!("reading events failed: {e}"),
-        };
-        for event in events {
-            match event {
-                Ok(Event::Pagefault { kind, addr, .. }) => {
-                    serve::serve_fault(ctx, &mut scratch, addr as u64, kind == FaultKind::Minor);
-                    #[cfg(feature = "test-switches")]
-                    {
-                        served += 1;
-                        if ctx.config.stop_after_faults.is_some_and(|n| served >= n) {
-                            return "test switch: stop after faults".into();
-                        }
-                    }
-                }
-                Ok(other) => log::debug!("fault handler: ignoring event {other:?}"),
-                Err(e) => log::warn!("fault handler: bad event: {e}"),
-            }
         }
     }
 }

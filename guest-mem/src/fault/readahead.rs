@@ -10,7 +10,8 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::region::{Region, READAHEAD_STREAMS};
+use super::target::FaultRegion;
+use crate::region::READAHEAD_STREAMS;
 
 /// Readahead settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,11 +52,16 @@ const INITIAL_PAGES: u64 = 4;
 
 /// The window, in pages, for a fault at `page` (region page index), limited
 /// to `limit` pages (plugged end) and to the first discarded page.
-pub(crate) fn window_pages(cfg: &Readahead, region: &Region, page: u64, limit: u64) -> u64 {
+pub(crate) fn window_pages(
+    cfg: &Readahead,
+    region: &impl FaultRegion,
+    page: u64,
+    limit: u64,
+) -> u64 {
     let page_size = region.page_size();
     let max = (cfg.max / page_size).max(1);
     // A fault right where a stream's last window ended continues it.
-    let state = &region.readahead;
+    let state = region.readahead_state();
     let stream = if cfg.adaptive && max > 1 {
         let hit = state
             .streams

@@ -1,24 +1,29 @@
 //! Serving one fault: resolve, sample, fetch, re-check under the install
 //! lock, install, wake.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use super::ioctl::{self, Outcome};
 use super::readahead::window_pages;
+use super::run::{read_events, PendingFault};
+use super::target::{FaultRegion, RegionTable};
 use super::Context;
-use crate::backing::BackingKind;
 use crate::generation::{InstallGuard, Verdict};
-use crate::region::Region;
 
-/// Per-thread buffers: fetched contents, and zeros for hugetlbfs (which has
-/// no `UFFDIO_ZEROPAGE`).
+/// Per-thread buffers: fetched contents, zeros for hugetlbfs (which has
+/// no `UFFDIO_ZEROPAGE`), and what was read from the userfaultfd.
 pub(crate) struct Scratch {
     data: Vec<u8>,
     zeros: Vec<u8>,
     /// The last page this thread gave up on (host address): touched again,
     /// it gets one attempt and a long pause, not the whole series.
     given_up: Option<u64>,
+    /// Messages read at once.
+    pub events: userfaultfd::EventBuffer,
+    /// Faults read and not served yet (in the order read).
+    pub pending: VecDeque<PendingFault>,
 }
 
 impl Scratch {
@@ -27,6 +32,8 @@ impl Scratch {
             data: Vec::new(),
             zeros: Vec::new(),
             given_up: None,
+            events: userfaultfd::EventBuffer::new(32),
+            pending: VecDeque::new(),
         }
     }
 
@@ -49,6 +56,7 @@ impl Scratch {
 }
 
 /// What a fetch produced for the install range.
+#[derive(Clone, Copy)]
 enum Contents {
     Zero,
     Data,
@@ -69,23 +77,29 @@ enum Installed {
     RetryAsMissing,
 }
 
-pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut minor: bool) {
+pub(crate) fn serve_fault<T: RegionTable>(
+    ctx: &Context<T>,
+    scratch: &mut Scratch,
+    addr: u64,
+    mut minor: bool,
+) {
     let start = Instant::now();
     let stats = &ctx.stats;
     stats.faults.fetch_add(1, Relaxed);
     if minor {
         stats.minor_faults.fetch_add(1, Relaxed);
     }
-    let Some(region) = ctx.region_at(addr) else {
+    let Some(region) = ctx.table.region_at(addr) else {
         stats.unknown_address.fetch_add(1, Relaxed);
         log::warn!("fault at {addr:#x} outside every region; waking the thread");
         wake(ctx, addr & !(crate::backing::host_page_size() - 1), 1);
         return;
     };
+    let region = &*region;
     let page = region.page_size();
     let offset = (addr - region.host_addr()) & !(page - 1);
     let page_index = offset / page;
-    let gen = region.backing().generation();
+    let gen = region.generation();
     let host = region.host_addr() + offset;
     // A page given up on before gets one attempt; a fresh one the series.
     let attempts = if scratch.given_up == Some(host) {
@@ -107,14 +121,14 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
         ctx.failure.report(format!(
             "region {} offset {offset:#x} (host {host:#x}): {what} after {failures} \
              attempt(s); the page could not be served",
-            region.index(),
+            region.label(),
         ));
         gave_up = true;
         std::thread::sleep(super::failure::GIVE_UP_PAUSE);
         wake(ctx, host, page);
         false
     };
-    loop {
+    'fetch: loop {
         let sample = gen.sample();
         let plugged = region.backed_size();
         if offset >= plugged {
@@ -122,7 +136,7 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
             log::warn!(
                 "fault at region {} offset {offset:#x} is past the backed size {plugged:#x}; \
                  not installed (the access will fail)",
-                region.index()
+                region.label()
             );
             wake(ctx, region.host_addr() + offset, page);
             break;
@@ -134,54 +148,86 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
             let window = window_pages(&ctx.config.readahead, region, page_index, plugged / page);
             trim_to_data(region, offset, window)
         };
-        let mut len = pages * page;
-        let mut contents = match fetch(region, offset, len, discarded, minor, scratch) {
+        let fetched_len = pages * page;
+        let fetched = match fetch(region, offset, fetched_len, discarded, minor, scratch) {
             Ok(c) => c,
             Err(e) => {
                 stats.fetch_errors.fetch_add(1, Relaxed);
-                if failed(format_args!("fetching {len:#x} bytes failed: {e}")) {
+                if failed(format_args!("fetching {fetched_len:#x} bytes failed: {e}")) {
                     continue;
                 }
                 break;
             }
         };
         ctx.config.inject_fetch_delay();
-        let guard = gen.lock_install();
-        let verdict = guard.recheck(sample, region.file_range(offset, len));
-        if ctx.config.recheck_enabled() && verdict.must_retry(ctx.config.retry_policy) {
-            stats.retries.fetch_add(1, Relaxed);
-            if verdict == Verdict::ChangedElsewhere {
-                stats.spurious_retries.fetch_add(1, Relaxed);
-            }
-            // What the invalidations left behind is known here, under the
-            // lock, without fetching again: no fault can be made to retry
-            // for ever, and none holds the lock across a (slow) fetch.
-            match resolve(region, &guard, page_index, pages, minor) {
-                Resolved::Gone => {
-                    stats.out_of_range.fetch_add(1, Relaxed);
-                    wake(ctx, region.host_addr() + offset, page);
-                    break;
+        // Install attempts with what was fetched: the first, and one after
+        // each `EAGAIN` (an event the kernel holds installs back for until
+        // it is read: read it, then check again against the same sample,
+        // without fetching again).
+        loop {
+            let (mut contents, mut len) = (fetched, fetched_len);
+            let events_gate = T::EVENTS.then(|| {
+                ctx.event_gate
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            });
+            let guard = gen.lock_install();
+            let verdict = guard.recheck(sample, region.file_range(offset, len));
+            if ctx.config.recheck_enabled() && verdict.must_retry(ctx.config.retry_policy) {
+                stats.retries.fetch_add(1, Relaxed);
+                if verdict == Verdict::ChangedElsewhere {
+                    stats.spurious_retries.fetch_add(1, Relaxed);
                 }
-                Resolved::Zero => {
-                    contents = Contents::Zero;
-                    len = page;
+                // What the invalidations left behind is known here, under the
+                // lock, without fetching again: no fault can be made to retry
+                // for ever, and none holds the lock across a (slow) fetch.
+                match resolve(region, &guard, page_index, pages, minor) {
+                    Resolved::Gone => {
+                        stats.out_of_range.fetch_add(1, Relaxed);
+                        wake(ctx, region.host_addr() + offset, page);
+                        break 'fetch;
+                    }
+                    Resolved::Zero => {
+                        contents = Contents::Zero;
+                        len = page;
+                    }
+                    Resolved::Valid(n) => len = n * page,
+                    Resolved::Again => continue 'fetch,
                 }
-                Resolved::Valid(n) => len = n * page,
-                Resolved::Again => continue,
+                stats.resolved_under_lock.fetch_add(1, Relaxed);
+            } else if verdict == Verdict::ChangedElsewhere {
+                stats.retries_avoided.fetch_add(1, Relaxed);
             }
-            stats.resolved_under_lock.fetch_add(1, Relaxed);
-        } else if verdict == Verdict::ChangedElsewhere {
-            stats.retries_avoided.fetch_add(1, Relaxed);
-        }
-        match install(ctx, region, &guard, offset, len, contents, scratch) {
-            Installed::Done => break,
-            Installed::Retry => {}
-            Installed::RetryAsMissing => minor = false,
-            Installed::Failed(errno) => {
-                drop(guard);
-                let e = std::io::Error::from_raw_os_error(errno);
-                if !failed(format_args!("installing {len:#x} bytes failed: {e}")) {
-                    break;
+            match install(ctx, region, &guard, offset, len, contents, scratch) {
+                Installed::Done => break 'fetch,
+                Installed::Retry => {
+                    drop(guard);
+                    drop(events_gate);
+                    stats.installs_held_back.fetch_add(1, Relaxed);
+                    match read_events(ctx, scratch) {
+                        // The event was read by another thread, which has not
+                        // yet let the kernel go on: give it the CPU.
+                        Ok(0) => std::thread::yield_now(),
+                        Ok(_) => {}
+                        Err(e) => {
+                            if !failed(format_args!("{e}")) {
+                                break 'fetch;
+                            }
+                        }
+                    }
+                }
+                Installed::RetryAsMissing => {
+                    minor = false;
+                    continue 'fetch;
+                }
+                Installed::Failed(errno) => {
+                    drop(guard);
+                    drop(events_gate);
+                    let e = std::io::Error::from_raw_os_error(errno);
+                    if !failed(format_args!("installing {len:#x} bytes failed: {e}")) {
+                        break 'fetch;
+                    }
+                    continue 'fetch;
                 }
             }
         }
@@ -191,7 +237,7 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
     stats.fault_latency.record(took);
     log::trace!(
         "fault region {} offset {offset:#x} served in {:.0} us",
-        region.index(),
+        region.label(),
         took.as_secs_f64() * 1e6
     );
 }
@@ -201,8 +247,8 @@ pub(crate) fn serve_fault(ctx: &Context, scratch: &mut Scratch, addr: u64, mut m
 /// their own faults, so a restored guest's untouched (or given-back)
 /// memory stays unallocated. Fresh memory, with no source, keeps the whole
 /// window.
-fn trim_to_data(region: &Region, offset: u64, window: u64) -> u64 {
-    let Some(src) = region.source.as_ref().filter(|_| window > 1) else {
+fn trim_to_data(region: &impl FaultRegion, offset: u64, window: u64) -> u64 {
+    let Some(src) = region.source().filter(|_| window > 1) else {
         return window;
     };
     let page = region.page_size();
@@ -226,7 +272,7 @@ enum Resolved {
 /// Decides, under the install lock, what of a fetch of `pages` pages from
 /// `page_index` is still good after an overlapping invalidation.
 fn resolve(
-    region: &Region,
+    region: &impl FaultRegion,
     _guard: &InstallGuard<'_>,
     page_index: u64,
     pages: u64,
@@ -250,7 +296,7 @@ fn resolve(
 }
 
 fn fetch(
-    region: &Region,
+    region: &impl FaultRegion,
     offset: u64,
     len: u64,
     discarded: bool,
@@ -260,7 +306,7 @@ fn fetch(
     if minor {
         return Ok(Contents::PageCache);
     }
-    let Some(src) = region.source.as_ref().filter(|_| !discarded) else {
+    let Some(src) = region.source().filter(|_| !discarded) else {
         return Ok(Contents::Zero);
     };
     let src_off = src.offset + offset;
@@ -271,9 +317,9 @@ fn fetch(
     Ok(Contents::Data)
 }
 
-fn install(
-    ctx: &Context,
-    region: &Region,
+fn install<T: RegionTable>(
+    ctx: &Context<T>,
+    region: &impl FaultRegion,
     _guard: &InstallGuard<'_>,
     offset: u64,
     len: u64,
@@ -286,7 +332,7 @@ fn install(
     let page = region.page_size();
     let minor = matches!(contents, Contents::PageCache);
     let out: Outcome = match contents {
-        Contents::Zero if region.backing().kind() == BackingKind::Hugetlbfs => {
+        Contents::Zero if region.zero_by_copy() => {
             stats.installs_zero.fetch_add(1, Relaxed);
             let zeros = scratch.zeros(len as usize);
             // SAFETY: zeros is len readable bytes; dst..dst+len lies inside
@@ -343,7 +389,7 @@ fn install(
     }
 }
 
-fn wake(ctx: &Context, addr: u64, len: u64) {
+fn wake<T: RegionTable>(ctx: &Context<T>, addr: u64, len: u64) {
     let fd = std::os::unix::io::AsRawFd::as_raw_fd(&ctx.uffd);
     if let Some(errno) = ioctl::wake(fd, addr, len) {
         log::warn!(

@@ -15,6 +15,7 @@ use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 
+use guest_mem::external::ExternalRegion;
 use serde_json::Value;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -33,6 +34,18 @@ pub struct UffdRegion {
     pub offset: u64,
     /// The region's page size: 4 KiB, or 2 MiB for hugetlbfs.
     pub page_size: u64,
+}
+
+impl UffdRegion {
+    /// The region as `guest-mem` serves it.
+    pub fn external(&self) -> ExternalRegion {
+        ExternalRegion {
+            host_addr: self.base_host_virt_addr,
+            size: self.size,
+            offset: self.offset,
+            page_size: self.page_size,
+        }
+    }
 }
 
 /// What the handshake brought.
