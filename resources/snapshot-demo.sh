@@ -1,9 +1,11 @@
 #!/bin/sh
-# Boots a guest whose workload checksums 96 MiB of data every second,
+# Boots a guest whose workload checksums 96 MiB of data every second, with
+# a balloon and a virtio-mem window of which 128 MiB are plugged,
 # snapshots it (PUT /vm paused, PUT /snapshot), ends the VMM, and restores
 # the snapshot in a new VMM process, once per restore mode given
 # (MODES="lazy eager"), each time inflating the balloon to half the guest
-# right away, while memory is still streaming in, then deflating; the
+# and unplugging all of virtio-mem right away, while memory is still
+# streaming in, then deflating; the
 # guest carries on (console, uptime, checksums) and powers off. Prints
 # timings as KEY=VALUE lines. Runs wherever /dev/kvm can run the guest:
 # inside the L1, or on a host with vmx/svm. POSIX sh.
@@ -45,9 +47,12 @@ trap 'for f in "$dir"/serial-*; do echo "--- $f ---"; cat "$f"; done' EXIT
 
 echo "== booting"
 "$VMM" --kernel "$KERNEL" --initrd "$INITRD" --memory "${MEMORY_MIB}M" \
-    --balloon --api-sock "$dir/boot.sock" --serial "file:$dir/serial-boot" \
-    --cmdline "console=ttyS0 reboot=k panic=-1 noxsave data_mib=$DATA_MIB" &
+    --balloon --virtio-mem 256M --api-sock "$dir/boot.sock" --serial "file:$dir/serial-boot" \
+    --cmdline "console=ttyS0 reboot=k panic=-1 noxsave memhp_default_state=online_movable data_mib=$DATA_MIB" &
 vmm=$!
+wait_line "$dir/serial-boot" "GUEST-READY" 300 || exit 1
+"$VMMCTL" --sock "$dir/boot.sock" PUT /memory '{"requested_mib": 128, "wait_ms": 120000}' | tr -d '\n' | sed 's/^/PLUGGED /'
+echo
 wait_line "$dir/serial-boot" "GUEST-CHECK round=3" 300 || exit 1
 used=$(field "$dir/boot.sock" /vm host_allocated_mib)
 t=$(now)
@@ -75,7 +80,10 @@ for mode in $MODES; do
     wait_line "$serial" "GUEST-CHECK" 120 || exit 1
     first=$(elapsed "$t")
     "$VMMCTL" --sock "$sock" PUT /balloon "{\"target_mib\": $TARGET_MIB}" || exit 1
+    "$VMMCTL" --sock "$sock" PUT /memory '{"requested_mib": 0}' || exit 1
     wait_actual "$sock" "$TARGET_MIB" || exit 1
+    "$VMMCTL" --sock "$sock" PUT /memory '{"requested_mib": 0, "wait_ms": 120000}' | tr -d '\n' | sed "s/^/UNPLUGGED mode=$mode /"
+    echo
     echo "RESTORED mode=$mode running_s=$running pages_first_second=$fetched first_response_s=$first inflated_s=$(elapsed "$t") first_line=$(grep GUEST-CHECK "$serial" | head -1 | tr ' ' ',')"
     "$VMMCTL" --sock "$sock" GET /balloon | tr -d '\n' | sed 's/^/BALLOON-AFTER-INFLATE /'
     echo

@@ -318,3 +318,52 @@ fn bad_snapshots_are_refused_with_the_reason() {
         state
     );
 }
+
+/// A snapshot that fails halfway (guest memory that cannot be saved: a
+/// private mapping) leaves nothing behind: no directory that looks valid,
+/// no partial one. The VM carries on.
+#[test]
+fn a_failed_snapshot_leaves_no_directory() {
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    let mut rc = guest_mem::RegionConfig::new(0, MEMORY);
+    rc.private = true;
+    let mem = GuestMem::builder().region(rc).build().unwrap();
+    let mut vm = Vm::with_memory(
+        VmConfig {
+            memory: MEMORY,
+            vcpus: 1,
+            backend: vmm::MemBackend::Memfd,
+            fault: Default::default(),
+            serial: SerialOut::Sink,
+            balloon: None,
+            hotplug: None,
+            api_socket: None,
+            seccomp: true,
+        },
+        mem,
+    )
+    .unwrap();
+    vm.load_payload(&snapshot_payload(LOAD), LOAD, true, |_| PayloadArgs {
+        entry: LOAD,
+        stack: LOAD,
+        args: [0, SLICES_START, SLICES_START + (4 << 20), mailbox(0), 0, 0],
+    })
+    .unwrap();
+    let vm = start(vm);
+    wait_for("the stamps", || {
+        read(&vm.mem, mailbox(0) + mailbox::WRITTEN) == 1
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snap");
+    vm.ask(ControlRequest::Pause).unwrap();
+    let e = vm.ask(ControlRequest::Snapshot(dir.clone())).unwrap_err();
+    assert!(e.to_string().contains("private"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    vm.ask(ControlRequest::Resume).unwrap();
+    let rounds = vm.finish();
+    assert!(rounds[0] > 0);
+}

@@ -1,8 +1,9 @@
 //! Snapshot and restore of a Linux guest, inside the nested L1: the
-//! guest checksums its data every second; it is paused and saved, its VMM
-//! ended, and the snapshot restored in a new VMM process, lazily and then
-//! eagerly, each time with the balloon inflated to half the guest at once
-//! (while memory is still streaming in) and deflated. The guest carries on
+//! guest checksums its data every second, with 128 MiB of virtio-mem
+//! plugged; it is paused and saved, its VMM ended, and the snapshot
+//! restored in a new VMM process, lazily and then eagerly, each time with
+//! the balloon inflated to half the guest and virtio-mem unplugged at once
+//! (while memory is still streaming in), then the balloon deflated. The guest carries on
 //! where it stopped — its console, its uptime, its checksums — and powers
 //! off cleanly; no inflated range is backed after its discard; the
 //! snapshot is unchanged. Timings go to `target/bench/snapshot.json`.
@@ -113,6 +114,22 @@ fn a_linux_guest_resumes_from_lazy_and_eager_restores_with_the_balloon_live() {
         .collect();
     if strays.len() != 2 || strays.iter().any(|l| !l.contains("\"stray_ranges\": 0")) {
         fail("stray pages behind balloon discards during the restore");
+    }
+    let plugged = out
+        .line("PLUGGED ")
+        .unwrap_or_else(|| fail("no PLUGGED line"));
+    if !plugged.contains("\"plugged_mib\": 128") {
+        fail("virtio-mem did not plug 128 MiB before the snapshot");
+    }
+    for mode in ["lazy", "eager"] {
+        let line = out
+            .line(&format!("UNPLUGGED mode={mode}"))
+            .unwrap_or_else(|| fail(&format!("no UNPLUGGED line for {mode}")));
+        if !line.contains("\"plugged_mib\": 0") {
+            fail(&format!(
+                "{mode}: virtio-mem did not unplug during the restore"
+            ));
+        }
     }
     if out.line("SNAPSHOT-UNCHANGED yes").is_none() {
         fail("restoring modified the snapshot");
