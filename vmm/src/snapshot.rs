@@ -149,7 +149,7 @@ fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
-/// What [`write`] wrote.
+/// What [`write()`] wrote.
 #[derive(Debug, Clone, Copy)]
 pub struct Written {
     /// Bytes of guest memory data written (holes excluded).

@@ -94,7 +94,7 @@ impl Vm {
 
     /// Makes [`Vm::run`] stop the VM when one of `signals` arrives, as it
     /// does when the guest stops; the outcome's reason is then
-    /// [`ExitReason::Signal`].
+    /// [`ExitReason::Signal`](crate::ExitReason::Signal).
     pub fn stop_on_signals(&mut self, signals: ShutdownSignals) {
         self.shutdown = Some(signals);
     }
