@@ -24,6 +24,7 @@ PACKAGES=(
     curl
     ca-certificates
     libclang-dev    # bindgen (userfaultfd crate)
+    g++             # libFuzzer, built by the fuzz crates (CI checks them)
     coreutils       # timeout, sha256sum
     findutils
 )
