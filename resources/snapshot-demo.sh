@@ -51,7 +51,7 @@ echo "== booting"
     --cmdline "console=ttyS0 reboot=k panic=-1 noxsave memhp_default_state=online_movable data_mib=$DATA_MIB" &
 vmm=$!
 wait_line "$dir/serial-boot" "GUEST-READY" 300 || exit 1
-"$VMMCTL" --sock "$dir/boot.sock" PUT /memory '{"requested_mib": 128, "wait_ms": 120000}' | tr -d '\n' | sed 's/^/PLUGGED /'
+"$VMMCTL" --sock "$dir/boot.sock" PUT /memory '{"requested_mib": 128, "wait_ms": 60000}' | tr -d '\n' | sed 's/^/PLUGGED /'
 echo
 wait_line "$dir/serial-boot" "GUEST-CHECK round=3" 300 || exit 1
 used=$(field "$dir/boot.sock" /vm host_allocated_mib)
@@ -82,7 +82,7 @@ for mode in $MODES; do
     "$VMMCTL" --sock "$sock" PUT /balloon "{\"target_mib\": $TARGET_MIB}" || exit 1
     "$VMMCTL" --sock "$sock" PUT /memory '{"requested_mib": 0}' || exit 1
     wait_actual "$sock" "$TARGET_MIB" || exit 1
-    "$VMMCTL" --sock "$sock" PUT /memory '{"requested_mib": 0, "wait_ms": 120000}' | tr -d '\n' | sed "s/^/UNPLUGGED mode=$mode /"
+    "$VMMCTL" --sock "$sock" PUT /memory '{"requested_mib": 0, "wait_ms": 60000}' | tr -d '\n' | sed "s/^/UNPLUGGED mode=$mode /"
     echo
     echo "RESTORED mode=$mode running_s=$running pages_first_second=$fetched first_response_s=$first inflated_s=$(elapsed "$t") first_line=$(grep GUEST-CHECK "$serial" | head -1 | tr ' ' ',')"
     "$VMMCTL" --sock "$sock" GET /balloon | tr -d '\n' | sed 's/^/BALLOON-AFTER-INFLATE /'
