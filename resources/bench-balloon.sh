@@ -9,8 +9,9 @@
 # for both, so only the balloon gives memory back. Also timed by each VMM
 # itself, free of polling: from the guest's first `actual` update to the one
 # that reaches the target (this VMM's GET /balloon `last_resize`; QEMU's
-# BALLOON_CHANGE event timestamps). Prints a table and writes
-# target/bench/balloon.json.
+# BALLOON_CHANGE event timestamps). The same VMM also runs with
+# --no-seccomp in each round, so the filters' cost is a ratio measured side
+# by side. Prints a table and writes target/bench/balloon.json.
 #
 # Usage: resources/bench-balloon.sh [--runs N] [--memory MiB] [--inflate MiB]
 set -euo pipefail
@@ -59,11 +60,14 @@ vmm_timing() {
     settled=\$(echo "\$b" | grep -o '"settled_ms": [0-9.]*' | grep -o '[0-9.]*\$')
     echo "BENCH-TIMING vmm run=\$run phase=\$1 first_ms=\$first settled_ms=\$settled"
 }
+# bench_vmm NAME [VMM FLAGS]: NAME vmm (as shipped) or vmm_noseccomp.
 bench_vmm() {
+    name=\$1
+    shift
     rm -f /tmp/api.sock /tmp/serial.vmm
     taskset -c \$CPU /bin/vmm --kernel /guest/vmlinux --initrd /guest/balloon-idle.cpio.gz \\
         --memory \${MEM}M --mem-backend memfd --cmdline "$cmdline" --serial file:/tmp/serial.vmm \\
-        --balloon --balloon-free-page-reporting false --api-sock /tmp/api.sock 2>/tmp/vmm.err &
+        --balloon --balloon-free-page-reporting false --api-sock /tmp/api.sock "\$@" 2>/tmp/vmm.err &
     pid=\$!
     wait_ready /tmp/serial.vmm || return 1
     before=\$(shmem_mib \$pid)
@@ -71,17 +75,17 @@ bench_vmm() {
     /bin/vmmctl --sock /tmp/api.sock PUT /balloon "{\"target_mib\": \$INFLATE}" >/dev/null
     until_equal \$INFLATE vmm_actual || return 1
     inflate_s=\$(since \$t)
-    vmm_timing inflate
+    [ \$name = vmm ] && vmm_timing inflate
     # Every inflated range the host had backed must be a hole once discarded.
-    echo "BENCH-CHECK vmm run=\$run stray_ranges=\$(/bin/vmmctl --sock /tmp/api.sock GET /balloon | grep -o '"stray_ranges": [0-9]*' | grep -o '[0-9]*\$')"
+    echo "BENCH-CHECK \$name run=\$run stray_ranges=\$(/bin/vmmctl --sock /tmp/api.sock GET /balloon | grep -o '"stray_ranges": [0-9]*' | grep -o '[0-9]*\$')"
     sleep 1
     after=\$(shmem_mib \$pid)
     t=\$(now)
     /bin/vmmctl --sock /tmp/api.sock PUT /balloon '{"target_mib": 0}' >/dev/null
     until_equal 0 vmm_actual || return 1
     deflate_s=\$(since \$t)
-    vmm_timing deflate
-    echo "BENCH vmm run=\$run inflate_s=\$inflate_s deflate_s=\$deflate_s shmem_before_mib=\$before shmem_after_mib=\$after"
+    [ \$name = vmm ] && vmm_timing deflate
+    echo "BENCH \$name run=\$run inflate_s=\$inflate_s deflate_s=\$deflate_s shmem_before_mib=\$before shmem_after_mib=\$after"
     kill \$pid
     wait \$pid 2>/dev/null
     return 0
@@ -124,7 +128,8 @@ bench_qemu() {
 
 run=1
 while [ \$run -le $runs ]; do
-    bench_vmm || { tail -5 /tmp/vmm.err; exit 1; }
+    bench_vmm vmm || { tail -5 /tmp/vmm.err; exit 1; }
+    bench_vmm vmm_noseccomp --no-seccomp || { tail -5 /tmp/vmm.err; exit 1; }
     bench_qemu || { tail -5 /tmp/qemu.err; exit 1; }
     run=\$((run + 1))
 done
@@ -141,7 +146,7 @@ log, memory, inflate, out_path = sys.argv[1:5]
 inflate = int(inflate)
 pat = re.compile(r"BENCH (\w+) run=\d+ inflate_s=([\d.]+) deflate_s=([\d.]+) "
                  r"shmem_before_mib=([\d.]+) shmem_after_mib=([\d.]+)")
-runs = {"vmm": [], "qemu": []}
+runs = {"vmm": [], "qemu": [], "vmm_noseccomp": []}
 for line in open(log, errors="replace"):
     m = pat.search(line)
     if m and m.group(1) in runs:
@@ -151,7 +156,7 @@ for line in open(log, errors="replace"):
             "inflate_mib_s": inflate / i, "deflate_mib_s": inflate / d,
             "returned_mib": b - a,
         })
-if not runs["vmm"] or not runs["qemu"]:
+if not all(runs.values()):
     sys.exit(f"bench-balloon: a VMM did not complete a run; see {log}")
 
 # Each VMM's own clock: first `actual` update after the request to the one
@@ -163,9 +168,9 @@ stray = [int(m[1]) for m in re.finditer(r"BENCH-CHECK vmm run=\d+ stray_ranges=(
 for k in runs:
     for i, r in enumerate(runs[k], start=1):
         for phase in ("inflate", "deflate"):
-            r[f"{phase}_guest_s"] = guest[k].get((i, phase))
+            r[f"{phase}_guest_s"] = guest.get(k, {}).get((i, phase))
 have_guest = all(r.get(f"{p}_guest_s") is not None
-                 for v in runs.values() for r in v for p in ("inflate", "deflate"))
+                 for k in ("vmm", "qemu") for r in runs[k] for p in ("inflate", "deflate"))
 med = {k: {f: statistics.median(r[f] for r in v) for f in v[0] if v[0][f] is not None}
        for k, v in runs.items()}
 out = {
@@ -181,6 +186,12 @@ out = {
     # Inflated ranges found still backed right after their discard (this
     # VMM checks each one): 0 means all the host had backed came back.
     "vmm_stray_ranges_runs": stray,
+    # What the seccomp filters cost: the same VMM with --no-seccomp, in
+    # the same run (>1: the filtered VMM is slower).
+    "noseccomp_inflate_mib_s": med["vmm_noseccomp"]["inflate_mib_s"],
+    "noseccomp_deflate_mib_s": med["vmm_noseccomp"]["deflate_mib_s"],
+    "seccomp_cost_inflate_ratio": med["vmm"]["inflate_s"] / med["vmm_noseccomp"]["inflate_s"],
+    "seccomp_cost_deflate_ratio": med["vmm"]["deflate_s"] / med["vmm_noseccomp"]["deflate_s"],
     "runs": runs,
 }
 if have_guest:
@@ -191,12 +202,14 @@ if have_guest:
 with open(out_path, "w") as f:
     json.dump(out, f, indent=2)
 print(f"{'':6} {'inflate s':>10} {'MiB/s':>8} {'deflate s':>10} {'MiB/s':>8} {'returned MiB':>13} {'%':>6}")
-for k in ("vmm", "qemu"):
+for k in ("vmm", "vmm_noseccomp", "qemu"):
     m = med[k]
     print(f"{k:6} {m['inflate_s']:>10.2f} {m['inflate_mib_s']:>8.1f} {m['deflate_s']:>10.2f}"
           f" {m['deflate_mib_s']:>8.1f} {m['returned_mib']:>13.1f} {100 * m['returned_mib'] / inflate:>6.1f}")
 print(f"vmm/qemu: inflate {out['inflate_ratio']:.2f}x, deflate {out['deflate_ratio']:.2f}x"
       f"   -> {out_path}")
+print(f"seccomp cost (filtered / unfiltered time): inflate {out['seccomp_cost_inflate_ratio']:.2f}x, "
+      f"deflate {out['seccomp_cost_deflate_ratio']:.2f}x")
 print(f"this VMM's inflated ranges still backed after their discard, per run: {stray}")
 if have_guest:
     print("first to last `actual` update, each VMM's own clock:")
