@@ -43,7 +43,8 @@ wait_actual() {
         [ $n -lt 300 ] || { echo "the balloon is stuck at $(field "$1" /balloon actual_mib) MiB, wanted $2"; return 1; }
     done
 }
-trap 'for f in "$dir"/serial-*; do echo "--- $f ---"; cat "$f"; done' EXIT
+consoles() { for f in "$dir"/serial-*; do echo "--- $f ---"; cat "$f"; done; }
+trap consoles EXIT
 
 echo "== booting"
 "$VMM" --kernel "$KERNEL" --initrd "$INITRD" --memory "${MEMORY_MIB}M" \
