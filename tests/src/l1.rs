@@ -142,9 +142,11 @@ impl L1Output {
     pub fn value(&self, marker: &str, key: &str) -> Option<String> {
         let line = self.line(marker)?;
         let at = line.find(&format!("{key}="))? + key.len() + 1;
+        // A kernel message can land on the same console line right after
+        // the value ("MemTotal=481432[   37.53] ..."): it starts with '['.
         Some(
             line[at..]
-                .split_whitespace()
+                .split(|c: char| c.is_whitespace() || c == '[')
                 .next()
                 .unwrap_or("")
                 .to_string(),
@@ -208,4 +210,26 @@ pub fn run_l1(
         log_path,
         code: out.status.code().unwrap_or(-1),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_ends_where_a_kernel_message_interleaves() {
+        let out = L1Output {
+            log: "GUEST-SAW-UNPLUG MemTotal=481432[   37.530593] Fallback order\n\
+                  RESTORED mode=lazy running_s=0.29 first\n"
+                .into(),
+            log_path: PathBuf::new(),
+            code: 0,
+        };
+        assert_eq!(
+            out.value("GUEST-SAW-UNPLUG", "MemTotal").as_deref(),
+            Some("481432")
+        );
+        assert_eq!(out.value("RESTORED", "running_s").as_deref(), Some("0.29"));
+        assert_eq!(out.value("RESTORED", "nope"), None);
+    }
 }
