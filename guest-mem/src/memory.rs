@@ -534,6 +534,7 @@ impl GuestMem {
         }
         let old = region.backed_size();
         let target = region.file_offset() + new_size;
+        let started = std::time::Instant::now();
         if new_size < old {
             // No device access may be in progress past the new end: the
             // map is swapped inside, before the file is truncated.
@@ -560,6 +561,10 @@ impl GuestMem {
             self.swap_memory(None);
             self.stats.grows.fetch_add(1, Relaxed);
         }
+        log::debug!(
+            "region {index}: resized from {old:#x} to {new_size:#x} in {} us",
+            started.elapsed().as_micros()
+        );
         Ok(())
     }
 

@@ -370,6 +370,7 @@ impl<M: GuestAddressSpace> VirtioMem<M> {
     /// Carries out one request; returns the response.
     pub fn handle(&mut self, r: &MemRequest) -> MemResponse {
         let (addr, nb) = (r.addr, r.nb_blocks);
+        let started = std::time::Instant::now();
         let blocks = self.blocks(addr, nb);
         let (kind, st) = match (r.kind, blocks) {
             (req::PLUG, Some(b)) => (self.plug(b), 0),
@@ -389,6 +390,11 @@ impl<M: GuestAddressSpace> VirtioMem<M> {
             (resp::ACK, _) => {}
             _ => self.refused(r, kind),
         }
+        log::debug!(
+            "virtio-mem: request {} for {nb} blocks at {addr:#x}: answer {kind} in {} us",
+            r.kind,
+            started.elapsed().as_micros()
+        );
         MemResponse {
             kind,
             state: st,
