@@ -51,7 +51,35 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
         ..Default::default()
     })
     .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    narrow_slot_zaps(&fd);
     Ok(fd)
+}
+
+/// Asks KVM to drop only a deleted memory slot's mappings, not every
+/// mapping of the guest, where the host kernel lets it be asked (Linux
+/// 6.12+). Unplugging virtio-mem memory deletes slots; under the
+/// `KVM_X86_QUIRK_SLOT_ZAP_ALL` default every one makes the guest fault
+/// back its whole working set (under nested paging, an exit per page).
+/// Returns whether the quirk is now off.
+pub fn narrow_slot_zaps(fd: &VmFd) -> bool {
+    let quirk = kvm_bindings::KVM_X86_QUIRK_SLOT_ZAP_ALL;
+    let can = fd.check_extension_raw(kvm_bindings::KVM_CAP_DISABLE_QUIRKS2.into());
+    if can <= 0 || can as u32 & quirk == 0 {
+        log::debug!("KVM cannot leave other memory slots mapped when one is deleted");
+        return false;
+    }
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_DISABLE_QUIRKS2,
+        ..Default::default()
+    };
+    cap.args[0] = quirk.into();
+    match fd.enable_cap(&cap) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("disabling KVM_X86_QUIRK_SLOT_ZAP_ALL: {e}");
+            false
+        }
+    }
 }
 
 /// Gives each of the first `count` regions of `mem` one memory slot over its
@@ -160,4 +188,19 @@ pub fn restore_state(fd: &VmFd, state: &VmState) -> Result<(), VmError> {
     };
     fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_deletions_zap_only_their_slot_where_kvm_allows() {
+        let Ok(kvm) = Kvm::new() else { return };
+        let fd = kvm.create_vm().unwrap();
+        let offered = fd.check_extension_raw(kvm_bindings::KVM_CAP_DISABLE_QUIRKS2.into());
+        let expected =
+            offered > 0 && offered as u32 & kvm_bindings::KVM_X86_QUIRK_SLOT_ZAP_ALL != 0;
+        assert_eq!(narrow_slot_zaps(&fd), expected);
+    }
 }
