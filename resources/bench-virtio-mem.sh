@@ -64,6 +64,12 @@ done
 ((plug % 2 == 0 && plug <= window)) || die "--plug must be a multiple of 2 and at most --window"
 ((window != memory)) || die "--window must differ from --memory"
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+# BENCH_VMM_LOG=devices=debug,vmm=debug: the VMM's log at that level, for
+# finding where a request spends its time (printed as BENCH-VMM-LOG lines).
+vmm_log="${BENCH_VMM_LOG:-}"
+# BENCH_GUEST_CMDLINE: added to both guests' command line (e.g.
+# "ignore_loglevel virtio_mem.dyndbg=+p" shows the driver's steps);
+# BENCH_GUEST_NOTES=N: kernel lines of each guest printed (default 20).
 bench_prepare
 [[ -f /usr/share/seabios/bios-256k.bin ]] ||
     die "/usr/share/seabios/bios-256k.bin not found (Debian package seabios), QEMU's q35 needs it"
@@ -73,7 +79,7 @@ image="$GUEST_CACHE/guest-virtio-mem-idle.cpio.gz"
 
 script="$GUEST_CACHE/bench/virtio-mem.sh"
 mkdir -p "$(dirname "$script")"
-cmdline="console=ttyS0 reboot=k panic=-1 noxsave quiet memhp_default_state=online_movable vmembench.plug_mib=$plug"
+cmdline="console=ttyS0 reboot=k panic=-1 noxsave quiet memhp_default_state=online_movable vmembench.plug_mib=$plug${BENCH_GUEST_CMDLINE:+ $BENCH_GUEST_CMDLINE}"
 cat >"$script" <<SCRIPT
 #!/bin/sh
 # In the L1: each VMM in turn boots the guest, plugs, lets it use the memory, unplugs.
@@ -104,7 +110,13 @@ report() {
 # only warnings and worse reach the console). This VMM has no PCI, so its
 # guest's "PCI: Fatal: No config space access function found" is left out.
 guest_notes() {
-    grep -v -E '^(GUEST-|\\[ *[0-9.]+\\] (tsc|clocksource|kvm-clock|PCI: Fatal: No config space))' \$2 | grep -E '^\\[' | head -20 | sed "s/^/BENCH-GUEST \$1 run=\$run /"
+    grep -v -E '^(GUEST-|\\[ *[0-9.]+\\] (tsc|clocksource|kvm-clock|PCI: Fatal: No config space))' \$2 | grep -E '^\\[' | head -${BENCH_GUEST_NOTES:-20} | sed "s/^/BENCH-GUEST \$1 run=\$run /"
+}
+# guest_debug NAME FILE: with BENCH_GUEST_CMDLINE set, the guest's
+# virtio_mem and memory hotplug lines, whole.
+guest_debug() {
+    [ -n "${BENCH_GUEST_CMDLINE:-}" ] || return 0
+    grep -E 'virtio_mem|memory|Memory|GUEST-' \$2 | sed "s/^/BENCH-GUEST-DEBUG \$1 run=\$run /"
 }
 filled_mib() { grep -o 'GUEST-USED round=1 .*filled_mib=[0-9]*' \$1 | grep -o '[0-9]*\$'; }
 
@@ -115,7 +127,7 @@ vmm_timing() {
 }
 bench_vmm() {
     rm -f /tmp/api.sock /tmp/serial.vmm
-    taskset -c \$CPU /bin/vmm --kernel /guest/vmlinux --initrd /guest/virtio-mem-idle.cpio.gz \\
+    RUST_LOG="$vmm_log" taskset -c \$CPU /bin/vmm --kernel /guest/vmlinux --initrd /guest/virtio-mem-idle.cpio.gz \\
         --memory \${MEM}M --mem-backend memfd --virtio-mem \${WIN}M --cmdline "$cmdline" \\
         --serial file:/tmp/serial.vmm --api-sock /tmp/api.sock 2>/tmp/vmm.err &
     pid=\$!
@@ -147,10 +159,12 @@ bench_vmm() {
     filled=\$(filled_mib /tmp/serial.vmm)
     report vmm
     guest_notes vmm /tmp/serial.vmm
+    guest_debug vmm /tmp/serial.vmm
     echo "BENCH-VMM-MEMORY run=\$run \$(/bin/vmmctl --sock /tmp/api.sock GET /memory | tr -d '\n ')"
     kill \$pid
     wait \$pid 2>/dev/null
     grep -i -E 'warn|error|panic' /tmp/vmm.err | head -20 | sed 's/^/BENCH-VMM-STDERR /'
+    [ -z "$vmm_log" ] || grep -E 'DEBUG|TRACE' /tmp/vmm.err | sed "s/^/BENCH-VMM-LOG run=\$run /"
     return 0
 }
 
@@ -212,6 +226,7 @@ bench_qemu() {
     filled=\$(filled_mib /tmp/serial.qemu)
     report qemu
     guest_notes qemu /tmp/serial.qemu
+    guest_debug qemu /tmp/serial.qemu
     qmp '{"execute": "quit"}' >/dev/null
     exec 3>&- 4<&-
     wait \$pid 2>/dev/null
