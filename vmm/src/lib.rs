@@ -20,6 +20,7 @@ pub mod exit_profile;
 pub mod hotplug_slots;
 pub mod kvm_vm;
 pub mod layout;
+pub mod mce;
 pub mod ram;
 pub mod seccomp;
 pub mod signals;
