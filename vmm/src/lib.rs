@@ -23,6 +23,7 @@ pub mod layout;
 pub mod mce;
 pub mod ram;
 pub mod seccomp;
+pub mod sigbus;
 pub mod signals;
 pub mod snapshot;
 pub mod vcpu;
