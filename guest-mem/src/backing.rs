@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::generation::{FileRange, TruncateGen};
+use crate::generation::{FileRange, InstallGuard, TruncateGen};
 use crate::pagemap::PageBits;
 use crate::{Error, Result};
 
@@ -79,6 +79,14 @@ pub struct BackingFile {
     /// set it, installs clear it under the install lock. Sized when the
     /// first memory is built over the file.
     discard_map: OnceLock<PageBits>,
+    /// Pages of the file poisoned (`UFFDIO_POISON`) because they could not
+    /// be served, one bit per file page, sized with the discard map. Set
+    /// under the install lock, cleared inside the invalidation that gives
+    /// the page back (discard, shrink); a poisoned page is refused to the
+    /// VMM's own accesses ([`GuestRegion`](crate::GuestRegion)).
+    poisoned: OnceLock<PageBits>,
+    /// How many bits of `poisoned` are set (the accesses' fast path).
+    poisoned_count: AtomicU64,
 }
 
 fn page_size() -> u64 {
@@ -301,6 +309,8 @@ impl BackingFile {
             resize: Mutex::new(()),
             read_only: false,
             discard_map: OnceLock::new(),
+            poisoned: OnceLock::new(),
+            poisoned_count: AtomicU64::new(0),
         }
     }
 
@@ -338,7 +348,8 @@ impl BackingFile {
     /// memory is built over the file).
     pub(crate) fn init_discard_map(&self, pages: u64) -> Result<()> {
         let map = self.discard_map.get_or_init(|| PageBits::new(pages));
-        if map.len() < pages {
+        let poisoned = self.poisoned.get_or_init(|| PageBits::new(map.len()));
+        if map.len() < pages || poisoned.len() < pages {
             return Err(Error::Config(format!(
                 "backing file already in use with a discard map of {} pages; {pages} needed \
                  (build every region over one file together)",
@@ -351,6 +362,63 @@ impl BackingFile {
     /// The discard map, once memory was built over the file.
     pub(crate) fn discard_map(&self) -> Option<&PageBits> {
         self.discard_map.get()
+    }
+
+    /// Pages of the file currently poisoned because they could not be
+    /// served (see [`FaultConfig::on_unservable`](crate::FaultConfig)).
+    pub fn poisoned_pages(&self) -> u64 {
+        self.poisoned_count.load(Ordering::Acquire)
+    }
+
+    /// Whether any page of `range` (file offsets) is poisoned.
+    pub fn is_poisoned(&self, range: FileRange) -> bool {
+        if range.is_empty() || self.poisoned_pages() == 0 {
+            return false;
+        }
+        let page = self.page_size;
+        self.poisoned.get().is_some_and(|m| {
+            m.first_set(range.start / page, range.end.div_ceil(page))
+                .is_some()
+        })
+    }
+
+    /// The first poisoned file page in `[first, end)` (page numbers).
+    pub(crate) fn first_poisoned(&self, first: u64, end: u64) -> Option<u64> {
+        if self.poisoned_pages() == 0 {
+            return None;
+        }
+        self.poisoned.get()?.first_set(first, end)
+    }
+
+    /// Records file page `page` poisoned; the install lock proves no
+    /// invalidation (which clears the set) runs meanwhile. Returns whether
+    /// it was not poisoned before.
+    pub(crate) fn mark_poisoned(&self, _guard: &InstallGuard<'_>, page: u64) -> bool {
+        let fresh = self.poisoned.get().is_some_and(|m| m.test_and_set(page));
+        if fresh {
+            self.poisoned_count.fetch_add(1, Ordering::AcqRel);
+        }
+        fresh
+    }
+
+    /// Forgets the poisoned pages of `range` (inside the invalidation that
+    /// gives them back); returns how many there were.
+    fn unpoison(&self, range: FileRange) -> u64 {
+        let Some(map) = self.poisoned.get() else {
+            return 0;
+        };
+        let page = self.page_size;
+        let n = map.take_range(range.start / page, range.end.div_ceil(page));
+        if n > 0 {
+            self.poisoned_count.fetch_sub(n, Ordering::AcqRel);
+            log::info!(
+                "backing file: {n} poisoned page(s) in {:#x}..{:#x} given back; they are \
+                 served again",
+                range.start,
+                range.end
+            );
+        }
+        n
     }
 
     /// Marks the file pages of `range` discarded (inside an invalidation).
@@ -391,6 +459,7 @@ impl BackingFile {
         self.gen.invalidate(range, || {
             self.mark_discarded(range);
             before_punch();
+            self.unpoison(range);
             let end = range.end.min(self.size());
             if end > range.start {
                 self.punch_hole(FileRange {
@@ -436,6 +505,11 @@ impl BackingFile {
                     end: old,
                 });
                 before_truncate();
+                // Truncation drops the poison markers of the removed tail.
+                self.unpoison(FileRange {
+                    start: new_size,
+                    end: old,
+                });
                 self.size.store(new_size, Ordering::Release);
                 self.file.set_len(new_size).map_err(Error::Truncate)
             },
@@ -474,6 +548,7 @@ impl BackingFile {
         self.gen.invalidate(range, || {
             self.mark_discarded(range);
             invalidate();
+            self.unpoison(range);
         });
         Ok(())
     }

@@ -53,7 +53,9 @@ mod sync;
 pub use access::{DeviceMemory, MemoryGuard};
 pub use backing::{BackingFile, BackingKind};
 pub use error::{Error, Result};
-pub use fault::{FaultConfig, FaultFailure, FaultMode, Readahead, ThreadStartHook};
+pub use fault::{
+    FaultConfig, FaultFailure, FaultMode, PoisonedPage, Readahead, ThreadStartHook, Unservable,
+};
 pub use generation::{FileRange, RetryPolicy};
 pub use memory::{Backing, GuestMem, GuestMemBuilder, RegionConfig};
 pub use region::{AtomicMemoryMap, GuestMemoryMap, GuestRegion, Region, RegionIndex, RegionSource};

@@ -8,7 +8,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::access::{AccessGate, DeviceMemory};
 use crate::backing::BackingFile;
-use crate::fault::{regions_support_userfault, FaultConfig, FaultHandler, FaultMode};
+use crate::fault::{regions_support_userfault, FaultConfig, FaultHandler, FaultMode, Unservable};
 use crate::region::{AtomicMemoryMap, GuestMemoryMap, Region, RegionIndex, RegionSource};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::{Error, Result};
@@ -346,6 +346,43 @@ impl GuestMem {
         &self.config
     }
 
+    /// What happens to a page that cannot be served, as negotiated with the
+    /// kernel: [`Unservable::Poison`] only where it was asked for and the
+    /// userfaultfd has `UFFD_FEATURE_POISON`; `None` with kernel fault
+    /// handling.
+    pub fn unservable(&self) -> Option<Unservable> {
+        self.handler.as_ref().map(FaultHandler::unservable)
+    }
+
+    /// Pages poisoned because they could not be served, and not given back
+    /// since (each backing file counted once).
+    pub fn poisoned_pages(&self) -> u64 {
+        let mut seen: Vec<*const BackingFile> = Vec::new();
+        let mut total = 0;
+        for r in &self.regions {
+            let p = Arc::as_ptr(r.backing());
+            if !seen.contains(&p) {
+                seen.push(p);
+                total += r.backing().poisoned_pages();
+            }
+        }
+        total
+    }
+
+    /// The guest-physical address of a host address inside a region's
+    /// mapping (what `SIGBUS` reports for a poisoned page), if any.
+    pub fn host_to_guest(&self, host: u64) -> Option<GuestAddress> {
+        self.regions
+            .iter()
+            .find(|r| r.contains_host(host))
+            .map(|r| GuestAddress(r.guest_base().0 + (host - r.host_addr())))
+    }
+
+    /// Whether a host address lies inside a region's mapping.
+    pub fn contains_host(&self, host: u64) -> bool {
+        self.regions.iter().any(|r| r.contains_host(host))
+    }
+
     /// The live counters.
     pub fn stats_handle(&self) -> &Arc<Stats> {
         &self.stats
@@ -435,8 +472,12 @@ impl GuestMem {
 
     fn discard_in(&self, region: &Region, off: u64, len: u64) -> Result<()> {
         // The backing file marks the pages discarded inside the
-        // invalidation; private copies go too.
-        let invalidate = || region.zap_private(off, len);
+        // invalidation; private copies go too, and so do the poison markers
+        // of pages that could not be served (a hole punch keeps them).
+        let invalidate = || {
+            region.zap_private(off, len);
+            region.zap_poisoned(off, len);
+        };
         if region.is_private() {
             // Copy-on-write over the file: drop our copies, never the
             // file's pages (other VMs may map the same image). The file's

@@ -46,8 +46,19 @@ impl PageBits {
         }
     }
 
-    fn update_range(&self, first: u64, end: u64, set: bool) {
+    /// Sets `page`; returns whether it was clear before (false past the end).
+    pub fn test_and_set(&self, page: u64) -> bool {
+        if page >= self.pages {
+            return false;
+        }
+        let bit = 1 << (page % 64);
+        self.words[(page / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    /// Updates pages `[first, end)`; returns how many of them changed.
+    fn update_range(&self, first: u64, end: u64, set: bool) -> u64 {
         let end = end.min(self.pages);
+        let mut changed = 0;
         let mut p = first;
         while p < end {
             let bit = p % 64;
@@ -58,13 +69,16 @@ impl PageBits {
                 ((1u64 << n) - 1) << bit
             };
             let w = &self.words[(p / 64) as usize];
-            if set {
-                w.fetch_or(mask, Ordering::AcqRel);
+            let old = if set {
+                w.fetch_or(mask, Ordering::AcqRel)
             } else {
-                w.fetch_and(!mask, Ordering::AcqRel);
-            }
+                w.fetch_and(!mask, Ordering::AcqRel)
+            };
+            let was_set = (old & mask).count_ones() as u64;
+            changed += if set { n - was_set } else { was_set };
             p += n;
         }
+        changed
     }
 
     /// Sets pages `[first, end)`.
@@ -75,6 +89,11 @@ impl PageBits {
     /// Clears pages `[first, end)`.
     pub fn clear_range(&self, first: u64, end: u64) {
         self.update_range(first, end, false);
+    }
+
+    /// Clears pages `[first, end)`; returns how many of them were set.
+    pub fn take_range(&self, first: u64, end: u64) -> u64 {
+        self.update_range(first, end, false)
     }
 
     /// The first set page in `[first, end)`, if any.
@@ -132,5 +151,19 @@ mod tests {
         assert!(!b.get(10));
         b.clear(1000);
         assert_eq!(b.first_set(0, 1000), Some(5));
+        assert!(!b.test_and_set(1000));
+    }
+
+    #[test]
+    fn test_and_set_and_take_count_what_changed() {
+        let b = PageBits::new(200);
+        assert!(b.test_and_set(63));
+        assert!(!b.test_and_set(63));
+        assert!(b.test_and_set(64));
+        assert!(b.test_and_set(150));
+        assert_eq!(b.take_range(0, 100), 2);
+        assert_eq!(b.take_range(0, 100), 0);
+        assert_eq!(b.count(), 1);
+        assert_eq!(b.take_range(100, 1000), 1);
     }
 }

@@ -264,6 +264,67 @@ impl Region {
         self.discarded().count()
     }
 
+    /// Pages of the region poisoned because they could not be served (and
+    /// not given back since).
+    pub fn poisoned_pages(&self) -> u64 {
+        let page = self.page_size();
+        let (first, end) = (
+            self.file_offset / page,
+            (self.file_offset + self.max_size) / page,
+        );
+        let mut n = 0;
+        let mut at = first;
+        while let Some(p) = self.backing.first_poisoned(at, end) {
+            n += 1;
+            at = p + 1;
+        }
+        n
+    }
+
+    /// Whether any page of `[offset, offset + len)` of the region is
+    /// poisoned (its fault could not be served; touching it raises
+    /// `SIGBUS`).
+    pub fn is_poisoned(&self, offset: u64, len: u64) -> bool {
+        self.backing.is_poisoned(self.file_range(offset, len))
+    }
+
+    /// Drops the VMM mapping's poison markers over the poisoned pages of
+    /// `[offset, offset + len)` (inside the invalidation that gives them
+    /// back): a hole punched in a shmem file leaves them in place (measured
+    /// on 6.18: `fallocate(PUNCH_HOLE)` and `MADV_REMOVE` keep the marker,
+    /// `MADV_DONTNEED` and truncation drop it; hugetlbfs punches drop it
+    /// too), so without this the page would stay poisoned after the guest
+    /// gave it back.
+    pub(crate) fn zap_poisoned(&self, offset: u64, len: u64) {
+        let page = self.page_size();
+        let first = (self.file_offset + offset) / page;
+        let end = (self.file_offset + offset + len).div_ceil(page);
+        let mut at = first;
+        while let Some(p) = self.backing.first_poisoned(at, end) {
+            at = p + 1;
+            let host = self.host_addr() + p * page - self.file_offset;
+            // SAFETY: the page lies inside our own mapping (a file page of
+            // this region's window); MADV_DONTNEED only drops its page-table
+            // entry (here: the poison marker), after which the page faults
+            // to the handler again. No Rust reference into guest memory is
+            // held across the call.
+            let rc = unsafe {
+                libc::madvise(
+                    host as *mut libc::c_void,
+                    page as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                log::error!(
+                    "region {}: dropping the poison marker at {host:#x}: {}",
+                    self.index,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+
     /// Whether the region offset's page is marked discarded.
     pub fn is_discarded(&self, offset: u64) -> bool {
         self.discarded().get(offset / self.page_size())
@@ -295,6 +356,8 @@ impl Region {
             .into_iter()
             .map(|(offset, len)| GuestRegion {
                 mapping: self.mapping.clone(),
+                backing: self.backing.clone(),
+                file_base: self.file_offset + offset,
                 offset,
                 guest_base: GuestAddress(self.guest_base.0 + offset),
                 len,
@@ -439,10 +502,15 @@ impl<'a> DiscardView<'a> {
 /// part of a [`Region`]'s mapping. Accesses past the backed size are
 /// refused instead of touching memory past the backing file's end (which
 /// would `SIGBUS`), and so are accesses to ranges kept inaccessible
-/// (unplugged virtio-mem blocks).
+/// (unplugged virtio-mem blocks), and so are accesses to a page the fault
+/// handler poisoned because it could not serve it: the VMM thread making
+/// the access gets an error instead of `SIGBUS`.
 #[derive(Debug)]
 pub struct GuestRegion {
     mapping: Arc<MmapRegion>,
+    backing: Arc<BackingFile>,
+    /// The file offset of this part's first byte.
+    file_base: u64,
     /// Where this part starts in the mapping.
     offset: u64,
     guest_base: GuestAddress,
@@ -487,6 +555,16 @@ impl GuestMemoryRegion for GuestRegion {
             .checked_add(count as u64)
             .ok_or(guest_memory::Error::InvalidBackendAddress)?;
         if end > self.len {
+            return Err(guest_memory::Error::InvalidBackendAddress);
+        }
+        if self
+            .backing
+            .is_poisoned(FileRange::new(self.file_base + offset.0, count as u64))
+        {
+            log::debug!(
+                "refusing an access to {:#x}+{count:#x}: it holds a poisoned page",
+                self.guest_base.0 + offset.0
+            );
             return Err(guest_memory::Error::InvalidBackendAddress);
         }
         Ok(self

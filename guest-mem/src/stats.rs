@@ -215,6 +215,9 @@ counters! {
     fetch_errors,
     /// Install ioctls that failed for another reason than `EEXIST`.
     install_errors,
+    /// Pages poisoned (`UFFDIO_POISON`) because their fetch or install kept
+    /// failing.
+    pages_poisoned,
     /// Discard (hole punch) operations.
     discards,
     /// Bytes discarded.

@@ -1,5 +1,5 @@
-//! Faults that cannot be served get a bounded number of attempts and a
-//! reported failure, never a silent wake-and-refault loop; a handler thread
+//! Faults that cannot be served get a bounded number of attempts and, under
+//! the `Report` policy, a reported failure, never a silent wake-and-refault loop; a handler thread
 //! that stops is reported too.
 
 use std::io;
@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use guest_mem::{FaultConfig, GuestMem, PageSource, Readahead, RegionConfig, RegionSource};
+use guest_mem::{
+    FaultConfig, GuestMem, PageSource, Readahead, RegionConfig, RegionSource, Unservable,
+};
 
 const PAGE: u64 = 4096;
 
@@ -66,7 +68,14 @@ fn a_source_that_keeps_failing_is_reported_with_the_page_not_looped_on() {
         failures: u64::MAX,
         fetches: AtomicU64::new(0),
     });
-    let mem = memory(src.clone(), FaultConfig::default());
+    // Reported, not poisoned (see tests/poison.rs for the default).
+    let mem = memory(
+        src.clone(),
+        FaultConfig {
+            on_unservable: Unservable::Report,
+            ..FaultConfig::default()
+        },
+    );
     let failure = mem.fault_failure().expect("userfaultfd in use").clone();
     // The toucher stays on a failing page until the memory goes.
     let snapshot = mem.memory().memory();

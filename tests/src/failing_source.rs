@@ -1,9 +1,11 @@
 //! Guest memory the fault handler cannot serve past some offset, for the
-//! tests of how the VMM stops on it.
+//! tests of how the VMM stops on it or poisons it.
 
 use std::sync::Arc;
 
-use guest_mem::{FaultConfig, GuestMem, PageSource, Readahead, RegionConfig, RegionSource};
+use guest_mem::{
+    FaultConfig, GuestMem, PageSource, Readahead, RegionConfig, RegionSource, Unservable,
+};
 
 /// A memory image whose pages past `bad_from` cannot be read (an I/O error
 /// every time); the pages before it are zero.
@@ -31,8 +33,9 @@ impl PageSource for FailingPast {
 
 /// `size` bytes of guest RAM at 0 served from a [`FailingPast`] image,
 /// without readahead (so the failing page is the one touched), by handler
-/// threads under the VMM's seccomp filter.
-pub fn failing_memory(size: u64, bad_from: u64) -> GuestMem {
+/// threads under the VMM's seccomp filter; a page that cannot be served
+/// gets `on_unservable`.
+pub fn failing_memory(size: u64, bad_from: u64, on_unservable: Unservable) -> GuestMem {
     let mut rc = RegionConfig::new(0, size);
     rc.source = Some(RegionSource {
         source: Arc::new(FailingPast { bad_from }),
@@ -43,6 +46,7 @@ pub fn failing_memory(size: u64, bad_from: u64) -> GuestMem {
         .fault_config(FaultConfig {
             readahead: Readahead::NONE,
             on_thread_start: Some(vmm::seccomp::fault_thread_hook()),
+            on_unservable,
             ..FaultConfig::default()
         })
         .build()

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use guest_mem::{FaultConfig, Readahead};
+use guest_mem::{FaultConfig, Readahead, Unservable};
 use integration_tests::failing_source::failing_memory;
 use integration_tests::kvm_available;
 use integration_tests::payload::{pattern, pattern_payload};
@@ -146,17 +146,10 @@ fn a_payload_reports_what_it_did_not_find() {
     assert!(!outcome.reason.is_clean());
 }
 
-/// A vCPU touches memory the fault handler cannot serve: the VM stops with
-/// an error naming the page and the cause, instead of the vCPU spinning on
-/// the fault for ever.
-#[test]
-fn memory_that_cannot_be_served_stops_the_vm_with_the_page() {
-    if !kvm_available() {
-        eprintln!("skipped: /dev/kvm is not available");
-        return;
-    }
-    let memory = 16u64 << 20;
-    let mem = failing_memory(memory, SLICES_START);
+/// A one-vCPU VM over memory that cannot be served from `SLICES_START`,
+/// running the pattern payload over it (its first write lands there).
+fn failing_vm(memory: u64, on_unservable: Unservable) -> Vm {
+    let mem = failing_memory(memory, SLICES_START, on_unservable);
     let mut vm = Vm::with_memory(
         VmConfig {
             memory,
@@ -178,14 +171,69 @@ fn memory_that_cannot_be_served_stops_the_vm_with_the_page() {
         args: [0, SLICES_START, memory, 0, 0, 0],
     })
     .unwrap();
+    vm
+}
+
+/// A vCPU touches memory the fault handler cannot serve, under the Report
+/// policy: the VM stops with an error naming the page and the cause,
+/// instead of the vCPU spinning on the fault for ever.
+#[test]
+fn memory_that_cannot_be_served_stops_the_vm_with_the_page() {
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    let vm = failing_vm(16 << 20, Unservable::Report);
     let start = std::time::Instant::now();
     let outcome = vm.run().unwrap();
     let ExitReason::Error(why) = &outcome.reason else {
         panic!("expected an error, got {}", outcome.reason);
     };
-    assert!(why.contains("could not be served"), "{why}");
+    assert!(why.contains("guest memory could not be served"), "{why}");
     assert!(why.contains("offset 0x800000"), "{why}");
     assert!(why.contains("Input/output error"), "{why}");
+    assert!(start.elapsed() < Duration::from_secs(20));
+}
+
+/// Under the default Poison policy the page is poisoned instead: KVM sends
+/// the vCPU thread SIGBUS (BUS_MCEERR_AR), the VMM turns it into a machine
+/// check for the guest, and this payload (CR4.MCE clear, no IDT) cannot
+/// take it, so KVM shuts it down and the VM ends with an error naming the
+/// guest page. The VMM (this process) does not die of the SIGBUS, and the
+/// page is counted poisoned, not reported as a failure.
+#[test]
+fn a_page_that_cannot_be_served_becomes_a_machine_check_not_a_crash() {
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    let vm = failing_vm(16 << 20, Unservable::Poison);
+    let mem = vm.memory().clone();
+    if mem.unservable() != Some(Unservable::Poison) {
+        eprintln!("skipped: this kernel's userfaultfd cannot poison");
+        return;
+    }
+    let failure = mem.fault_failure().unwrap().clone();
+    let start = std::time::Instant::now();
+    let outcome = vm.run().unwrap();
+    let ExitReason::Error(why) = &outcome.reason else {
+        panic!("expected an error, got {}", outcome.reason);
+    };
+    assert!(
+        why.contains("machine check for guest page 0x800000"),
+        "{why}"
+    );
+    // Injected (KVM_X86_SET_MCE), then refused by the guest: KVM shut it
+    // down, which only an injected #MC with CR4.MCE clear does here.
+    assert!(
+        why.contains("could not be delivered: the guest shut down"),
+        "{why}"
+    );
+    assert!(!outcome.reason.is_clean());
+    assert_eq!(failure.poisoned_count(), 1);
+    assert_eq!(failure.poisoned_pages()[0].offset, SLICES_START);
+    assert_eq!(failure.count(), 0, "{:?}", failure.message());
+    assert_eq!(mem.poisoned_pages(), 1);
     assert!(start.elapsed() < Duration::from_secs(20));
 }
 

@@ -3,12 +3,17 @@
 //! such a page (the balloon reads a PFN list from it): the VMM must still
 //! end, with the failure's message, instead of hanging for ever. The VM
 //! runs in a child copy of this test, since the way out ends its process.
+//!
+//! Under the Poison policy the page is poisoned instead and the event loop
+//! thread takes SIGBUS on it: the VMM's SIGBUS handler must end the process
+//! with a clear message naming the page and a distinct status, not die
+//! silently of the signal.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use guest_mem::FaultConfig;
+use guest_mem::{FaultConfig, Unservable};
 use integration_tests::failing_source::failing_memory;
 use integration_tests::hostile::script::{self, Op};
 use integration_tests::hostile::{
@@ -22,7 +27,11 @@ const RAM: u64 = 64 << 20;
 const BAD: u64 = 40 << 20;
 
 fn child() {
-    let mem = failing_memory(RAM, BAD);
+    let policy = match std::env::var("STUCK_EVENT_LOOP_POLICY").as_deref() {
+        Ok("poison") => Unservable::Poison,
+        _ => Unservable::Report,
+    };
+    let mem = failing_memory(RAM, BAD, policy);
     let mut vm = Vm::with_memory(
         VmConfig {
             memory: RAM,
@@ -78,27 +87,25 @@ fn child() {
     eprintln!("child: run returned {:?}", outcome.map(|o| o.reason));
 }
 
-#[test]
-fn an_event_loop_stuck_on_unservable_memory_still_ends_the_vm() {
-    if std::env::var_os("STUCK_EVENT_LOOP_CHILD").is_some() {
-        return child();
-    }
-    if !kvm_available() {
-        eprintln!("skipped: /dev/kvm is not available");
-        return;
-    }
+/// Runs `test` of this binary as the child with `policy`; returns its
+/// exit status and what it wrote to stderr.
+fn run_child(test: &str, policy: &str) -> (std::process::ExitStatus, String) {
     let mut c = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "an_event_loop_stuck_on_unservable_memory_still_ends_the_vm",
-            "--nocapture",
-        ])
+        .args(["--exact", test, "--nocapture"])
         .env("STUCK_EVENT_LOOP_CHILD", "1")
+        .env("STUCK_EVENT_LOOP_POLICY", policy)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Read stderr on the side: a chatty child must not block on a full pipe.
+    let mut pipe = c.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut err).unwrap();
+        err
+    });
     let start = Instant::now();
     let status = loop {
         if let Some(s) = c.try_wait().unwrap() {
@@ -111,8 +118,20 @@ fn an_event_loop_stuck_on_unservable_memory_still_ends_the_vm() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut err = String::new();
-    std::io::Read::read_to_string(c.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status, reader.join().unwrap())
+}
+
+#[test]
+fn an_event_loop_stuck_on_unservable_memory_still_ends_the_vm() {
+    const NAME: &str = "an_event_loop_stuck_on_unservable_memory_still_ends_the_vm";
+    if std::env::var_os("STUCK_EVENT_LOOP_CHILD").is_some() {
+        return child();
+    }
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    let (status, err) = run_child(NAME, "report");
     assert!(err.contains("could not be served"), "{status}: {err}");
     assert!(
         err.contains("offset 0x2801000") || err.contains("offset 0x2800000"),
@@ -122,4 +141,31 @@ fn an_event_loop_stuck_on_unservable_memory_still_ends_the_vm() {
         !status.success() || err.contains("child: run returned"),
         "{status}: {err}"
     );
+}
+
+#[test]
+fn an_event_loop_touching_a_poisoned_page_exits_with_a_clear_message() {
+    const NAME: &str = "an_event_loop_touching_a_poisoned_page_exits_with_a_clear_message";
+    if std::env::var_os("STUCK_EVENT_LOOP_CHILD").is_some() {
+        return child();
+    }
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    let (status, err) = run_child(NAME, "poison");
+    if err.contains("cannot poison pages") {
+        eprintln!("skipped: this kernel's userfaultfd cannot poison");
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), None, "died of a signal: {err}");
+    assert_eq!(
+        status.code(),
+        Some(vmm::sigbus::SIGBUS_EXIT_CODE),
+        "{status}: {err}"
+    );
+    assert!(err.contains("vmm: SIGBUS"), "{err}");
+    assert!(err.contains("guest page 0x2801000"), "{err}");
+    assert!(err.contains("not a vCPU"), "{err}");
 }

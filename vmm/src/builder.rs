@@ -76,9 +76,16 @@ impl Vm {
         let (control, inbox) = control::channel().map_err(io_err("eventfd"))?;
         let msrs = vcpu_state::msrs_to_save(&kvm)?;
         let supported_cpuid = kvm_vm::supported_cpuid(&kvm)?;
-        let vcpus = kvm_vm::create_vcpus(&fd, &supported_cpuid, config.vcpus)?;
+        let mcg_cap = crate::mce::supported(&kvm).map(crate::mce::mcg_cap);
+        if mcg_cap.is_none() {
+            log::info!(
+                "KVM emulates no machine checks: a guest page that cannot be served stops the VM"
+            );
+        }
+        let vcpus = kvm_vm::create_vcpus(&fd, &supported_cpuid, config.vcpus, mcg_cap)?;
         Ok(Vm {
             vcpus,
+            mce: mcg_cap.is_some(),
             fd,
             mem,
             supported_cpuid,

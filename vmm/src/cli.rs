@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use guest_mem::{FaultConfig, FaultMode, Readahead};
+use guest_mem::{FaultConfig, FaultMode, Readahead, Unservable};
 
 use crate::api::ApiConfig;
 use crate::boot::mptable::MAX_CPUS_IN_EBDA;
@@ -68,6 +68,12 @@ pub struct Args {
     /// Fault handler threads.
     #[arg(long, default_value_t = 1)]
     pub fault_threads: usize,
+    /// A guest page whose fetch keeps failing: `poison` it (a vCPU that
+    /// touches it gets a machine check; the VM goes on; falls back to
+    /// `report` on kernels without UFFDIO_POISON) or `report` it (the VM
+    /// stops with an error naming the page).
+    #[arg(long, value_enum, default_value_t = OnUnservable::Poison)]
+    pub on_unservable: OnUnservable,
     /// Serial console: `stdout`, `file:PATH` or `none`.
     #[arg(long, default_value = "stdout")]
     pub serial: String,
@@ -113,6 +119,15 @@ pub enum FaultHandler {
     Kernel,
 }
 
+/// What happens to a guest page that cannot be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnUnservable {
+    /// Poison it: a machine check for the vCPU that touches it.
+    Poison,
+    /// Report it: the VM stops.
+    Report,
+}
+
 impl Args {
     /// The fault configuration these options describe.
     pub fn fault_config(&self) -> FaultConfig {
@@ -126,6 +141,10 @@ impl Args {
             readahead: Readahead {
                 max: self.readahead,
                 adaptive: true,
+            },
+            on_unservable: match self.on_unservable {
+                OnUnservable::Poison => Unservable::Poison,
+                OnUnservable::Report => Unservable::Report,
             },
             ..FaultConfig::default()
         }

@@ -60,6 +60,9 @@ impl MutEventSubscriber for ExitWatcher {
             if let Err(e) = ops.add(Events::with_data_raw(f.event_fd(), 4, EventSet::IN)) {
                 log::error!("watching fault handler failures: {e:?}");
             }
+            if let Err(e) = ops.add(Events::with_data_raw(f.poison_event_fd(), 6, EventSet::IN)) {
+                log::error!("watching poisoned pages: {e:?}");
+            }
         }
         if let Err(e) = ops.add(Events::with_data(&self.control, 5, EventSet::IN)) {
             log::error!("watching control requests: {e:?}");
@@ -93,6 +96,18 @@ impl MutEventSubscriber for ExitWatcher {
             }
             // The loop reads the control requests (and their eventfd).
             5 => {}
+            // A page that could not be served was poisoned: the guest gets
+            // a machine check when it touches it; the VM goes on.
+            6 => {
+                if let Some(f) = &self.fault_failure {
+                    f.acknowledge_poisoned();
+                    log::warn!(
+                        "guest memory: {} page(s) poisoned so far (not served; a vCPU that \
+                         touches one gets a machine check)",
+                        f.poisoned_count()
+                    );
+                }
+            }
             _ => {
                 let _ = self.exited.read();
             }
@@ -173,10 +188,16 @@ impl Vm {
                 log::error!("registering the vCPU kick signal failed: {e}");
             }
         });
+        // A poisoned guest page: a machine check for a vCPU, a clear exit
+        // for any other thread (see crate::sigbus).
+        if let Err(e) = crate::sigbus::install() {
+            log::error!("installing the SIGBUS handler failed: {e}");
+        }
         let Vm {
             vcpus,
             fd,
             mem,
+            mce,
             devices:
                 DeviceManager {
                     legacy,
@@ -250,6 +271,11 @@ impl Vm {
             }
             None => None,
         };
+        let _ram = crate::sigbus::add_guest_ram(
+            mem.regions()
+                .iter()
+                .map(|r| (r.host_addr(), r.max_size(), r.guest_base().0)),
+        );
         let exited = EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?;
         let watcher = Arc::new(Mutex::new(ExitWatcher {
             reset: reset_evt,
@@ -276,12 +302,14 @@ impl Vm {
                 gate: gate.clone(),
                 console: Some(console.clone()),
                 payload,
+                mce,
             };
             let tx = tx.clone();
             let exited = exited.try_clone().map_err(io("eventfd"))?;
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
+                    let _sigbus = crate::sigbus::register_vcpu();
                     let reason = match seccomp.then(|| install(ThreadKind::Vcpu)) {
                         Some(Err(e)) => ExitReason::Error(format!("vCPU {id}: {e}")),
                         _ => vcpu::run(&mut v, &ctx),

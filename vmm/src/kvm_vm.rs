@@ -114,13 +114,26 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
 }
 
 /// Creates `count` vCPUs with the set-up every guest shares (CPUID, MSRs,
-/// FPU, LAPIC).
-pub fn create_vcpus(fd: &VmFd, cpuid: &CpuId, count: u8) -> Result<Vec<VcpuFd>, VmError> {
+/// FPU, LAPIC), and machine checks (`KVM_X86_SETUP_MCE`) with `mcg_cap`
+/// when KVM emulates them (see [`crate::mce`]). A restored VM is built the
+/// same way, so its vCPUs get the same `IA32_MCG_CAP` (which is not an MSR
+/// KVM lets a snapshot set) before their MSRs are restored.
+pub fn create_vcpus(
+    fd: &VmFd,
+    cpuid: &CpuId,
+    count: u8,
+    mcg_cap: Option<u64>,
+) -> Result<Vec<VcpuFd>, VmError> {
     (0..count)
         .map(|id| {
             let v = fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            if let Some(cap) = mcg_cap {
+                crate::mce::setup(&v, cap).map_err(|e| {
+                    VmError::Config(format!("vCPU {id}: KVM_X86_SETUP_MCE {cap:#x}: {e}"))
+                })?;
+            }
             vcpu::configure_common(&v, cpuid, id, count)?;
             Ok(v)
         })

@@ -223,6 +223,10 @@ const UFFD_DISCARD: [u32; 2] = [
     userfaultfd_sys::UFFDIO_WAKE,
 ];
 
+/// `UFFDIO_POISON` (Linux 6.6; not in `userfaultfd-sys` 0.6):
+/// `_IOWR(0xAA, 0x08, struct uffdio_poison)`.
+const UFFDIO_POISON: u64 = 0xc020_aa08;
+
 fn ioctls(r: &mut Rules, requests: &[u64]) {
     // Logging may ask whether stderr is a terminal.
     let mut all = vec![libc::TCGETS];
@@ -237,6 +241,8 @@ fn rules(kind: ThreadKind) -> Rules {
         ThreadKind::Vcpu => {
             device_rules(&mut r);
             let mut req = vec![KVM_RUN(), KVM_SET_USER_MEMORY_REGION()];
+            // A poisoned guest page becomes a machine check.
+            req.push(crate::mce::set_mce_request());
             req.extend(kvm_nr::vcpu_save());
             req.extend_from_slice(&uffd_discard);
             ioctls(&mut r, &req);
@@ -263,6 +269,8 @@ fn rules(kind: ThreadKind) -> Rules {
                     u64::from(userfaultfd_sys::UFFDIO_ZEROPAGE),
                     u64::from(userfaultfd_sys::UFFDIO_CONTINUE),
                     u64::from(userfaultfd_sys::UFFDIO_WAKE),
+                    // A page that cannot be served is poisoned.
+                    UFFDIO_POISON,
                 ],
             );
         }

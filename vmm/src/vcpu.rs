@@ -302,6 +302,9 @@ pub struct VcpuContext {
     /// console ports live (a Linux guest writing port 0xe0 must not end the
     /// VM "cleanly"); otherwise they are ordinary, unclaimed ports.
     pub payload: bool,
+    /// The vCPU takes machine checks (`KVM_X86_SETUP_MCE` succeeded): a
+    /// guest page that could not be served is reported to the guest as one.
+    pub mce: bool,
 }
 
 /// Runs the vCPU until the guest stops it or the VM stops; returns why.
@@ -318,6 +321,8 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
     let id = ctx.id;
     log::debug!("vCPU {id} entering the guest");
     let stopping = || ctx.stop.load(Ordering::Acquire);
+    // The guest page of the machine check injected before this entry.
+    let mut injected: Option<u64> = None;
     loop {
         ctx.gate.pass(usize::from(id), vcpu, &stopping);
         if stopping() {
@@ -325,6 +330,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
         }
         let exit = vcpu.run();
         let since = profile.clock();
+        let machine_check = injected.take();
         match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if ctx.payload && port == PAYLOAD_EXIT_PORT {
@@ -361,6 +367,14 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
             }
             Ok(VcpuExit::Hlt) => return ExitReason::Halted { vcpu: id },
             Ok(VcpuExit::Shutdown) => {
+                if let Some(page) = machine_check {
+                    // KVM shuts a guest down that cannot take the #MC.
+                    return ExitReason::Error(format!(
+                        "vCPU {id}: machine check for guest page {page:#x} could not be \
+                         delivered: the guest shut down (CR4.MCE clear, or a machine check \
+                         already in progress); the page could not be served"
+                    ));
+                }
                 let rip = vcpu.get_regs().map_or(0, |r| r.rip);
                 return ExitReason::TripleFault { vcpu: id, rip };
             }
@@ -388,7 +402,15 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
                 profile.record(ExitKind::Other, 0, since);
                 log::debug!("vCPU {id}: unhandled exit {other:?}");
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                injected = machine_check;
+                if let Some(err) = crate::sigbus::take() {
+                    match deliver_machine_check(vcpu, ctx, err) {
+                        Ok(page) => injected = Some(page),
+                        Err(reason) => return reason,
+                    }
+                }
+            }
             Err(e) if e.errno() == libc::EFAULT => {
                 let regs = vcpu.get_regs().unwrap_or_default();
                 return ExitReason::Error(format!(
@@ -400,6 +422,41 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
             Err(e) => return ExitReason::Error(format!("vCPU {id}: KVM_RUN: {e}")),
         }
     }
+}
+
+/// Injects the machine check for a poisoned guest page this vCPU touched
+/// (KVM's `SIGBUS`, recorded by [`crate::sigbus`]); returns the guest page,
+/// or why the VM must stop instead.
+fn deliver_machine_check(
+    vcpu: &VcpuFd,
+    ctx: &VcpuContext,
+    err: crate::sigbus::MemoryError,
+) -> Result<u64, ExitReason> {
+    let id = ctx.id;
+    let host = err.host_addr;
+    // The handler only records addresses inside guest RAM.
+    let gpa = crate::sigbus::guest_address(host).unwrap_or(0);
+    let page = gpa & !0xfff;
+    let fail = |why: String| {
+        ExitReason::Error(format!(
+            "vCPU {id}: machine check for guest page {page:#x} (host {host:#x}) could not be \
+             delivered: {why}; the page could not be served"
+        ))
+    };
+    if !ctx.mce {
+        return Err(fail("KVM emulates no machine checks here".into()));
+    }
+    let mce = if err.code == libc::BUS_MCEERR_AR {
+        crate::mce::action_required(gpa)
+    } else {
+        crate::mce::action_optional(gpa)
+    };
+    crate::mce::inject(vcpu, &mce).map_err(|e| fail(format!("KVM_X86_SET_MCE: {e}")))?;
+    log::error!(
+        "vCPU {id}: guest page {page:#x} (host {host:#x}) could not be served; machine check \
+         injected"
+    );
+    Ok(page)
 }
 
 fn read_u32(data: &[u8]) -> u32 {

@@ -87,3 +87,63 @@ pub(crate) fn wake(uffd: RawFd, start: u64, len: u64) -> Option<i32> {
             .unwrap_or(libc::EIO)
     })
 }
+
+/// `UFFD_FEATURE_POISON` (Linux 6.6): `UFFDIO_POISON` may be used.
+pub(crate) const UFFD_FEATURE_POISON: u64 = 1 << 14;
+
+/// `struct uffdio_poison` (not in `userfaultfd-sys` 0.6).
+#[repr(C)]
+struct UffdioPoison {
+    range: raw::uffdio_range,
+    mode: u64,
+    updated: i64,
+}
+
+/// `_IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)`.
+const UFFDIO_POISON: libc::c_ulong = 0xc020_aa08;
+
+const _: () = assert!(std::mem::size_of::<UffdioPoison>() == 32);
+
+/// `UFFDIO_POISON_MODE_DONTWAKE`.
+const UFFDIO_POISON_MODE_DONTWAKE: u64 = 1;
+
+/// `UFFDIO_POISON` over `dst..dst+len` without waking it: the pages get a
+/// poison marker, and a touch raises `SIGBUS` (KVM sends a vCPU thread
+/// `BUS_MCEERR_AR`). The caller records the page, then wakes the range.
+pub(crate) fn poison(uffd: RawFd, dst: u64, len: u64) -> Outcome {
+    let mut arg = UffdioPoison {
+        range: raw::uffdio_range { start: dst, len },
+        mode: UFFDIO_POISON_MODE_DONTWAKE,
+        updated: 0,
+    };
+    // SAFETY: arg is a valid uffdio_poison the kernel reads and updates; the
+    // kernel validates the range against the registered areas and only
+    // installs markers into empty page-table entries there.
+    let rc = unsafe { libc::ioctl(uffd, UFFDIO_POISON as _, &mut arg) };
+    outcome(rc, arg.updated, len)
+}
+
+/// The features this kernel's userfaultfd offers (0 if it cannot be told).
+pub(crate) fn kernel_features() -> u64 {
+    // SAFETY: the userfaultfd syscall takes flags only and returns a new
+    // descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return 0;
+    }
+    let fd = fd as RawFd;
+    let mut api = raw::uffdio_api {
+        api: raw::UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: api is a valid uffdio_api; with no features asked for, the
+    // kernel fills in what it offers.
+    let rc = unsafe { libc::ioctl(fd, raw::UFFDIO_API as _, &mut api) };
+    // SAFETY: fd is the descriptor opened above, owned here.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return 0;
+    }
+    api.features
+}

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use failure::FaultFailure;
+pub use failure::{FaultFailure, PoisonedPage};
 pub use readahead::Readahead;
 
 use crate::backing::BackingKind;
@@ -39,6 +39,28 @@ pub enum FaultMode {
     Kernel,
 }
 
+/// What the fault handler does with a page whose fetch or install still
+/// fails after [`FaultConfig::failed_attempts`] attempts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Unservable {
+    /// `UFFDIO_POISON` the page (the whole huge page on hugetlbfs): the
+    /// thread that touches it gets `SIGBUS` (`BUS_MCEERR_AR`), which KVM
+    /// raises on a vCPU thread and a VMM turns into a machine check for the
+    /// guest; the VM goes on. The page is recorded in its backing file's
+    /// poisoned set, the VMM's own accesses of it are refused
+    /// ([`GuestRegion`](crate::GuestRegion)), it is reported through
+    /// [`FaultFailure::poison_event_fd`], and a discard of it (the guest
+    /// gives it back) makes it serviceable again. Where the kernel has no
+    /// `UFFD_FEATURE_POISON` (before Linux 6.6), or for a peer's memory,
+    /// the handler falls back to [`Report`](Self::Report).
+    #[default]
+    Poison,
+    /// Report the page through [`FaultFailure::event_fd`], naming it and the
+    /// cause (a VMM stops the VM), and wake the faulting thread after a
+    /// pause; touched again, the page gets one more attempt.
+    Report,
+}
+
 /// Fault handler settings.
 #[derive(Clone, Debug)]
 pub struct FaultConfig {
@@ -57,6 +79,8 @@ pub struct FaultConfig {
     /// before the failure is reported ([`FaultFailure`]); they are spaced
     /// 1, 2, 4... ms apart.
     pub failed_attempts: u32,
+    /// What happens to a page whose attempts are spent.
+    pub on_unservable: Unservable,
     /// Called first by every handler thread, on that thread (an embedder
     /// installs its seccomp filter there). An error stops the thread and is
     /// reported like any other handler failure.
@@ -83,6 +107,7 @@ impl Default for FaultConfig {
             readahead: Readahead::default(),
             retry_policy: RetryPolicy::Overlapping,
             failed_attempts: 5,
+            on_unservable: Unservable::Poison,
             on_thread_start: None,
             #[cfg(feature = "test-switches")]
             stop_after_faults: None,
@@ -164,6 +189,9 @@ pub(crate) struct Context<T: RegionTable> {
     pub failure: Arc<FaultFailure>,
     /// Set when the handler is being dropped: threads stop on purpose.
     pub stopping: AtomicBool,
+    /// Pages that cannot be served are poisoned (the policy asks for it and
+    /// the userfaultfd has `UFFD_FEATURE_POISON`), else reported.
+    pub poison: bool,
     /// Held exclusively by a thread from reading events to applying them,
     /// shared by installs (only when `T::EVENTS`; see [`RegionTable`]).
     pub event_gate: RwLock<()>,
@@ -183,6 +211,7 @@ impl<T: RegionTable> Context<T> {
             config,
             failure: Arc::new(FaultFailure::new()?),
             stopping: AtomicBool::new(false),
+            poison: false,
             event_gate: RwLock::new(()),
         })
     }
@@ -231,6 +260,16 @@ impl FaultHandler {
                     FeatureFlags::from_bits_retain(userfaultfd_sys::UFFD_FEATURE_MINOR_HUGETLBFS);
             }
         }
+        let poison = config.on_unservable == Unservable::Poison
+            && ioctl::kernel_features() & ioctl::UFFD_FEATURE_POISON != 0;
+        if poison {
+            features |= FeatureFlags::from_bits_retain(ioctl::UFFD_FEATURE_POISON);
+        } else if config.on_unservable == Unservable::Poison {
+            log::info!(
+                "this kernel's userfaultfd cannot poison pages (UFFD_FEATURE_POISON, Linux \
+                 6.6): a page that cannot be served stops the VM instead"
+            );
+        }
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -255,7 +294,9 @@ impl FaultHandler {
         }
         let mut sorted = regions;
         sorted.sort_by_key(|r| r.host_addr());
-        let ctx = Arc::new(Context::new(uffd, OwnRegions(sorted), stats, config)?);
+        let mut ctx = Context::new(uffd, OwnRegions(sorted), stats, config)?;
+        ctx.poison = poison;
+        let ctx = Arc::new(ctx);
         let stop = EventFd::new(libc::EFD_CLOEXEC).map_err(Error::Eventfd)?;
         let mut handler = FaultHandler {
             ctx: ctx.clone(),
@@ -300,6 +341,15 @@ impl FaultHandler {
     /// Where failures to serve faults are reported.
     pub(crate) fn failure(&self) -> &Arc<FaultFailure> {
         &self.ctx.failure
+    }
+
+    /// What happens to a page that cannot be served, as negotiated.
+    pub(crate) fn unservable(&self) -> Unservable {
+        if self.ctx.poison {
+            Unservable::Poison
+        } else {
+            Unservable::Report
+        }
     }
 }
 

@@ -108,24 +108,18 @@ pub(crate) fn serve_fault<T: RegionTable>(
         ctx.config.failed_attempts
     };
     let mut failures = 0u32;
-    let mut gave_up = false;
-    // Counts a failed fetch or install; false once the attempts are spent:
-    // the failure is reported, and the thread woken after a pause (touched
-    // again, the page costs about ten attempts a second).
+    // Why the attempts were spent, once they are.
+    let mut gave_up: Option<String> = None;
+    // Counts a failed fetch or install: pauses and returns true while
+    // attempts are left; else records why and returns false (the fault then
+    // gets its outcome: poisoned or reported).
     let mut failed = |what: std::fmt::Arguments<'_>| -> bool {
         failures += 1;
         if failures < attempts {
             std::thread::sleep(super::failure::backoff(failures));
             return true;
         }
-        ctx.failure.report(format!(
-            "region {} offset {offset:#x} (host {host:#x}): {what} after {failures} \
-             attempt(s); the page could not be served",
-            region.label(),
-        ));
-        gave_up = true;
-        std::thread::sleep(super::failure::GIVE_UP_PAUSE);
-        wake(ctx, host, page);
+        gave_up = Some(format!("{what} after {failures} attempt(s)"));
         false
     };
     'fetch: loop {
@@ -232,7 +226,11 @@ pub(crate) fn serve_fault<T: RegionTable>(
             }
         }
     }
-    scratch.given_up = gave_up.then_some(host);
+    let reported = match gave_up {
+        Some(why) => give_up(ctx, region, scratch, offset, why),
+        None => false,
+    };
+    scratch.given_up = reported.then_some(host);
     let took = start.elapsed();
     stats.fault_latency.record(took);
     log::trace!(
@@ -240,6 +238,77 @@ pub(crate) fn serve_fault<T: RegionTable>(
         region.label(),
         took.as_secs_f64() * 1e6
     );
+}
+
+/// The outcome of a page whose attempts are spent: poisoned (the faulting
+/// thread wakes to `SIGBUS`), or reported and the thread woken after a
+/// pause. Returns whether it was reported.
+fn give_up<T: RegionTable>(
+    ctx: &Context<T>,
+    region: &T::Region,
+    scratch: &mut Scratch,
+    offset: u64,
+    why: String,
+) -> bool {
+    let stats = &ctx.stats;
+    let page = region.page_size();
+    let host = region.host_addr() + offset;
+    let mut why = why;
+    if ctx.poison {
+        let guard = region.generation().lock_install();
+        if offset >= region.backed_size() {
+            // Unplugged meanwhile: nothing to serve, nothing to poison.
+            stats.out_of_range.fetch_add(1, Relaxed);
+            wake(ctx, host, page);
+            return false;
+        }
+        if region.discarded().get(offset / page) {
+            // Given back while the attempts ran: it reads zero now.
+            if let Installed::Done =
+                install(ctx, region, &guard, offset, page, Contents::Zero, scratch)
+            {
+                return false;
+            }
+        }
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&ctx.uffd);
+        let out = ioctl::poison(fd, host, page);
+        match out.errno {
+            None => {
+                // Recorded before the thread wakes to its SIGBUS.
+                region.record_poisoned(&guard, offset / page);
+                drop(guard);
+                stats.pages_poisoned.fetch_add(1, Relaxed);
+                ctx.failure.poisoned(super::PoisonedPage {
+                    region: region.label(),
+                    offset,
+                    host_addr: host,
+                    len: page,
+                    cause: why,
+                });
+                wake(ctx, host, page);
+                return false;
+            }
+            Some(libc::EEXIST) => {
+                // Installed by another thread meanwhile.
+                stats.already_present.fetch_add(1, Relaxed);
+                wake(ctx, host, page);
+                return false;
+            }
+            Some(errno) => {
+                why = format!(
+                    "{why}; poisoning it failed too: {}",
+                    std::io::Error::from_raw_os_error(errno)
+                );
+            }
+        }
+    }
+    ctx.failure.report(format!(
+        "region {} offset {offset:#x} (host {host:#x}): {why}; the page could not be served",
+        region.label(),
+    ));
+    std::thread::sleep(super::failure::GIVE_UP_PAUSE);
+    wake(ctx, host, page);
+    true
 }
 
 /// A readahead window over a region served from a source stops at the

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use userfaultfd::Event;
 
 use crate::backing::{host_page_size, BackingKind};
-use crate::generation::{FileRange, TruncateGen};
+use crate::generation::{FileRange, InstallGuard, TruncateGen};
 use crate::region::{DiscardView, ReadaheadState, Region, RegionSource};
 use crate::stats::Stats;
 
@@ -37,6 +37,13 @@ pub(crate) trait FaultRegion: Send + Sync {
     /// Zero pages are installed by copying zeros: hugetlb memory has no
     /// `UFFDIO_ZEROPAGE`.
     fn zero_by_copy(&self) -> bool;
+
+    /// Records region page `page` poisoned, under the install lock;
+    /// returns whether this region keeps a poisoned set at all (a peer's
+    /// regions do not: they are never poisoned).
+    fn record_poisoned(&self, _guard: &InstallGuard<'_>, _page: u64) -> bool {
+        false
+    }
 
     fn contains_host(&self, addr: u64) -> bool {
         addr >= self.host_addr() && addr - self.host_addr() < self.max_size()
@@ -94,6 +101,11 @@ impl FaultRegion for Region {
     }
     fn zero_by_copy(&self) -> bool {
         self.backing().kind() == BackingKind::Hugetlbfs
+    }
+    fn record_poisoned(&self, guard: &InstallGuard<'_>, page: u64) -> bool {
+        let file_page = self.file_offset() / Region::page_size(self) + page;
+        self.backing().mark_poisoned(guard, file_page);
+        true
     }
 }
 

@@ -300,6 +300,9 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
                     // Guest-triggered log lines the rate limiter held back.
                     "guest_log_held_back": devices::guest_log::held_back_total(),
                     "fault_failures": ctx.mem.fault_failure().map(|f| f.count()),
+                    // Pages that could not be served and are poisoned now
+                    // (guest_mem.pages_poisoned counts every poisoning).
+                    "poisoned_pages": ctx.mem.poisoned_pages(),
                 }),
             )
         }
