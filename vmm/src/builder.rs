@@ -98,6 +98,7 @@ impl Vm {
             api_config: Default::default(),
             shutdown: None,
             seccomp: config.seccomp,
+            pre_fault: true,
             machine,
             msrs,
             control,

@@ -106,6 +106,11 @@ pub struct Args {
     /// fault handler and event loop threads (to debug a refused call).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Leave the boot images to be mapped into KVM page by page as the
+    /// guest first touches them, instead of in one `KVM_PRE_FAULT_MEMORY`
+    /// before it runs (for comparing the two).
+    #[arg(long)]
+    pub no_pre_fault: bool,
 }
 
 /// Who serves faults.

@@ -21,6 +21,7 @@ pub mod hotplug_slots;
 pub mod kvm_vm;
 pub mod layout;
 pub mod mce;
+pub mod pre_fault;
 pub mod ram;
 pub mod seccomp;
 pub mod sigbus;

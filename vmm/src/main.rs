@@ -74,6 +74,7 @@ fn run(args: Args, signals: Option<ShutdownSignals>) -> Result<ExitCode, String>
         vm.stop_on_signals(signals);
     }
     let created = start.elapsed();
+    vm.set_pre_fault(!args.no_pre_fault);
     if let Some(kernel) = &args.kernel {
         vm.boot_linux(kernel, args.initrd.as_deref(), &args.cmdline)
             .map_err(|e| e.to_string())?;
