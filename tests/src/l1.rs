@@ -164,6 +164,18 @@ pub fn run_l1(
     script: &str,
     timeout_s: u64,
 ) -> Result<L1Output, String> {
+    run_l1_on(None, name, files, script, timeout_s)
+}
+
+/// [`run_l1`] with the L1 itself booting the kernel in `l1_kernel` (a
+/// kernel cache such as `build/kernel-trixie`) instead of the default one.
+pub fn run_l1_on(
+    l1_kernel: Option<&Path>,
+    name: &str,
+    files: &[(PathBuf, &str)],
+    script: &str,
+    timeout_s: u64,
+) -> Result<L1Output, String> {
     let vmm = vmm_binary()?;
     let (vmlinux, _) = guest_images()?;
     let work = target_dir().join("l1-logs");
@@ -190,9 +202,16 @@ pub fn run_l1(
     for (src, dst) in files {
         build.arg("--add").arg(format!("{}:{dst}", src.display()));
     }
+    if let Some(dir) = l1_kernel {
+        build.env("L1_KERNEL_DIR", dir);
+    }
     run(&mut build)?;
     let log_path = work.join(format!("{name}.log"));
-    let out = Command::new("bash")
+    let mut boot = Command::new("bash");
+    if let Some(dir) = l1_kernel {
+        boot.env("L1_KERNEL_DIR", dir);
+    }
+    let out = boot
         .current_dir(repo_root())
         .arg("resources/run-l1.sh")
         .arg("--initrd")

@@ -1,7 +1,7 @@
 //! A stock Debian kernel booted under this VMM, for real, inside the nested
 //! L1 (the only place a Linux guest can run on these machines).
 
-use integration_tests::l1::{guest_images, guest_images_of, l1_unavailable, run_l1};
+use integration_tests::l1::{guest_images, guest_images_of, l1_unavailable, run_l1, run_l1_on};
 
 #[test]
 fn debian_kernel_boots_to_init_with_two_vcpus_on_uffd_memfd_memory() {
@@ -75,7 +75,9 @@ echo "BZIMAGE-EXIT-CODE=$?"
 }
 
 /// Debian 13's kernel (6.12, zstd bzImage, merged-/usr compressed modules)
-/// boots under this VMM as well, in the same (6.1) L1.
+/// boots under this VMM in an L1 that runs 6.12 too, where KVM has
+/// `KVM_PRE_FAULT_MEMORY`: the boot images are mapped before the guest
+/// runs, every range accepted; and the same guest boots with it off.
 #[test]
 fn debian_13_kernel_boots_to_init() {
     if let Some(why) = l1_unavailable() {
@@ -83,33 +85,70 @@ fn debian_13_kernel_boots_to_init() {
         return;
     }
     let (vmlinux, initramfs) = guest_images_of("trixie").expect("the Debian 13 kernel");
+    let l1_kernel = vmlinux.parent().expect("the kernel cache").to_path_buf();
     let script = r#"#!/bin/sh
-taskset -c "${L1_VMM_CPU:-1}" /bin/vmm --kernel /guest/vmlinux-6.12 \
-    --initrd /guest/initramfs-6.12.cpio.gz --memory 256M --vcpus 2 \
-    --mem-backend memfd --fault-handler uffd
+boot() {
+    RUST_LOG=vmm=info taskset -c "${L1_VMM_CPU:-1}" /bin/vmm --kernel /guest/vmlinux-6.12 \
+        --initrd /guest/initramfs-6.12.cpio.gz --memory 256M --vcpus 2 \
+        --mem-backend memfd --fault-handler uffd "$@" 2>&1
+}
+echo "L1-KERNEL $(uname -r)"
+boot
 echo "VMM-EXIT-CODE=$?"
+boot --no-pre-fault
+echo "PLAIN-EXIT-CODE=$?"
 "#;
-    let out = run_l1(
+    let out = run_l1_on(
+        Some(&l1_kernel),
         "boot-6.12",
         &[
             (vmlinux, "/guest/vmlinux-6.12"),
             (initramfs, "/guest/initramfs-6.12.cpio.gz"),
         ],
         script,
-        300,
+        400,
     )
     .expect("running the L1");
     out.assert_script_ok();
-    let init = out
-        .line("GUEST-INIT-OK")
-        .unwrap_or_else(|| out.fail("the 6.12 guest never reached its init"));
-    if !init.contains("6.12") && out.line("Linux version 6.12").is_none() {
+    if !out.line("L1-KERNEL").is_some_and(|l| l.contains("6.12")) {
+        out.fail("the L1 did not run the 6.12 kernel");
+    }
+    let inits: Vec<&str> = out
+        .log
+        .lines()
+        .filter(|l| l.contains("GUEST-INIT-OK"))
+        .collect();
+    if inits.len() != 2 {
+        out.fail("the 6.12 guest did not reach its init twice");
+    }
+    if out.line("Linux version 6.12").is_none() {
         out.fail("the guest that booted was not the 6.12 kernel");
     }
     if out.value("GUEST-INIT-OK", "nproc").as_deref() != Some("2") {
         out.fail("the 6.12 guest did not see 2 CPUs");
     }
-    if out.value("VMM-EXIT-CODE", "VMM-EXIT-CODE").as_deref() != Some("0") {
-        out.fail("the VMM did not exit cleanly after the 6.12 guest");
+    for code in ["VMM-EXIT-CODE", "PLAIN-EXIT-CODE"] {
+        if out.value(code, code).as_deref() != Some("0") {
+            out.fail("the VMM did not exit cleanly after the 6.12 guest");
+        }
+    }
+    // One pre-fault line, for the first boot only: kernel, initramfs and
+    // low memory mapped (well over 8 MiB), no range refused.
+    let lines: Vec<&str> = out
+        .log
+        .lines()
+        .filter(|l| l.contains("pre-faulted"))
+        .collect();
+    let [line] = lines[..] else {
+        out.fail("expected one pre-fault line (the second boot has it off)");
+    };
+    let kib: u64 = line
+        .split("pre-faulted ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if kib < 8 << 10 || !line.contains("(0 ranges refused)") {
+        out.fail(&format!("the boot images were not pre-faulted: {line}"));
     }
 }
