@@ -5,13 +5,15 @@
 # dirties its free boot memory and idles; then 256 MiB are plugged, the
 # guest fills free memory once (so the plugged blocks are backed on the
 # host) and frees it, and the 256 MiB are unplugged again. Measured:
-#   - plug and unplug time: from the request (PUT /memory; QMP qom-set of
-#     requested-size) until the device's plugged size equals the requested
-#     size (GET /memory plugged_mib; QMP qom-get of size), polled every
-#     50 ms, read from the L1's /proc/uptime (10 ms steps). Also recorded:
-#     what the request itself took and what one poll costs. This VMM is
-#     asked by a fresh vmmctl process each time, QEMU over a QMP pipe that
-#     is already open, so the times lean against this VMM by about a poll;
+#   - plug and unplug time: from the request until the device's plugged
+#     size equals the requested size, read from the L1's /proc/uptime
+#     (10 ms steps). This VMM is asked with PUT /memory and "wait_ms",
+#     which answers when the guest has reached the size (a fresh vmmctl
+#     process each time); QEMU has no such wait, so it is asked with a QMP
+#     qom-set of requested-size over a pipe that is already open and its
+#     size (qom-get) is polled every 50 ms. Also recorded: what QEMU's
+#     request itself took and what one poll costs (the polling's
+#     resolution);
 #   - the same, timed by each VMM itself, free of polling: from the first
 #     change of the plugged size to the one that reached the request (this
 #     VMM's GET /memory last_resize; QEMU's MEMORY_DEVICE_SIZE_CHANGE event
@@ -125,6 +127,15 @@ vmm_get() { /bin/vmmctl --sock /tmp/api.sock GET /memory | grep -o "\"\$1\": [0-
 vmm_timing() {
     echo "BENCH-TIMING vmm run=\$run phase=\$1 first_ms=\$(vmm_get first_change_ms) settled_ms=\$(vmm_get settled_ms)"
 }
+# vmm_resize MIB: asks for MIB plugged and returns once the guest has
+# them ("wait_ms": the VMM answers when the plugged size reaches the
+# request, so no polling interval is in the time).
+vmm_resize() {
+    /bin/vmmctl --sock /tmp/api.sock PUT /memory "{\"requested_mib\": \$1, \"wait_ms\": 60000}" >/tmp/put.out
+    grep -q '"reached": *true' /tmp/put.out && return 0
+    echo "BENCH-ERROR vmm did not reach \$1 MiB: \$(tr -d '\n' </tmp/put.out)"
+    return 1
+}
 bench_vmm() {
     rm -f /tmp/api.sock /tmp/serial.vmm
     RUST_LOG="$vmm_log" taskset -c \$CPU /bin/vmm --kernel /guest/vmlinux --initrd /guest/virtio-mem-idle.cpio.gz \\
@@ -137,20 +148,20 @@ bench_vmm() {
     w0=\$(vmm_get host_allocated_mib)
     poll_s=\$(poll_cost vmm_get plugged_mib)
     t=\$(now)
-    /bin/vmmctl --sock /tmp/api.sock PUT /memory "{\"requested_mib\": \$PLUG}" >/dev/null
-    plug_req_s=\$(since \$t)
-    until_equal \$PLUG vmm_get plugged_mib || return 1
+    vmm_resize \$PLUG || return 1
     plug_s=\$(since \$t)
+    plug_req_s=\$plug_s
+    until_equal \$PLUG vmm_get plugged_mib || return 1
     vmm_timing plug
     wait_marker /tmp/serial.vmm GUEST-USED || return 1
     sleep 1
     s1=\$(shmem_mib \$pid)
     w1=\$(vmm_get host_allocated_mib)
     t=\$(now)
-    /bin/vmmctl --sock /tmp/api.sock PUT /memory '{"requested_mib": 0}' >/dev/null
-    unplug_req_s=\$(since \$t)
-    until_equal 0 vmm_get plugged_mib || return 1
+    vmm_resize 0 || return 1
     unplug_s=\$(since \$t)
+    unplug_req_s=\$unplug_s
+    until_equal 0 vmm_get plugged_mib || return 1
     vmm_timing unplug
     wait_marker /tmp/serial.vmm GUEST-SAW-UNPLUG || return 1
     sleep 1
