@@ -116,6 +116,27 @@ fn a_saved_memory_is_sparse_and_restores_page_for_page() {
     // Holes in the image cost no read: the handler installs zero pages.
     let s = restored.settled_stats(std::time::Duration::from_secs(1));
     assert!(s.installs_zero > 0, "{s}");
+
+    // Eagerly: the same pages copied into fresh memory, holes left holes.
+    let eager = layout(None);
+    let written = memory_file::load(&eager, &path, &saved.regions).unwrap();
+    assert_eq!(written, kept * PAGE, "only the saved pages are written");
+    assert!(
+        eager.allocated_bytes() <= kept * PAGE + MIB,
+        "{} bytes allocated after an eager load",
+        eager.allocated_bytes()
+    );
+    let e = eager.memory().memory();
+    for &gpa in &pages {
+        let v: u64 = e.read_obj(GuestAddress(gpa)).unwrap();
+        let want = if given_back.contains(&gpa) {
+            0
+        } else {
+            gpa ^ 0xfeed_0000_0000_0000
+        };
+        assert_eq!(v, want, "at {gpa:#x} after an eager load");
+    }
+    assert!(memory_file::load(&eager, &path, &saved.regions[..1]).is_err());
     let _ = std::fs::remove_dir_all(&d);
 }
 

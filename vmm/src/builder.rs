@@ -243,26 +243,15 @@ fn copy_memory(
     path: &std::path::Path,
     saved: &[crate::snapshot::RegionState],
 ) -> Result<(), VmError> {
-    use std::os::unix::fs::FileExt;
-    let err = crate::error::io_err(path.display().to_string());
-    let file = std::fs::File::open(path).map_err(err)?;
-    let mut buf = vec![0u8; 1 << 20];
-    for (region, s) in mem.regions().iter().zip(saved) {
-        let dst = region.backing().file();
-        let mut at = 0;
-        while at < s.size {
-            let n = buf.len().min((s.size - at) as usize);
-            file.read_exact_at(&mut buf[..n], s.offset + at)
-                .map_err(crate::error::io_err(path.display().to_string()))?;
-            for (i, page) in buf[..n].chunks(4096).enumerate() {
-                if page.iter().any(|&b| b != 0) {
-                    let off = region.file_offset() + at + (i * 4096) as u64;
-                    dst.write_all_at(page, off)
-                        .map_err(crate::error::io_err("filling guest memory"))?;
-                }
-            }
-            at += n as u64;
-        }
-    }
-    Ok(())
+    let regions: Vec<_> = saved
+        .iter()
+        .map(|s| guest_mem::memory_file::SavedRegion {
+            guest_addr: s.guest_addr,
+            size: s.size,
+            offset: s.offset,
+        })
+        .collect();
+    guest_mem::memory_file::load(mem, path, &regions)
+        .map(drop)
+        .map_err(|e| VmError::Config(format!("filling guest memory from {}: {e}", path.display())))
 }
