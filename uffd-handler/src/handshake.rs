@@ -162,25 +162,12 @@ pub fn parse_regions(body: &[u8], file_len: u64) -> Result<Vec<UffdRegion>, Hand
             page_size,
         });
     }
-    for (what, key) in [
-        (
-            "host",
-            (|r: &UffdRegion| r.base_host_virt_addr) as fn(&UffdRegion) -> u64,
-        ),
-        ("memory file", |r: &UffdRegion| r.offset),
-    ] {
-        let mut spans: Vec<(u64, u64, usize)> = regions
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (key(r), key(r) + r.size, i))
-            .collect();
-        spans.sort_unstable();
-        if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
-            return Err(HandshakeError::BadRegion {
-                index: w[1].2,
-                why: format!("overlaps region {} in {what} bytes", w[0].2),
-            });
-        }
+    let table: Vec<ExternalRegion> = regions.iter().map(UffdRegion::external).collect();
+    if let Some((index, other, what)) = guest_mem::external::overlap(&table) {
+        return Err(HandshakeError::BadRegion {
+            index,
+            why: format!("overlaps region {other} in {what} bytes"),
+        });
     }
     regions.sort_by_key(|r| r.base_host_virt_addr);
     Ok(regions)

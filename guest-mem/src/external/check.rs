@@ -69,6 +69,24 @@ pub(crate) fn regions(regions: &[ExternalRegion], source_len: Option<u64>) -> Re
             _ => {}
         }
     }
+    if let Some((i, j, what)) = overlap(regions) {
+        return Err(bad(i, format!("overlaps region {j} in {what} bytes")));
+    }
+    Ok(page)
+}
+
+/// The first two regions over the same host bytes or the same memory-file
+/// bytes: `(later, earlier, "host" | "memory file")`, by start address.
+/// Sizes must not wrap (checked before).
+///
+/// ```
+/// use guest_mem::external::{overlap, ExternalRegion};
+/// let r = |host_addr, offset| ExternalRegion { host_addr, size: 0x2000, offset, page_size: 0x1000 };
+/// assert_eq!(overlap(&[r(0x10000, 0), r(0x20000, 0x2000)]), None);
+/// assert_eq!(overlap(&[r(0x10000, 0), r(0x11000, 0x4000)]), Some((1, 0, "host")));
+/// assert_eq!(overlap(&[r(0x10000, 0), r(0x20000, 0x1000)]), Some((1, 0, "memory file")));
+/// ```
+pub fn overlap(regions: &[ExternalRegion]) -> Option<(usize, usize, &'static str)> {
     type Key = fn(&ExternalRegion) -> u64;
     for (what, key) in [
         ("host", (|r: &ExternalRegion| r.host_addr) as Key),
@@ -81,13 +99,10 @@ pub(crate) fn regions(regions: &[ExternalRegion], source_len: Option<u64>) -> Re
             .collect();
         spans.sort_unstable();
         if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
-            return Err(bad(
-                w[1].2,
-                format!("overlaps region {} in {what} bytes", w[0].2),
-            ));
+            return Some((w[1].2, w[0].2, what));
         }
     }
-    Ok(page)
+    None
 }
 
 /// `UFFD_FEATURE_EVENT_REMOVE`.

@@ -57,6 +57,7 @@
 //! example runs) is in the [`ExternalMemory`] documentation.
 
 mod check;
+pub use check::overlap;
 mod table;
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
