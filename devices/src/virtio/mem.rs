@@ -616,11 +616,12 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EventFd;
 
-    const MIB: u64 = 1 << 20;
+    pub(super) const MIB: u64 = 1 << 20;
     /// The hotplug window: 32 MiB (16 blocks) at 64 MiB.
-    const BASE: u64 = 64 * MIB;
+    pub(super) const BASE: u64 = 64 * MIB;
 
-    fn memory() -> Arc<GuestMem> {
+    /// 16 MiB of RAM and the hotplug window at [`BASE`], nothing plugged.
+    pub(super) fn memory() -> Arc<GuestMem> {
         let mut hotplug = RegionConfig::new(BASE, 0);
         hotplug.max_size = Some(32 * MIB);
         Arc::new(
@@ -632,7 +633,8 @@ mod tests {
         )
     }
 
-    fn device(mem: &Arc<GuestMem>) -> VirtioMem {
+    /// A device over the window of [`memory`].
+    pub(super) fn device(mem: &Arc<GuestMem>) -> VirtioMem {
         VirtioMem::new(Arc::new(
             HotplugRegion::new(mem.clone(), guest_mem::RegionIndex(1)).unwrap(),
         ))
@@ -643,7 +645,8 @@ mod tests {
         BASE + i * BLOCK_SIZE
     }
 
-    fn ask(d: &mut VirtioMem, kind: u16, block_index: u64, n: u16) -> (u16, u16) {
+    /// Request `kind` for `n` blocks from block `block_index`: (answer, state).
+    pub(super) fn ask(d: &mut VirtioMem, kind: u16, block_index: u64, n: u16) -> (u16, u16) {
         let r = d.handle(&MemRequest::new(kind, block(block_index), n));
         (r.kind, r.state)
     }

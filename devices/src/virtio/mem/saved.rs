@@ -139,36 +139,11 @@ mod tests {
 
     /// One way to spoil a good state.
     type Change = Box<dyn Fn(&mut VirtioMemDeviceState)>;
-    use crate::virtio::mem::{req, resp, MemRequest};
+    use crate::virtio::mem::tests::{ask, device, memory, MIB};
+    use crate::virtio::mem::{req, resp};
     use crate::virtio::VirtioDevice;
-    use guest_mem::backend::HotplugRegion;
-    use guest_mem::{GuestMem, RegionConfig, RegionIndex};
+    use guest_mem::{GuestMem, RegionIndex};
     use std::sync::Arc;
-
-    const MIB: u64 = 1 << 20;
-    const BASE: u64 = 64 * MIB;
-
-    fn memory() -> Arc<GuestMem> {
-        let mut hotplug = RegionConfig::new(BASE, 0);
-        hotplug.max_size = Some(32 * MIB);
-        Arc::new(
-            GuestMem::builder()
-                .region(RegionConfig::new(0, 16 * MIB))
-                .region(hotplug)
-                .build()
-                .unwrap(),
-        )
-    }
-
-    fn device(mem: &Arc<GuestMem>) -> VirtioMem {
-        let window = HotplugRegion::new(mem.clone(), RegionIndex(1)).unwrap();
-        VirtioMem::new(Arc::new(window)).unwrap()
-    }
-
-    fn ask(d: &mut VirtioMem, kind: u16, block: u64, n: u16) -> (u16, u16) {
-        let r = d.handle(&MemRequest::new(kind, BASE + block * BLOCK_SIZE, n));
-        (r.kind, r.state)
-    }
 
     /// Blocks 0-2 and 5 plugged; block 4 backed (below the end) but not.
     fn plugged(mem: &Arc<GuestMem>) -> VirtioMem {
