@@ -19,3 +19,20 @@ pub fn kvm_available() -> bool {
         .open("/dev/kvm")
         .is_ok()
 }
+
+/// The configuration the KVM payload tests start from: `memory` bytes on a
+/// memfd, served through userfaultfd with the default settings, `vcpus`
+/// vCPUs, the serial port discarded, no devices and no API, seccomp on.
+pub fn payload_vm_config(memory: u64, vcpus: u8) -> vmm::VmConfig {
+    vmm::VmConfig {
+        memory,
+        vcpus,
+        backend: vmm::MemBackend::Memfd,
+        fault: Default::default(),
+        serial: vmm::SerialOut::Sink,
+        balloon: None,
+        hotplug: None,
+        api_socket: None,
+        seccomp: true,
+    }
+}

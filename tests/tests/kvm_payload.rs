@@ -6,28 +6,21 @@ use std::time::Duration;
 
 use guest_mem::{FaultConfig, Readahead, Unservable};
 use integration_tests::failing_source::failing_memory;
-use integration_tests::kvm_available;
 use integration_tests::payload::{pattern, pattern_payload};
+use integration_tests::{kvm_available, payload_vm_config};
 use vmm::vcpu::PayloadArgs;
-use vmm::{ExitReason, SerialOut, Vm, VmConfig};
+use vmm::{ExitReason, Vm, VmConfig};
 
 const LOAD: u64 = 0x10_0000;
 const SLICES_START: u64 = 8 << 20;
 
 fn vm(memory: u64, vcpus: u8, readahead: Readahead) -> Vm {
     Vm::new(VmConfig {
-        memory,
-        vcpus,
-        backend: vmm::MemBackend::Memfd,
         fault: FaultConfig {
             readahead,
             ..FaultConfig::default()
         },
-        serial: SerialOut::Sink,
-        balloon: None,
-        hotplug: None,
-        api_socket: None,
-        seccomp: true,
+        ..payload_vm_config(memory, vcpus)
     })
     .expect("creating the VM")
 }
@@ -150,21 +143,7 @@ fn a_payload_reports_what_it_did_not_find() {
 /// running the pattern payload over it (its first write lands there).
 fn failing_vm(memory: u64, on_unservable: Unservable) -> Vm {
     let mem = failing_memory(memory, SLICES_START, on_unservable);
-    let mut vm = Vm::with_memory(
-        VmConfig {
-            memory,
-            vcpus: 1,
-            backend: vmm::MemBackend::Memfd,
-            fault: FaultConfig::default(),
-            serial: SerialOut::Sink,
-            balloon: None,
-            hotplug: None,
-            api_socket: None,
-            seccomp: true,
-        },
-        mem,
-    )
-    .unwrap();
+    let mut vm = Vm::with_memory(payload_vm_config(memory, 1), mem).unwrap();
     vm.load_payload(&pattern_payload(LOAD), LOAD, true, |_| PayloadArgs {
         entry: LOAD,
         stack: LOAD,

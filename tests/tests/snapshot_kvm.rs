@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use guest_mem::GuestMem;
-use integration_tests::kvm_available;
 use integration_tests::payload::{mailbox, snapshot_payload};
+use integration_tests::{kvm_available, payload_vm_config};
 use vmm::builder::{RestoreConfig, RestoreMode};
 use vmm::control::{ControlError, ControlRequest, RunState, VmControl};
 use vmm::vcpu::PayloadArgs;
-use vmm::{ExitReason, RunOutcome, SerialOut, Vm, VmConfig};
+use vmm::{ExitReason, RunOutcome, SerialOut, Vm};
 
 const LOAD: u64 = 0x10_0000;
 const MAILBOXES: u64 = 0x20_0000;
@@ -96,18 +96,7 @@ impl Running {
 }
 
 fn booted() -> Running {
-    let mut vm = Vm::new(VmConfig {
-        memory: MEMORY,
-        vcpus: VCPUS,
-        backend: vmm::MemBackend::Memfd,
-        fault: Default::default(),
-        serial: SerialOut::Sink,
-        balloon: None,
-        hotplug: None,
-        api_socket: None,
-        seccomp: true,
-    })
-    .unwrap();
+    let mut vm = Vm::new(payload_vm_config(MEMORY, VCPUS)).unwrap();
     let per = (STAMPED / u64::from(VCPUS)) & !0xfff;
     vm.load_payload(&snapshot_payload(LOAD), LOAD, true, |id| {
         let start = SLICES_START + per * u64::from(id);
@@ -331,21 +320,7 @@ fn a_failed_snapshot_leaves_no_directory() {
     let mut rc = guest_mem::RegionConfig::new(0, MEMORY);
     rc.private = true;
     let mem = GuestMem::builder().region(rc).build().unwrap();
-    let mut vm = Vm::with_memory(
-        VmConfig {
-            memory: MEMORY,
-            vcpus: 1,
-            backend: vmm::MemBackend::Memfd,
-            fault: Default::default(),
-            serial: SerialOut::Sink,
-            balloon: None,
-            hotplug: None,
-            api_socket: None,
-            seccomp: true,
-        },
-        mem,
-    )
-    .unwrap();
+    let mut vm = Vm::with_memory(payload_vm_config(MEMORY, 1), mem).unwrap();
     vm.load_payload(&snapshot_payload(LOAD), LOAD, true, |_| PayloadArgs {
         entry: LOAD,
         stack: LOAD,
