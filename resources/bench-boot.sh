@@ -5,7 +5,10 @@
 # init's marker (GUEST-INIT-OK), and the VMM's resident memory outside guest
 # RAM at that moment (the Rss of every mapping in /proc/PID/smaps but the
 # guest RAM memfd). A third row, this VMM with the kernel serving its page
-# faults (--fault-handler kernel), shows what userfaultfd costs at boot.
+# faults (--fault-handler kernel), shows what userfaultfd costs at boot,
+# and a fourth, this VMM with --no-pre-fault, what KVM_PRE_FAULT_MEMORY
+# saves (it needs an L1 kernel that has it: L1_KERNEL_DIR=build/kernel-trixie;
+# under the default 6.1 L1 both rows boot the same way).
 # Two more rows boot both VMMs on 2 MiB huge pages (hugetlbfs memfds,
 # reserved in the L1): under nested virtualization every 4 KiB page the
 # guest touches first costs an exit to the L1's KVM, so huge pages shorten
@@ -80,6 +83,8 @@ run=1
 while [ \$run -le $runs ]; do
     measure vmm /bin/vmm --kernel /guest/vmlinux --initrd /guest/bench.cpio.gz \\
         --memory ${memory}M --vcpus $vcpus --mem-backend memfd --cmdline "$cmdline"
+    measure vmm-no-pre-fault /bin/vmm --kernel /guest/vmlinux --initrd /guest/bench.cpio.gz \\
+        --memory ${memory}M --vcpus $vcpus --mem-backend memfd --no-pre-fault --cmdline "$cmdline"
     measure vmm-kernel-faults /bin/vmm --kernel /guest/vmlinux --initrd /guest/bench.cpio.gz \\
         --memory ${memory}M --vcpus $vcpus --mem-backend memfd --fault-handler kernel --cmdline "$cmdline"
     measure qemu qemu-system-x86_64 -accel kvm -M microvm,rtc=on -cpu host \\
@@ -99,10 +104,10 @@ bench_run_l1 boot "$script" --add "$image:/guest/bench.cpio.gz"
 
 mkdir -p "$REPO_ROOT/target/bench"
 python3 - "$GUEST_CACHE/bench/boot.log" "$(cat "$GUEST_KERNEL_DIR/VERSION")" "$memory" "$vcpus" \
-    "$REPO_ROOT/target/bench/boot.json" <<'PY'
+    "$REPO_ROOT/target/bench/boot.json" "$(cat "$L1_KERNEL_DIR/VERSION")" <<'PY'
 import json, re, statistics, sys
-log, version, memory, vcpus, out_path = sys.argv[1:6]
-runs = {"vmm": [], "vmm-kernel-faults": [], "qemu": [], "vmm-hugetlbfs": [], "qemu-hugetlbfs": []}
+log, version, memory, vcpus, out_path, l1_version = sys.argv[1:7]
+runs = {"vmm": [], "vmm-no-pre-fault": [], "vmm-kernel-faults": [], "qemu": [], "vmm-hugetlbfs": [], "qemu-hugetlbfs": []}
 for line in open(log, errors="replace"):
     m = re.search(r"BENCH ([\w-]+) run=\d+ boot_s=([\d.]+) rss_mib=([\d.]+)"
                   r" guest_uptime_s=([\d.]+) exit=0", line)
@@ -119,10 +124,11 @@ out = {
     "vmm_rss_mib": med["vmm"]["rss_mib"],
     "qemu_rss_mib": med["qemu"]["rss_mib"],
     "boot_ratio": med["vmm"]["boot_s"] / med["qemu"]["boot_s"],
+    "vmm_no_pre_fault_boot_s": med.get("vmm-no-pre-fault", {}).get("boot_s"),
     "vmm_kernel_faults_boot_s": med.get("vmm-kernel-faults", {}).get("boot_s"),
     "vmm_hugetlbfs_boot_s": med.get("vmm-hugetlbfs", {}).get("boot_s"),
     "qemu_hugetlbfs_boot_s": med.get("qemu-hugetlbfs", {}).get("boot_s"),
-    "kernel": version, "memory_mib": int(memory), "vcpus": int(vcpus),
+    "kernel": version, "l1_kernel": l1_version, "memory_mib": int(memory), "vcpus": int(vcpus),
     "runs": runs,
 }
 if "vmm-hugetlbfs" in med and "qemu-hugetlbfs" in med:
