@@ -9,6 +9,10 @@
 #
 #   --initrd FILE   the L1 initramfs (required)
 #   --timeout SECS  wall-clock limit for the whole boot+script (default 900)
+#   --ready-timeout SECS
+#                   limit for the L1's own boot, up to L1-READY (default
+#                   180; it takes 6-15 s): an L1 kernel that hangs in its
+#                   boot under TCG is stopped then, not at --timeout
 #   --log FILE      console log (default: $GUEST_CACHE/logs/l1-<time>-<pid>.log)
 #   --mem MiB       L1 memory (default 3072)
 #   --smp N         L1 vCPUs (default 2)
@@ -27,6 +31,7 @@ set -euo pipefail
 
 initrd=""
 timeout_s=900
+ready_timeout_s=180
 log_file=""
 mem=3072
 smp=2
@@ -37,6 +42,7 @@ while (($#)); do
     case "$1" in
         --initrd) [[ $# -ge 2 ]] || die "--initrd needs a file"; initrd="$(abspath "$2")"; shift 2 ;;
         --timeout) [[ $# -ge 2 ]] || die "--timeout needs seconds"; timeout_s="$2"; shift 2 ;;
+        --ready-timeout) [[ $# -ge 2 ]] || die "--ready-timeout needs seconds"; ready_timeout_s="$2"; shift 2 ;;
         --log) [[ $# -ge 2 ]] || die "--log needs a file"; log_file="$(abspath "$2")"; shift 2 ;;
         --mem) [[ $# -ge 2 ]] || die "--mem needs MiB"; mem="$2"; shift 2 ;;
         --smp) [[ $# -ge 2 ]] || die "--smp needs a count"; smp="$2"; shift 2 ;;
@@ -51,6 +57,7 @@ done
 [[ -f "$initrd" ]] || die "initrd not found: $initrd (build it with resources/build-l1.sh)"
 [[ -f "$kernel" ]] || die "L1 kernel not found: $kernel (run $(fetch_hint "$(dirname "$kernel")"))"
 [[ "$timeout_s" =~ ^[0-9]+$ && "$timeout_s" -gt 0 ]] || die "--timeout must be a positive integer"
+[[ "$ready_timeout_s" =~ ^[0-9]+$ && "$ready_timeout_s" -gt 0 ]] || die "--ready-timeout must be a positive integer"
 [[ "$mem" =~ ^[0-9]+$ ]] || die "--mem must be an integer (MiB)"
 [[ "$smp" =~ ^[0-9]+$ ]] || die "--smp must be an integer"
 need_cmd qemu-system-x86_64 "Debian package qemu-system-x86"
@@ -71,12 +78,25 @@ qemu=(
     -nographic -no-reboot
     -kernel "$kernel" -initrd "$initrd"
     -append "$cmdline"
+    -pidfile "$log_file.pid"
     "${extra_qemu[@]}"
 )
 log "booting L1: initrd $(basename "$initrd") ($(du -h "$initrd" | cut -f1)), ${mem} MiB, $smp vCPUs, timeout ${timeout_s}s"
 log "log: $log_file"
 
 start=$SECONDS
+rm -f "$log_file.pid"
+# The L1's own boot has its own, shorter limit.
+(
+    # (its own descriptors: a sleep outliving this script must not hold
+    # the caller's pipes open)
+    sleep "$ready_timeout_s" >/dev/null 2>&1
+    if ! grep -q -a L1-READY "$log_file" && [[ -s "$log_file.pid" ]]; then
+        log "ERROR: the L1 did not get ready in ${ready_timeout_s} s; stopping it"
+        kill "$(cat "$log_file.pid")" 2>/dev/null
+    fi
+) &
+ready_watch=$!
 set +e
 # stdin from /dev/null: QEMU must not touch (or block on) a terminal, and
 # `timeout` runs it in a background process group.
@@ -89,6 +109,9 @@ timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1 |
         esac
     done
 status=("${PIPESTATUS[@]}")
+kill "$ready_watch" 2>/dev/null
+wait "$ready_watch" 2>/dev/null
+rm -f "$log_file.pid"
 set -e
 qemu_rc="${status[0]}"
 elapsed=$((SECONDS - start))
