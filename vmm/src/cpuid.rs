@@ -43,6 +43,10 @@ pub const ECX_OSXSAVE_BIT: u32 = 27;
 pub const ECX_HYPERVISOR_BIT: u32 = 31;
 /// Leaf 0x1 EDX: hyper-threading / multi-core package (HTT).
 pub const EDX_HTT_BIT: u32 = 28;
+/// Leaf 0x1 EDX: machine check exception (CR4.MCE, #MC).
+pub const EDX_MCE_BIT: u32 = 7;
+/// Leaf 0x1 EDX: machine check architecture (MCG_CAP and the banks).
+pub const EDX_MCA_BIT: u32 = 14;
 
 /// Leaf 0x1 EBX: CLFLUSH line size in 8-byte units (8 = 64 bytes).
 const CLFLUSH_SIZE: u32 = 8;
@@ -145,6 +149,31 @@ pub fn configure_vcpu_cpuid(cpuid: &mut CpuId, vcpu_id: u8, num_vcpus: u8) {
         }
     }
 }
+
+/// Announces machine checks (MCE and MCA) to the guest. For vCPUs set up
+/// with `KVM_X86_SETUP_MCE`: KVM emulates the banks and `#MC` delivery
+/// itself, whatever the host reports (a nested host under TCG leaves MCE
+/// out of `KVM_GET_SUPPORTED_CPUID`, and a guest that does not see it never
+/// sets CR4.MCE, so an injected machine check would shut it down).
+///
+/// Also sets SUCCOR (leaf 0x8000_0007 EBX bit 1, "software uncorrectable
+/// error containment and recovery", an AMD bit that Intel leaves
+/// reserved), as QEMU does for its AMD models: without it an AMD guest
+/// kernel treats every uncorrected error as fatal.
+pub fn announce_machine_checks(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            LEAF_FEATURES => entry.edx |= (1 << EDX_MCE_BIT) | (1 << EDX_MCA_BIT),
+            LEAF_RAS => entry.ebx |= 1 << EBX_SUCCOR_BIT,
+            _ => {}
+        }
+    }
+}
+
+/// Leaf 0x8000_0007: advanced power management and RAS.
+const LEAF_RAS: u32 = 0x8000_0007;
+/// Leaf 0x8000_0007 EBX: SUCCOR.
+pub const EBX_SUCCOR_BIT: u32 = 1;
 
 #[cfg(test)]
 mod tests {
@@ -343,5 +372,23 @@ mod tests {
         assert_eq!(set_bits(0x1234, 0, 31, 7), 7);
         assert_eq!(id_bits(0), 0);
         assert_eq!(id_bits(254), 8);
+    }
+
+    #[test]
+    fn machine_checks_are_announced_with_succor() {
+        let mut cpuid = CpuId::from_entries(&[
+            leaf(LEAF_FEATURES, 0, 0, 0, 1 << EDX_HTT_BIT),
+            leaf(0x8000_0001, 0, 0, 0, 0),
+            leaf(0x8000_0007, 0, 0, 0, 0x100),
+        ])
+        .unwrap();
+        announce_machine_checks(&mut cpuid);
+        let e = cpuid.as_slice();
+        assert_eq!(
+            e[0].edx,
+            (1 << EDX_HTT_BIT) | (1 << EDX_MCE_BIT) | (1 << EDX_MCA_BIT)
+        );
+        assert_eq!(e[1].edx, 0);
+        assert_eq!((e[2].ebx, e[2].edx), (1 << EBX_SUCCOR_BIT, 0x100));
     }
 }

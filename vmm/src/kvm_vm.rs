@@ -124,6 +124,10 @@ pub fn create_vcpus(
     count: u8,
     mcg_cap: Option<u64>,
 ) -> Result<Vec<VcpuFd>, VmError> {
+    let mut cpuid = cpuid.clone();
+    if mcg_cap.is_some() {
+        crate::cpuid::announce_machine_checks(&mut cpuid);
+    }
     (0..count)
         .map(|id| {
             let v = fd
@@ -134,7 +138,7 @@ pub fn create_vcpus(
                     VmError::Config(format!("vCPU {id}: KVM_X86_SETUP_MCE {cap:#x}: {e}"))
                 })?;
             }
-            vcpu::configure_common(&v, cpuid, id, count)?;
+            vcpu::configure_common(&v, &cpuid, id, count)?;
             Ok(v)
         })
         .collect()
@@ -215,5 +219,29 @@ mod tests {
         let expected =
             offered > 0 && offered as u32 & kvm_bindings::KVM_X86_QUIRK_SLOT_ZAP_ALL != 0;
         assert_eq!(narrow_slot_zaps(&fd), expected);
+    }
+}
+
+#[cfg(test)]
+mod mce_cpuid_tests {
+    use super::*;
+
+    #[test]
+    fn vcpus_with_machine_checks_announce_them_in_cpuid() {
+        let Ok(kvm) = Kvm::new() else { return };
+        let Some(cap) = crate::mce::supported(&kvm).map(crate::mce::mcg_cap) else {
+            return;
+        };
+        let fd = create_vm(&kvm).unwrap();
+        let mut cpuid = supported_cpuid(&kvm).unwrap();
+        // As a host that reports no machine checks would.
+        for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+            e.edx &= !((1 << crate::cpuid::EDX_MCE_BIT) | (1 << crate::cpuid::EDX_MCA_BIT));
+        }
+        let vcpus = create_vcpus(&fd, &cpuid, 1, Some(cap)).unwrap();
+        let got = vcpus[0].get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let leaf1 = got.as_slice().iter().find(|e| e.function == 1).unwrap();
+        assert_ne!(leaf1.edx & (1 << crate::cpuid::EDX_MCE_BIT), 0, "MCE");
+        assert_ne!(leaf1.edx & (1 << crate::cpuid::EDX_MCA_BIT), 0, "MCA");
     }
 }

@@ -123,6 +123,33 @@ pub fn action_optional(gpa: u64) -> kvm_x86_mce {
     }
 }
 
+/// The machine check QEMU injects for an action-required memory error on
+/// an AMD vCPU: AMD's banks have no S/AR bits or Intel error codes, so the
+/// status is VAL | UC | EN | MISCV | ADDRV, with both IPs valid. (QEMU
+/// injects nothing for an action-optional error on AMD, which would make
+/// the guest kernel panic.) The guest kernel treats it as recoverable only
+/// with CPUID's SUCCOR bit, see [`crate::cpuid::announce_machine_checks`].
+pub fn action_required_amd(gpa: u64) -> kvm_x86_mce {
+    kvm_x86_mce {
+        status: MCI_STATUS_VAL
+            | MCI_STATUS_UC
+            | MCI_STATUS_EN
+            | MCI_STATUS_MISCV
+            | MCI_STATUS_ADDRV,
+        ..action_required(gpa)
+    }
+}
+
+/// Whether `cpuid` names an AMD (or Hygon) processor: machine checks are
+/// injected the AMD way there ([`action_required_amd`]).
+pub fn is_amd(cpuid: &kvm_bindings::CpuId) -> bool {
+    cpuid.as_slice().iter().any(|e| {
+        e.function == 0
+            && ((e.ebx, e.edx, e.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
+                || (e.ebx, e.edx, e.ecx) == (0x6f67_7948, 0x6e65_476e, 0x656e_6975))
+    })
+}
+
 /// Injects `mce` into the vCPU (`KVM_X86_SET_MCE`). KVM queues a #MC, or,
 /// when the guest cannot take one (CR4.MCE clear, or a machine check
 /// already in progress), makes the vCPU triple-fault (a shutdown exit).
@@ -160,6 +187,32 @@ mod tests {
         assert_eq!(o.status, 0xbd00_0000_0000_00c0);
         assert_eq!(o.mcg_status, MCG_STATUS_MCIP | MCG_STATUS_RIPV);
         assert_eq!((o.addr, o.misc, o.bank), (0x1234_5000, 0x8c, 9));
+    }
+
+    /// QEMU's values for an AMD vCPU (`IS_AMD_CPU` in `kvm_mce_inject`).
+    #[test]
+    fn an_amd_machine_check_carries_no_intel_only_bits() {
+        let m = action_required_amd(0x1234_5678);
+        assert_eq!(m.status, 0xbc00_0000_0000_0000);
+        assert_eq!(
+            m.mcg_status,
+            MCG_STATUS_MCIP | MCG_STATUS_RIPV | MCG_STATUS_EIPV
+        );
+        assert_eq!((m.addr, m.misc, m.bank), (0x1234_5000, 0x8c, 9));
+        let vendor = |ebx, edx, ecx| {
+            kvm_bindings::CpuId::from_entries(&[kvm_bindings::kvm_cpuid_entry2 {
+                function: 0,
+                ebx,
+                edx,
+                ecx,
+                ..Default::default()
+            }])
+            .unwrap()
+        };
+        // "AuthenticAMD", "HygonGenuine", "GenuineIntel".
+        assert!(is_amd(&vendor(0x6874_7541, 0x6974_6e65, 0x444d_4163)));
+        assert!(is_amd(&vendor(0x6f67_7948, 0x6e65_476e, 0x656e_6975)));
+        assert!(!is_amd(&vendor(0x756e_6547, 0x4965_6e69, 0x6c65_746e)));
     }
 
     #[test]

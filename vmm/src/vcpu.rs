@@ -446,10 +446,33 @@ fn deliver_machine_check(
     if !ctx.mce {
         return Err(fail("KVM emulates no machine checks here".into()));
     }
-    let mce = if err.code == libc::BUS_MCEERR_AR {
-        crate::mce::action_required(gpa)
-    } else {
-        crate::mce::action_optional(gpa)
+    // KVM shuts down a guest that has not enabled machine checks: say so
+    // rather than let it triple-fault.
+    const CR4_MCE: u64 = 1 << 6;
+    match vcpu.get_sregs() {
+        Ok(s) if s.cr4 & CR4_MCE == 0 => {
+            return Err(fail(format!(
+                "the guest has not enabled machine checks (CR4 {:#x})",
+                s.cr4
+            )))
+        }
+        _ => {}
+    }
+    let amd = vcpu
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .is_ok_and(|c| crate::mce::is_amd(&c));
+    let mce = match (err.code == libc::BUS_MCEERR_AR, amd) {
+        (true, false) => crate::mce::action_required(gpa),
+        (true, true) => crate::mce::action_required_amd(gpa),
+        (false, false) => crate::mce::action_optional(gpa),
+        (false, true) => {
+            // As QEMU: an AMD guest kernel panics on an action-optional
+            // machine check; the page stays poisoned for its next touch.
+            log::warn!(
+                "vCPU {id}: action-optional error at guest page {page:#x} not injected (AMD)"
+            );
+            return Ok(page);
+        }
     };
     crate::mce::inject(vcpu, &mce).map_err(|e| fail(format!("KVM_X86_SET_MCE: {e}")))?;
     log::error!(
