@@ -357,16 +357,17 @@ impl GuestMem {
     /// Pages poisoned because they could not be served, and not given back
     /// since (each backing file counted once).
     pub fn poisoned_pages(&self) -> u64 {
-        let mut seen: Vec<*const BackingFile> = Vec::new();
-        let mut total = 0;
-        for r in &self.regions {
-            let p = Arc::as_ptr(r.backing());
-            if !seen.contains(&p) {
-                seen.push(p);
-                total += r.backing().poisoned_pages();
-            }
-        }
-        total
+        self.backing_files().map(|b| b.poisoned_pages()).sum()
+    }
+
+    /// Each distinct backing file once (regions may share one).
+    fn backing_files(&self) -> impl Iterator<Item = &Arc<BackingFile>> {
+        self.regions.iter().enumerate().filter_map(|(i, r)| {
+            let first = self.regions[..i]
+                .iter()
+                .all(|o| !Arc::ptr_eq(o.backing(), r.backing()));
+            first.then(|| r.backing())
+        })
     }
 
     /// The guest-physical address of a host address inside a region's
@@ -674,16 +675,9 @@ impl GuestMem {
 
     /// Bytes the backing files have allocated (each file counted once).
     pub fn allocated_bytes(&self) -> u64 {
-        let mut seen: Vec<*const BackingFile> = Vec::new();
-        let mut total = 0;
-        for r in &self.regions {
-            let p = Arc::as_ptr(r.backing());
-            if !seen.contains(&p) {
-                seen.push(p);
-                total += r.backing().allocated_bytes().unwrap_or(0);
-            }
-        }
-        total
+        self.backing_files()
+            .map(|b| b.allocated_bytes().unwrap_or(0))
+            .sum()
     }
 
     /// Bytes the memory map covers: backed and accessible.
