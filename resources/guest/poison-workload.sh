@@ -4,6 +4,8 @@
 # memory this script then fills cannot be served: the VMM poisons it and
 # the guest takes machine checks. What the guest kernel makes of them is
 # on the console (a killed process, or a panic for a kernel access).
+echo "GUEST-CPU $(grep -m3 -e vendor_id -e "cpu family" -e "model name" /proc/cpuinfo | tr "\n\t" "  ")"
+echo "GUEST-FLAGS $(grep -m1 flags /proc/cpuinfo)"
 echo "GUEST-POISON-READY MemTotal=$(grep MemTotal /proc/meminfo | grep -o '[0-9]*')"
 sleep 5
 mkdir -p /mnt && mount -t tmpfs -o size=230m tmpfs /mnt

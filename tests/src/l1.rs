@@ -105,6 +105,30 @@ pub fn guest_image_with(name: &str, script: &str) -> Result<PathBuf, String> {
     Ok(image)
 }
 
+/// [`guest_image_with`] for Debian `suite`'s kernel (see
+/// [`guest_images_of`]): `build/guest-NAME-SUITE.cpio.gz` with that
+/// kernel's modules; returns (vmlinux, initramfs).
+pub fn guest_image_of_with(
+    suite: &str,
+    name: &str,
+    script: &str,
+) -> Result<(PathBuf, PathBuf), String> {
+    let (vmlinux, _) = guest_images_of(suite)?;
+    let dir = vmlinux.parent().ok_or("no kernel cache")?.to_path_buf();
+    let image = repo_root().join(format!("build/guest-{name}-{suite}.cpio.gz"));
+    run(Command::new("bash")
+        .arg("resources/build-initramfs.sh")
+        .arg("--out")
+        .arg(&image)
+        .arg("--extra")
+        .arg(format!(
+            "{}:/guest-test.sh",
+            repo_root().join(script).display()
+        ))
+        .env("GUEST_KERNEL_DIR", &dir))?;
+    Ok((vmlinux, image))
+}
+
 /// What an L1 run printed, and its script's exit code.
 #[derive(Debug)]
 pub struct L1Output {

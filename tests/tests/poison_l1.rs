@@ -6,9 +6,13 @@
 //! booted, the L1 shrinks its huge page pool to what is in use, so every
 //! page the guest touches after that cannot be installed. The fault
 //! handler retries, then poisons the page; KVM raises `SIGBUS` on the vCPU
-//! thread, and the VMM injects a machine check the guest kernel reports.
+//! thread, and the VMM injects a machine check into the guest, which has
+//! enabled them. (What the guest makes of it is not asserted: here it
+//! touches the same page again while its handler still runs, and KVM
+//! shuts a guest down on a second machine check in progress, as hardware
+//! does; the VMM then ends with an error naming the page.)
 
-use integration_tests::l1::{guest_image_with, guest_images_of, l1_unavailable, run_l1_on};
+use integration_tests::l1::{guest_image_of_with, l1_unavailable, run_l1_on};
 
 #[test]
 fn a_page_that_cannot_be_served_reaches_the_linux_guest_as_a_machine_check() {
@@ -16,15 +20,18 @@ fn a_page_that_cannot_be_served_reaches_the_linux_guest_as_a_machine_check() {
         eprintln!("skipped: {why}");
         return;
     }
-    let (l1_vmlinux, _) = guest_images_of("trixie").expect("the Debian 13 kernel");
-    let l1_kernel = l1_vmlinux.parent().expect("the kernel cache").to_path_buf();
-    let image =
-        guest_image_with("poison", "resources/guest/poison-workload.sh").expect("the guest image");
+    // Debian 13's kernel as the L1 and as the guest: Debian 12's cloud
+    // kernel is built without CONFIG_X86_MCE, so it never enables machine
+    // checks (CR4.MCE) and cannot take one.
+    let (vmlinux, image) =
+        guest_image_of_with("trixie", "poison", "resources/guest/poison-workload.sh")
+            .expect("the Debian 13 kernel and guest image");
+    let l1_kernel = vmlinux.parent().expect("the kernel cache").to_path_buf();
     let script = r#"#!/bin/sh
 pool=/sys/kernel/mm/hugepages/hugepages-2048kB
 echo 150 > /proc/sys/vm/nr_hugepages
 echo "POOL-BEFORE total=$(cat $pool/nr_hugepages) free=$(cat $pool/free_hugepages)"
-RUST_LOG=warn taskset -c "${L1_VMM_CPU:-1}" /bin/vmm --kernel /guest/vmlinux \
+RUST_LOG=warn taskset -c "${L1_VMM_CPU:-1}" /bin/vmm --kernel /guest/vmlinux-6.12 \
     --initrd /guest/poison.cpio.gz --memory 256M --mem-backend hugetlbfs >/tmp/vmm.log 2>&1 &
 pid=$!
 n=0
@@ -42,7 +49,10 @@ cat /tmp/vmm.log
     let out = run_l1_on(
         Some(&l1_kernel),
         "poison",
-        &[(image, "/guest/poison.cpio.gz")],
+        &[
+            (vmlinux, "/guest/vmlinux-6.12"),
+            (image, "/guest/poison.cpio.gz"),
+        ],
         script,
         400,
     )
@@ -61,13 +71,10 @@ cat /tmp/vmm.log
     if !log.contains("machine check injected") {
         out.fail("no machine check was injected into the guest");
     }
-    // Linux reports a machine check it recovers from (a killed process, an
-    // isolated page) and one it cannot (a panic) alike on the console.
-    let guest_saw = ["Hardware Error", "Machine check", "Memory failure", "MCE:"]
-        .iter()
-        .any(|s| log.contains(s));
-    if !guest_saw {
-        out.fail("the guest kernel reported no machine check");
+    // The guest kernel had enabled machine checks (CPUID announces them;
+    // Debian 13's kernel has CONFIG_X86_MCE), so KVM took the first one.
+    if log.contains("has not enabled machine checks") {
+        out.fail("the guest had not enabled machine checks (CR4.MCE)");
     }
     // The VMM was not killed by SIGBUS (135) or any signal, and said why
     // the guest stopped.
