@@ -570,6 +570,25 @@ impl BackingFile {
         Ok(())
     }
 
+    /// Allocates `range` in the file (`fallocate`, keeping its size): its
+    /// pages read zero and are in the page cache, so touching them raises
+    /// no fault for a handler to serve. Pages already there are kept.
+    pub(crate) fn allocate(&self, range: FileRange) -> Result<()> {
+        // SAFETY: fallocate on an open descriptor; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate64(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                range.start as i64,
+                range.len() as i64,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Allocate(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Bytes the file system has allocated to the file (`st_blocks * 512`).
     pub fn allocated_bytes(&self) -> io::Result<u64> {
         // SAFETY: stat is plain data; zeroed is a valid value for it.

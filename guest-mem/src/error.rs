@@ -92,6 +92,9 @@ pub enum Error {
     /// Punching a hole failed.
     #[error("punching a hole: {0}")]
     PunchHole(io::Error),
+    /// Allocating pages in a backing file failed.
+    #[error("allocating guest memory: {0}")]
+    Allocate(io::Error),
     /// Truncating or extending a backing file failed.
     #[error("resizing a backing file: {0}")]
     Truncate(io::Error),

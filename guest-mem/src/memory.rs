@@ -434,6 +434,45 @@ impl GuestMem {
         })
     }
 
+    /// Backs `[gpa, gpa + len)` now, with zeroed pages in the backing file,
+    /// so that nothing faults when it is first touched: for memory the
+    /// guest is known to touch at once (a Linux guest's earliest
+    /// allocations). Only shared regions without a page source are
+    /// populated (others are left to their faults); returns the bytes
+    /// populated. Runs under the install lock, so no discard is in
+    /// progress meanwhile; the range counts as written (no longer owed
+    /// zero by an earlier discard).
+    ///
+    /// ```
+    /// use guest_mem::vm_memory::GuestAddress;
+    /// use guest_mem::{GuestMem, RegionConfig};
+    ///
+    /// let mem = GuestMem::builder().region(RegionConfig::new(0, 16 << 20)).build()?;
+    /// assert_eq!(mem.populate(GuestAddress(8 << 20), 4 << 20)?, 4 << 20);
+    /// assert!(mem.allocated_bytes() >= 4 << 20);
+    /// # Ok::<(), guest_mem::Error>(())
+    /// ```
+    pub fn populate(&self, gpa: GuestAddress, len: u64) -> Result<u64> {
+        let (region, off) = self.find(gpa).ok_or(Error::NotRam { gpa: gpa.0, len })?;
+        let page = region.page_size();
+        let n = len.min(region.backed_size() - off);
+        if off % page != 0 || n % page != 0 {
+            return Err(Error::Unaligned {
+                what: "populate range",
+                value: if off % page != 0 { gpa.0 } else { n },
+                align: page,
+            });
+        }
+        if n == 0 || region.is_private() || region.source.is_some() {
+            return Ok(0);
+        }
+        let backing = region.backing();
+        let _install = backing.generation().lock_install();
+        backing.allocate(region.file_range(off, n))?;
+        region.discarded().clear_range(off / page, (off + n) / page);
+        Ok(n)
+    }
+
     /// Gives `[gpa, gpa + len)` back to the host: one invalidation per
     /// backing file touched, then a hole punched. The range must be aligned
     /// to the backing page size and lie in plugged RAM (it may span regions).
