@@ -54,6 +54,10 @@ pub struct Vm {
     pub(crate) _kvm: Kvm,
 }
 
+/// How much of the top of RAM `boot_linux` pre-faults, for the guest
+/// kernel's earliest allocations (at most an eighth of RAM).
+const PRE_FAULT_TOP: u64 = 16 << 20;
+
 impl Vm {
     /// The handle that pauses, resumes and snapshots the VM while it runs
     /// (what `PUT /vm` and `PUT /snapshot` use).
@@ -163,6 +167,20 @@ impl Vm {
                 (HIMEM_START, k.end.saturating_sub(HIMEM_START)),
             ];
             ranges.extend(initrd);
+            // Linux's early allocations (memblock: the memory map, page
+            // tables, per-CPU areas) come from the top of RAM down.
+            let top = if self.ram_size <= MMIO_GAP_START {
+                self.ram_size
+            } else {
+                MMIO_GAP_END + (self.ram_size - MMIO_GAP_START)
+            };
+            let span = PRE_FAULT_TOP.min(self.ram_size / 8);
+            // Backed in the file first (zeroed by the kernel in one call),
+            // so that pre-faulting it serves no userfaultfd faults.
+            if let Err(e) = self.mem.populate(GuestAddress(top - span), span) {
+                log::debug!("populating the top of RAM: {e}");
+            }
+            ranges.push((top - span, span));
             let done = pre_fault::pre_fault(&self.vcpus[0], &ranges);
             log::info!(
                 "pre-faulted {} KiB of boot memory in {:.1} ms ({} ranges refused)",
