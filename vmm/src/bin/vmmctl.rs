@@ -168,7 +168,10 @@ mod tests {
 
     #[test]
     fn a_waiting_request_gets_its_wait_on_top_of_the_read_timeout() {
-        assert_eq!(wait_ms(r#"{"requested_mib": 256, "wait_ms": 60000}"#), 60000);
+        assert_eq!(
+            wait_ms(r#"{"requested_mib": 256, "wait_ms": 60000}"#),
+            60000
+        );
         assert_eq!(wait_ms(r#"{"target_mib": 0}"#), 0);
         assert_eq!(wait_ms(r#"{"wait_ms": "soon"}"#), 0);
         assert_eq!(wait_ms(""), 0);
