@@ -93,15 +93,7 @@ pub fn guest_images_of(suite: &str) -> Result<(PathBuf, PathBuf), String> {
 pub fn guest_image_with(name: &str, script: &str) -> Result<PathBuf, String> {
     guest_images()?;
     let image = repo_root().join(format!("build/guest-{name}.cpio.gz"));
-    run(Command::new("bash")
-        .arg("resources/build-initramfs.sh")
-        .arg("--out")
-        .arg(&image)
-        .arg("--extra")
-        .arg(format!(
-            "{}:/guest-test.sh",
-            repo_root().join(script).display()
-        )))?;
+    build_test_image(&image, script, None)?;
     Ok(image)
 }
 
@@ -114,19 +106,28 @@ pub fn guest_image_of_with(
     script: &str,
 ) -> Result<(PathBuf, PathBuf), String> {
     let (vmlinux, _) = guest_images_of(suite)?;
-    let dir = vmlinux.parent().ok_or("no kernel cache")?.to_path_buf();
+    let dir = vmlinux.parent().ok_or("no kernel cache")?;
     let image = repo_root().join(format!("build/guest-{name}-{suite}.cpio.gz"));
-    run(Command::new("bash")
-        .arg("resources/build-initramfs.sh")
+    build_test_image(&image, script, Some(dir))?;
+    Ok((vmlinux, image))
+}
+
+/// Builds `image` with `script` as its `/guest-test.sh`, with the modules
+/// of the kernel cache `kernel_dir` (default: the default kernel's).
+fn build_test_image(image: &Path, script: &str, kernel_dir: Option<&Path>) -> Result<(), String> {
+    let mut cmd = Command::new("bash");
+    cmd.arg("resources/build-initramfs.sh")
         .arg("--out")
-        .arg(&image)
+        .arg(image)
         .arg("--extra")
         .arg(format!(
             "{}:/guest-test.sh",
             repo_root().join(script).display()
-        ))
-        .env("GUEST_KERNEL_DIR", &dir))?;
-    Ok((vmlinux, image))
+        ));
+    if let Some(dir) = kernel_dir {
+        cmd.env("GUEST_KERNEL_DIR", dir);
+    }
+    run(&mut cmd).map(drop)
 }
 
 /// What an L1 run printed, and its script's exit code.
