@@ -44,6 +44,7 @@ const X86_CR0_PG: u64 = 1 << 31;
 const X86_CR4_PAE: u64 = 1 << 5;
 const X86_CR4_OSFXSR: u64 = 1 << 9;
 const X86_CR4_OSXMMEXCPT: u64 = 1 << 10;
+const X86_CR4_MCE: u64 = 1 << 6;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const RFLAGS_RESERVED: u64 = 1 << 1;
@@ -226,7 +227,10 @@ pub fn setup_payload(vcpu: &VcpuFd, cpl3: bool, start: &PayloadArgs) -> Result<(
     };
     long_mode_sregs(&mut sregs, code, data, segment(5, table[5], 0), table.len());
     sregs.cr0 |= X86_CR0_WP;
-    sregs.cr4 |= X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT;
+    // Machine checks enabled, as a kernel would: a poisoned page then
+    // reaches the payload as a #MC (which, without a handler, shuts it
+    // down, and the VMM names the page).
+    sregs.cr4 |= X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT | X86_CR4_MCE;
     vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
     let [rdi, rsi, rdx, rcx, r8, r9] = start.args;
     let regs = kvm_regs {
@@ -448,9 +452,8 @@ fn deliver_machine_check(
     }
     // KVM shuts down a guest that has not enabled machine checks: say so
     // rather than let it triple-fault.
-    const CR4_MCE: u64 = 1 << 6;
     match vcpu.get_sregs() {
-        Ok(s) if s.cr4 & CR4_MCE == 0 => {
+        Ok(s) if s.cr4 & X86_CR4_MCE == 0 => {
             return Err(fail(format!(
                 "the guest has not enabled machine checks (CR4 {:#x})",
                 s.cr4
