@@ -85,7 +85,7 @@ impl Vm {
         let vcpus = kvm_vm::create_vcpus(&fd, &supported_cpuid, config.vcpus, mcg_cap)?;
         Ok(Vm {
             vcpus,
-            mce: mcg_cap.is_some(),
+            mce: mcg_cap.map(|_| crate::mce::Flavour::of(&supported_cpuid)),
             fd,
             mem,
             supported_cpuid,

@@ -150,6 +150,40 @@ pub fn is_amd(cpuid: &kvm_bindings::CpuId) -> bool {
     })
 }
 
+/// How a guest's machine checks are built: its CPU vendor's way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    /// Intel (and any vendor but AMD's): software-recoverable status bits.
+    Intel,
+    /// AMD and Hygon: see [`action_required_amd`].
+    Amd,
+}
+
+impl Flavour {
+    /// The flavour of vCPUs given `cpuid`.
+    pub fn of(cpuid: &kvm_bindings::CpuId) -> Self {
+        if is_amd(cpuid) {
+            Flavour::Amd
+        } else {
+            Flavour::Intel
+        }
+    }
+
+    /// The machine check for a memory error at `gpa` (`consumed`:
+    /// `BUS_MCEERR_AR`, else `BUS_MCEERR_AO`), or `None` where none is
+    /// injected: as QEMU, none for an action-optional error on AMD, whose
+    /// guest kernels panic on it (the page stays poisoned for its next
+    /// touch).
+    pub fn memory_error(self, gpa: u64, consumed: bool) -> Option<kvm_x86_mce> {
+        match (self, consumed) {
+            (Flavour::Intel, true) => Some(action_required(gpa)),
+            (Flavour::Intel, false) => Some(action_optional(gpa)),
+            (Flavour::Amd, true) => Some(action_required_amd(gpa)),
+            (Flavour::Amd, false) => None,
+        }
+    }
+}
+
 /// Injects `mce` into the vCPU (`KVM_X86_SET_MCE`). KVM queues a #MC, or,
 /// when the guest cannot take one (CR4.MCE clear, or a machine check
 /// already in progress), makes the vCPU triple-fault (a shutdown exit).
@@ -213,6 +247,22 @@ mod tests {
         assert!(is_amd(&vendor(0x6874_7541, 0x6974_6e65, 0x444d_4163)));
         assert!(is_amd(&vendor(0x6f67_7948, 0x6e65_476e, 0x656e_6975)));
         assert!(!is_amd(&vendor(0x756e_6547, 0x4965_6e69, 0x6c65_746e)));
+        let amd = Flavour::of(&vendor(0x6874_7541, 0x6974_6e65, 0x444d_4163));
+        assert_eq!(amd, Flavour::Amd);
+        assert_eq!(
+            amd.memory_error(0x1234_5678, true).unwrap().status,
+            m.status
+        );
+        assert!(amd.memory_error(0x1234_5678, false).is_none());
+        let intel = Flavour::of(&vendor(0x756e_6547, 0x4965_6e69, 0x6c65_746e));
+        assert_eq!(
+            intel.memory_error(0x1234_5678, true).unwrap().status,
+            action_required(0).status
+        );
+        assert_eq!(
+            intel.memory_error(0x1234_5678, false).unwrap().status,
+            action_optional(0).status
+        );
     }
 
     #[test]

@@ -306,9 +306,10 @@ pub struct VcpuContext {
     /// console ports live (a Linux guest writing port 0xe0 must not end the
     /// VM "cleanly"); otherwise they are ordinary, unclaimed ports.
     pub payload: bool,
-    /// The vCPU takes machine checks (`KVM_X86_SETUP_MCE` succeeded): a
-    /// guest page that could not be served is reported to the guest as one.
-    pub mce: bool,
+    /// The vCPU takes machine checks (`KVM_X86_SETUP_MCE` succeeded), built
+    /// this way: a guest page that could not be served is reported to the
+    /// guest as one.
+    pub mce: Option<crate::mce::Flavour>,
 }
 
 /// Runs the vCPU until the guest stops it or the VM stops; returns why.
@@ -447,9 +448,9 @@ fn deliver_machine_check(
              delivered: {why}; the page could not be served"
         ))
     };
-    if !ctx.mce {
+    let Some(flavour) = ctx.mce else {
         return Err(fail("KVM emulates no machine checks here".into()));
-    }
+    };
     // KVM shuts down a guest that has not enabled machine checks: say so
     // rather than let it triple-fault.
     match vcpu.get_sregs() {
@@ -461,21 +462,9 @@ fn deliver_machine_check(
         }
         _ => {}
     }
-    let amd = vcpu
-        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .is_ok_and(|c| crate::mce::is_amd(&c));
-    let mce = match (err.code == libc::BUS_MCEERR_AR, amd) {
-        (true, false) => crate::mce::action_required(gpa),
-        (true, true) => crate::mce::action_required_amd(gpa),
-        (false, false) => crate::mce::action_optional(gpa),
-        (false, true) => {
-            // As QEMU: an AMD guest kernel panics on an action-optional
-            // machine check; the page stays poisoned for its next touch.
-            log::warn!(
-                "vCPU {id}: action-optional error at guest page {page:#x} not injected (AMD)"
-            );
-            return Ok(page);
-        }
+    let Some(mce) = flavour.memory_error(gpa, err.code == libc::BUS_MCEERR_AR) else {
+        log::warn!("vCPU {id}: action-optional error at guest page {page:#x} not injected (AMD)");
+        return Ok(page);
     };
     crate::mce::inject(vcpu, &mce).map_err(|e| fail(format!("KVM_X86_SET_MCE: {e}")))?;
     log::error!(

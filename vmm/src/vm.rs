@@ -32,8 +32,9 @@ pub struct Vm {
     pub(crate) fd: Arc<VmFd>,
     pub(crate) mem: Arc<GuestMem>,
     pub(crate) supported_cpuid: CpuId,
-    /// The vCPUs take machine checks (`KVM_X86_SETUP_MCE` succeeded).
-    pub(crate) mce: bool,
+    /// The vCPUs take machine checks (`KVM_X86_SETUP_MCE` succeeded), built
+    /// for their CPU vendor.
+    pub(crate) mce: Option<crate::mce::Flavour>,
     pub(crate) devices: DeviceManager,
     pub(crate) payload: bool,
     pub(crate) ram_size: u64,
