@@ -390,15 +390,12 @@ impl BackingFile {
         self.poisoned.get()?.first_set(first, end)
     }
 
-    /// Records file page `page` poisoned; the install lock proves no
-    /// invalidation (which clears the set) runs meanwhile. Returns whether
-    /// it was not poisoned before.
-    pub(crate) fn mark_poisoned(&self, _guard: &InstallGuard<'_>, page: u64) -> bool {
-        let fresh = self.poisoned.get().is_some_and(|m| m.test_and_set(page));
-        if fresh {
+    /// Records file page `page` poisoned (counted once); the install lock
+    /// proves no invalidation (which clears the set) runs meanwhile.
+    pub(crate) fn mark_poisoned(&self, _guard: &InstallGuard<'_>, page: u64) {
+        if self.poisoned.get().is_some_and(|m| m.test_and_set(page)) {
             self.poisoned_count.fetch_add(1, Ordering::AcqRel);
         }
-        fresh
     }
 
     /// Forgets the poisoned pages of `range` (inside the invalidation that

@@ -370,20 +370,6 @@ impl GuestMem {
         })
     }
 
-    /// The guest-physical address of a host address inside a region's
-    /// mapping (what `SIGBUS` reports for a poisoned page), if any.
-    pub fn host_to_guest(&self, host: u64) -> Option<GuestAddress> {
-        self.regions
-            .iter()
-            .find(|r| r.contains_host(host))
-            .map(|r| GuestAddress(r.guest_base().0 + (host - r.host_addr())))
-    }
-
-    /// Whether a host address lies inside a region's mapping.
-    pub fn contains_host(&self, host: u64) -> bool {
-        self.regions.iter().any(|r| r.contains_host(host))
-    }
-
     /// The live counters.
     pub fn stats_handle(&self) -> &Arc<Stats> {
         &self.stats

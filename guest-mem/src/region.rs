@@ -264,23 +264,6 @@ impl Region {
         self.discarded().count()
     }
 
-    /// Pages of the region poisoned because they could not be served (and
-    /// not given back since).
-    pub fn poisoned_pages(&self) -> u64 {
-        let page = self.page_size();
-        let (first, end) = (
-            self.file_offset / page,
-            (self.file_offset + self.max_size) / page,
-        );
-        let mut n = 0;
-        let mut at = first;
-        while let Some(p) = self.backing.first_poisoned(at, end) {
-            n += 1;
-            at = p + 1;
-        }
-        n
-    }
-
     /// Whether any page of `[offset, offset + len)` of the region is
     /// poisoned (its fault could not be served; touching it raises
     /// `SIGBUS`).

@@ -38,12 +38,9 @@ pub(crate) trait FaultRegion: Send + Sync {
     /// `UFFDIO_ZEROPAGE`.
     fn zero_by_copy(&self) -> bool;
 
-    /// Records region page `page` poisoned, under the install lock;
-    /// returns whether this region keeps a poisoned set at all (a peer's
-    /// regions do not: they are never poisoned).
-    fn record_poisoned(&self, _guard: &InstallGuard<'_>, _page: u64) -> bool {
-        false
-    }
+    /// Records region page `page` poisoned, under the install lock (a
+    /// peer's regions keep no poisoned set: they are never poisoned).
+    fn record_poisoned(&self, _guard: &InstallGuard<'_>, _page: u64) {}
 
     fn contains_host(&self, addr: u64) -> bool {
         addr >= self.host_addr() && addr - self.host_addr() < self.max_size()
@@ -102,10 +99,9 @@ impl FaultRegion for Region {
     fn zero_by_copy(&self) -> bool {
         self.backing().kind() == BackingKind::Hugetlbfs
     }
-    fn record_poisoned(&self, guard: &InstallGuard<'_>, page: u64) -> bool {
+    fn record_poisoned(&self, guard: &InstallGuard<'_>, page: u64) {
         let file_page = self.file_offset() / Region::page_size(self) + page;
         self.backing().mark_poisoned(guard, file_page);
-        true
     }
 }
 
