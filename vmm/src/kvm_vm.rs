@@ -220,11 +220,6 @@ mod tests {
             offered > 0 && offered as u32 & kvm_bindings::KVM_X86_QUIRK_SLOT_ZAP_ALL != 0;
         assert_eq!(narrow_slot_zaps(&fd), expected);
     }
-}
-
-#[cfg(test)]
-mod mce_cpuid_tests {
-    use super::*;
 
     #[test]
     fn vcpus_with_machine_checks_announce_them_in_cpuid() {

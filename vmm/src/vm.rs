@@ -163,34 +163,38 @@ impl Vm {
         linux::write_boot_params(&*mem, &params)?;
         vcpu::setup_linux_boot(&self.vcpus[0], &*mem, k.entry.0)?;
         if self.pre_fault && pre_fault::supported(&self.fd) {
-            let mut ranges = vec![
-                (0, HIMEM_START),
-                (HIMEM_START, k.end.saturating_sub(HIMEM_START)),
-            ];
-            ranges.extend(initrd);
-            // Linux's early allocations (memblock: the memory map, page
-            // tables, per-CPU areas) come from the top of RAM down.
-            let top = if self.ram_size <= MMIO_GAP_START {
-                self.ram_size
-            } else {
-                MMIO_GAP_END + (self.ram_size - MMIO_GAP_START)
-            };
-            let span = PRE_FAULT_TOP.min(self.ram_size / 8);
-            // Backed in the file first (zeroed by the kernel in one call),
-            // so that pre-faulting it serves no userfaultfd faults.
-            if let Err(e) = self.mem.populate(GuestAddress(top - span), span) {
-                log::debug!("populating the top of RAM: {e}");
-            }
-            ranges.push((top - span, span));
-            let done = pre_fault::pre_fault(&self.vcpus[0], &ranges);
-            log::info!(
-                "pre-faulted {} KiB of boot memory in {:.1} ms ({} ranges refused)",
-                done.bytes >> 10,
-                done.took.as_secs_f64() * 1e3,
-                done.refused
-            );
+            self.pre_fault_boot_memory(k.end, initrd);
         }
         Ok(())
+    }
+
+    /// Maps into KVM what a Linux guest's earliest boot touches: the low
+    /// megabyte, the kernel (up to `kernel_end`), the initramfs, and the top
+    /// of RAM, where its memblock allocations (memory map, page tables,
+    /// per-CPU areas) come from.
+    fn pre_fault_boot_memory(&self, kernel_end: u64, initrd: Option<(u64, u64)>) {
+        let mut ranges = vec![
+            (0, HIMEM_START),
+            (HIMEM_START, kernel_end.saturating_sub(HIMEM_START)),
+        ];
+        ranges.extend(initrd);
+        if let Some((gpa, len, _)) = ram_ranges(self.ram_size).last().copied() {
+            let span = PRE_FAULT_TOP.min(self.ram_size / 8).min(len);
+            let top = (gpa + len - span, span);
+            // Backed in the file first (zeroed by the kernel in one call),
+            // so that pre-faulting it serves no userfaultfd faults.
+            if let Err(e) = self.mem.populate(GuestAddress(top.0), top.1) {
+                log::debug!("populating the top of RAM: {e}");
+            }
+            ranges.push(top);
+        }
+        let done = pre_fault::pre_fault(&self.vcpus[0], &ranges);
+        log::info!(
+            "pre-faulted {} KiB of boot memory in {:.1} ms ({} ranges refused)",
+            done.bytes >> 10,
+            done.took.as_secs_f64() * 1e3,
+            done.refused
+        );
     }
 
     /// Loads a flat payload at `load_addr` and starts every vCPU in it in
