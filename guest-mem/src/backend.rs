@@ -4,6 +4,7 @@
 //! crates wrap these in traits of their own (the `devices` crate's
 //! `MemoryBackend` and `HotplugBackend`), so nothing here knows of devices.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_memory::GuestAddress;
@@ -97,6 +98,10 @@ impl GuestMem {
 pub struct HotplugRegion {
     mem: Arc<GuestMem>,
     index: RegionIndex,
+    /// For a window whose file spans it whole ([`spanning`](Self::spanning)):
+    /// the backed size the window reports, which the file's size no longer
+    /// tells.
+    spanned: Option<Arc<AtomicU64>>,
 }
 
 impl HotplugRegion {
@@ -113,7 +118,50 @@ impl HotplugRegion {
         }
         let backed = region.backed_size();
         mem.set_accessible(index, backed, region.max_size() - backed, false)?;
-        Ok(HotplugRegion { mem, index })
+        Ok(HotplugRegion {
+            mem,
+            index,
+            spanned: None,
+        })
+    }
+
+    /// The window of region `index`, its backing file grown at once to
+    /// span the whole window (sparse: it allocates nothing). Nothing is
+    /// truncated or grown afterwards: shrinking the backed size punches
+    /// the tail out instead, and what is not plugged stays out of reach,
+    /// which the fault handler enforces (it never serves such a fault, and
+    /// poisons it where it poisons). For a VMM that maps the whole window
+    /// into the guest at once, as one KVM memory slot, so that plugging
+    /// and unplugging never change the guest's memory map.
+    ///
+    /// ```
+    /// use guest_mem::backend::HotplugRegion;
+    /// use guest_mem::{GuestMem, RegionConfig, RegionIndex};
+    /// use std::sync::Arc;
+    ///
+    /// let mut hotplug = RegionConfig::new(4 << 30, 0);
+    /// hotplug.max_size = Some(64 << 20);
+    /// let mem = Arc::new(
+    ///     GuestMem::builder()
+    ///         .region(RegionConfig::new(0, 16 << 20))
+    ///         .region(hotplug)
+    ///         .build()?,
+    /// );
+    /// let window = HotplugRegion::spanning(mem.clone(), RegionIndex(1))?;
+    /// assert_eq!(mem.regions()[1].backing().size(), 64 << 20);
+    /// assert_eq!(window.backed_size(), 0); // nothing plugged yet
+    /// window.set_backed_size(8 << 20)?;
+    /// window.set_plugged(0, 8 << 20, true)?;
+    /// window.set_backed_size(0)?; // punched, not truncated
+    /// assert_eq!(mem.regions()[1].backing().size(), 64 << 20);
+    /// # Ok::<(), guest_mem::Error>(())
+    /// ```
+    pub fn spanning(mem: Arc<GuestMem>, index: RegionIndex) -> Result<Self> {
+        let mut w = Self::new(mem, index)?;
+        let backed = w.backed_size();
+        w.mem.resize(index, w.region().max_size())?;
+        w.spanned = Some(Arc::new(AtomicU64::new(backed)));
+        Ok(w)
     }
 
     fn region(&self) -> &Region {
@@ -128,13 +176,33 @@ impl HotplugRegion {
 
     /// Bytes of the window the backing file covers now.
     pub fn backed_size(&self) -> u64 {
-        self.region().backed_size()
+        match &self.spanned {
+            Some(size) => size.load(Ordering::Acquire),
+            None => self.region().backed_size(),
+        }
     }
 
     /// Makes the window's first `size` bytes backed: extends the file (new
-    /// memory reads zero) or truncates it (an invalidation).
+    /// memory reads zero) or truncates it (an invalidation). A spanning
+    /// window punches the tail out instead of truncating it.
     pub fn set_backed_size(&self, size: u64) -> Result<()> {
-        self.mem.resize(self.index, size)
+        let Some(spanned) = &self.spanned else {
+            return self.mem.resize(self.index, size);
+        };
+        let region = self.region();
+        if size > region.max_size() || size % region.page_size() != 0 {
+            return Err(Error::Config(format!(
+                "region {}: backed size {size:#x} is not a page multiple up to {:#x}",
+                self.index,
+                region.max_size()
+            )));
+        }
+        let old = spanned.load(Ordering::Acquire);
+        if size < old {
+            self.discard_range(size, old - size)?;
+        }
+        spanned.store(size, Ordering::Release);
+        Ok(())
     }
 
     /// Gives back `[offset, offset + len)` of the window, which must lie in

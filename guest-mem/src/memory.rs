@@ -679,9 +679,10 @@ impl GuestMem {
         }
         let _serial = self.resize.lock().unwrap_or_else(|e| e.into_inner());
         if accessible {
+            let was_out = region.inaccessible_in(offset, len);
             region.set_accessible(offset, len, true);
             self.swap_memory(None);
-            return Ok(());
+            return self.drop_unreachable_poison(region, &was_out);
         }
         self.gate
             .exclusive(|| {
@@ -689,6 +690,37 @@ impl GuestMem {
                 self.swap_memory(None);
             })
             .ok_or(Error::MemoryInUse)
+    }
+
+    /// Gives back the pages of `ranges` (just made reachable) that the
+    /// fault handler poisoned while they were out of reach: a guest touched
+    /// memory it had not plugged. They read zero now. The install lock
+    /// orders the look with the handler's poisoning, which checks
+    /// reachability under it: a page poisoned after the look was not
+    /// out of reach any more, so it cannot be.
+    fn drop_unreachable_poison(&self, region: &Region, ranges: &[(u64, u64)]) -> Result<()> {
+        let page = region.page_size();
+        let backing = region.backing();
+        let pages: Vec<u64> = {
+            let _install = backing.generation().lock_install();
+            let mut pages = Vec::new();
+            for &(off, len) in ranges {
+                let first = (region.file_offset() + off) / page;
+                let end = (region.file_offset() + off + len).div_ceil(page);
+                let mut at = first;
+                while let Some(p) = backing.first_poisoned(at, end) {
+                    pages.push(p * page - region.file_offset());
+                    at = p + 1;
+                }
+            }
+            pages
+        };
+        for off in pages {
+            if off + page <= region.backed_size() {
+                self.discard_in(region, off, page)?;
+            }
+        }
+        Ok(())
     }
 
     /// The accessible `(offset, len)` extents of region `index`'s backed

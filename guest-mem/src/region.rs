@@ -373,6 +373,32 @@ impl Region {
         out
     }
 
+    /// End of the accessible stretch from `offset` within the backed size;
+    /// `offset` itself when it is kept out of reach.
+    pub(crate) fn reachable_end(&self, offset: u64) -> u64 {
+        let backed = self.backed_size();
+        let holes = self.inaccessible.lock().unwrap_or_else(|p| p.into_inner());
+        for &(start, n) in holes.iter() {
+            if start + n <= offset {
+                continue;
+            }
+            return start.max(offset).min(backed);
+        }
+        backed
+    }
+
+    /// The parts of `[offset, offset + len)` kept out of reach.
+    pub(crate) fn inaccessible_in(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let end = offset + len;
+        let holes = self.inaccessible.lock().unwrap_or_else(|p| p.into_inner());
+        holes
+            .iter()
+            .map(|&(s, n)| (s.max(offset), (s + n).min(end)))
+            .filter(|&(s, e)| s < e)
+            .map(|(s, e)| (s, e - s))
+            .collect()
+    }
+
     /// Marks `[offset, offset + len)` accessible or not in the set.
     pub(crate) fn set_accessible(&self, offset: u64, len: u64, accessible: bool) {
         let mut holes = self.inaccessible.lock().unwrap_or_else(|p| p.into_inner());

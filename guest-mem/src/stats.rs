@@ -211,6 +211,9 @@ counters! {
     out_of_range,
     /// Faults at addresses no region covers.
     unknown_address,
+    /// Faults at memory kept out of reach (virtio-mem blocks not plugged):
+    /// never served; poisoned where the handler poisons, else woken.
+    unreachable,
     /// Source fetch failures (the faulting thread is woken, not served).
     fetch_errors,
     /// Install ioctls that failed for another reason than `EEXIST`.

@@ -297,3 +297,90 @@ fn the_report_policy_reports_the_page_and_poisons_nothing() {
     drop(mem);
     assert_eq!(toucher.join().unwrap().unwrap(), 0);
 }
+
+// --- A window whose file spans it: what is not plugged is never served ------
+
+const MIB: u64 = 1 << 20;
+
+/// 1 MiB of RAM and an 8 MiB window spanned by its file: 4 MiB backed,
+/// of which only the first 2 MiB are plugged.
+fn spanning_window() -> (Arc<GuestMem>, guest_mem::backend::HotplugRegion) {
+    let mut w = RegionConfig::new(1 << 30, 0);
+    w.max_size = Some(8 * MIB);
+    let mem = Arc::new(
+        GuestMem::builder()
+            .region(RegionConfig::new(0, MIB))
+            .region(w)
+            .build()
+            .unwrap(),
+    );
+    let window = guest_mem::backend::HotplugRegion::spanning(mem.clone(), RegionIndex(1)).unwrap();
+    window.set_backed_size(4 * MIB).unwrap();
+    window.set_plugged(0, 2 * MIB, true).unwrap();
+    (mem, window)
+}
+
+fn touch(mem: &GuestMem, offset: u64) -> Result<u8, (i32, u64)> {
+    let host = mem.regions()[1].host_addr() + offset;
+    std::thread::spawn(move || probe(host)).join().unwrap()
+}
+
+#[test]
+fn memory_that_is_not_plugged_is_poisoned_when_touched_and_never_allocated() {
+    let (mem, window) = spanning_window();
+    if !poisons(&mem) {
+        return;
+    }
+    // The last page of the plugged block: served, and readahead stops at
+    // the block's end.
+    assert_eq!(touch(&mem, 2 * MIB - PAGE), Ok(0));
+    // Backed but not plugged, and past the backed size: poisoned.
+    for offset in [2 * MIB, 3 * MIB + 5 * PAGE, 6 * MIB] {
+        let (code, addr) = touch(&mem, offset).expect_err("not plugged");
+        assert!(is_poison_sigbus(code), "si_code {code}");
+        assert_eq!(addr, mem.regions()[1].host_addr() + offset);
+    }
+    assert_eq!(mem.stats().unreachable, 3);
+    assert_eq!(mem.poisoned_pages(), 3);
+    assert!(
+        window.allocated_bytes() <= 2 * MIB,
+        "{} bytes allocated for one plugged block",
+        window.allocated_bytes()
+    );
+    // Not a failure of the memory: nothing is reported as unservable.
+    assert_eq!(mem.fault_failure().unwrap().poisoned_count(), 0);
+    // Plugging drops the markers of what it plugs, and only those.
+    window.set_plugged(2 * MIB, 2 * MIB, true).unwrap();
+    assert_eq!(mem.poisoned_pages(), 1);
+    assert_eq!(touch(&mem, 2 * MIB), Ok(0));
+    assert_eq!(touch(&mem, 3 * MIB + 5 * PAGE), Ok(0));
+    assert!(touch(&mem, 6 * MIB).is_err());
+    window.set_backed_size(8 * MIB).unwrap();
+    window.set_plugged(4 * MIB, 4 * MIB, true).unwrap();
+    assert_eq!(mem.poisoned_pages(), 0);
+    assert_eq!(touch(&mem, 6 * MIB), Ok(0));
+}
+
+#[test]
+fn unplugging_a_spanning_window_punches_without_truncating() {
+    let (mem, window) = spanning_window();
+    let dev = mem.device_memory();
+    let at = GuestAddress((1 << 30) + MIB);
+    dev.memory().write_obj(0x5au8, at).unwrap();
+    assert!(window.allocated_bytes() > 0);
+    window.set_plugged(0, 2 * MIB, false).unwrap();
+    window.set_backed_size(0).unwrap();
+    assert_eq!(window.backed_size(), 0);
+    assert_eq!(mem.regions()[1].backing().size(), 8 * MIB);
+    assert_eq!(window.allocated_bytes(), 0);
+    assert!(dev.memory().read_obj::<u8>(at).is_err(), "out of reach");
+    window.set_backed_size(2 * MIB).unwrap();
+    window.set_plugged(0, 2 * MIB, true).unwrap();
+    assert_eq!(
+        dev.memory().read_obj::<u8>(at).unwrap(),
+        0,
+        "reads zero again"
+    );
+    assert!(window.set_backed_size(9 * MIB).is_err());
+    assert!(window.set_backed_size(MIB + 1).is_err());
+}

@@ -135,11 +135,21 @@ pub(crate) fn serve_fault<T: RegionTable>(
             wake(ctx, region.host_addr() + offset, page);
             break;
         }
+        let reach = region.reachable_end(offset);
+        if reach <= offset {
+            let guard = gen.lock_install();
+            if region.reachable_end(offset) <= offset {
+                refuse_unreachable(ctx, region, &guard, offset);
+                break;
+            }
+            // Plugged meanwhile: serve it.
+            continue;
+        }
         let discarded = region.discarded().get(page_index);
         let pages = if minor || discarded {
             1
         } else {
-            let window = window_pages(&ctx.config.readahead, region, page_index, plugged / page);
+            let window = window_pages(&ctx.config.readahead, region, page_index, reach / page);
             trim_to_data(region, offset, window)
         };
         let fetched_len = pages * page;
@@ -192,6 +202,16 @@ pub(crate) fn serve_fault<T: RegionTable>(
             } else if verdict == Verdict::ChangedElsewhere {
                 stats.retries_avoided.fetch_add(1, Relaxed);
             }
+            // Out of reach since the sample (an unplug, which takes the
+            // range away before it discards it): not installed. A plug
+            // makes its range reachable before it looks, under this lock,
+            // for markers to drop.
+            let reach = region.reachable_end(offset);
+            if reach <= offset {
+                refuse_unreachable(ctx, region, &guard, offset);
+                break 'fetch;
+            }
+            len = len.min(reach - offset);
             match install(ctx, region, &guard, offset, len, contents, scratch) {
                 Installed::Done => break 'fetch,
                 Installed::Retry => {
@@ -238,6 +258,61 @@ pub(crate) fn serve_fault<T: RegionTable>(
         region.label(),
         took.as_secs_f64() * 1e6
     );
+}
+
+/// Faults at unreachable memory logged before they are only counted.
+const UNREACHABLE_LOGGED: u64 = 16;
+
+/// A fault at memory kept out of reach (a virtio-mem block that is not
+/// plugged): never served, so the host allocates nothing for it. Where the
+/// handler poisons, the page gets a poison marker and the faulting thread
+/// its `SIGBUS` (a vCPU: a machine check in the guest, which broke the
+/// virtio-mem contract); else the thread is only woken, to fault again.
+/// Runs under the install lock: a plug makes its range reachable, then
+/// takes the lock to find the markers it must drop, so no marker is left
+/// in plugged memory.
+fn refuse_unreachable<T: RegionTable>(
+    ctx: &Context<T>,
+    region: &T::Region,
+    guard: &InstallGuard<'_>,
+    offset: u64,
+) {
+    let page = region.page_size();
+    let host = region.host_addr() + offset;
+    let n = ctx.stats.unreachable.fetch_add(1, Relaxed);
+    let poisoned = ctx.poison && {
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&ctx.uffd);
+        match ioctl::poison(fd, host, page).errno {
+            None => {
+                region.record_poisoned(guard, offset / page);
+                true
+            }
+            // A marker (or a page) is there already.
+            Some(libc::EEXIST) => true,
+            Some(errno) => {
+                log::error!(
+                    "region {} offset {offset:#x}: poisoning unreachable memory: {}",
+                    region.label(),
+                    std::io::Error::from_raw_os_error(errno)
+                );
+                false
+            }
+        }
+    };
+    if n < UNREACHABLE_LOGGED {
+        log::warn!(
+            "fault at region {} offset {offset:#x}, memory kept out of reach (not plugged): {}",
+            region.label(),
+            if poisoned {
+                "poisoned, the access raises a machine check"
+            } else {
+                "not served"
+            }
+        );
+    } else if n == UNREACHABLE_LOGGED {
+        log::warn!("more faults at memory kept out of reach; counted only from here on");
+    }
+    wake(ctx, host, page);
 }
 
 /// The outcome of a page whose attempts are spent: poisoned (the faulting

@@ -24,6 +24,12 @@ pub(crate) trait FaultRegion: Send + Sync {
     fn page_size(&self) -> u64;
     /// Bytes from the start that a fault may install.
     fn backed_size(&self) -> u64;
+    /// End of the stretch a fault at `offset` may install up to: the
+    /// backed size, or the start of the next range kept out of reach
+    /// (`offset` itself when it lies in one).
+    fn reachable_end(&self, _offset: u64) -> u64 {
+        self.backed_size()
+    }
     /// The truncate generation of the file the region is a window of.
     fn generation(&self) -> &TruncateGen;
     /// The region's window of its file's discard map.
@@ -80,6 +86,9 @@ impl FaultRegion for Region {
     }
     fn backed_size(&self) -> u64 {
         Region::backed_size(self)
+    }
+    fn reachable_end(&self, offset: u64) -> u64 {
+        Region::reachable_end(self, offset)
     }
     fn generation(&self) -> &TruncateGen {
         self.backing().generation()
