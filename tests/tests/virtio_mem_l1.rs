@@ -3,25 +3,35 @@
 //! memory holds data, unplug and check MemTotal fell and the window's
 //! backing file was truncated away, then unplug again while the guest
 //! faults in fresh memory. Once on memfd memory, once on hugetlbfs (boot
-//! RAM and window in 2 MiB huge pages, the virtio-mem block size).
+//! RAM and window in 2 MiB huge pages, the virtio-mem block size), in the
+//! default (Linux 6.1) L1, whose userfaultfd cannot poison, so the window
+//! is guarded by memory slots; and once on memfd in a Linux 6.12 L1, where
+//! it is one slot guarded by poisoning.
 
-use integration_tests::l1::{guest_image_with, l1_unavailable, repo_root, run_l1};
+use integration_tests::l1::{
+    guest_image_with, guest_images_of, l1_unavailable, repo_root, run_l1_on,
+};
 
 #[test]
 fn virtio_mem_plugs_and_unplugs_256_mib_under_a_workload() {
-    cycle("memfd");
+    cycle("memfd", false);
 }
 
 #[test]
 fn virtio_mem_on_hugetlbfs_plugs_and_unplugs_whole_huge_pages() {
-    cycle("hugetlbfs");
+    cycle("hugetlbfs", false);
+}
+
+#[test]
+fn virtio_mem_in_a_6_12_l1_keeps_one_slot_guarded_by_poisoning() {
+    cycle("memfd", true);
 }
 
 /// One L1 at a time: they share the guest image and two TCG L1s on this
 /// machine's two cores would only slow each other down.
 static ONE_L1: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn cycle(backend: &str) {
+fn cycle(backend: &str, l1_6_12: bool) {
     let _one = ONE_L1.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(why) = l1_unavailable() {
         eprintln!("skipped: {why}");
@@ -36,8 +46,13 @@ fn cycle(backend: &str) {
     let vmmctl = integration_tests::l1::vmm_binary()
         .unwrap()
         .with_file_name("vmmctl");
-    let out = run_l1(
-        &format!("virtio-mem-{backend}"),
+    let l1_kernel = l1_6_12.then(|| {
+        let (vmlinux, _) = guest_images_of("trixie").expect("the Debian 13 kernel");
+        vmlinux.parent().expect("the kernel cache").to_path_buf()
+    });
+    let out = run_l1_on(
+        l1_kernel.as_deref(),
+        &format!("virtio-mem-{backend}{}", if l1_6_12 { "-6.12" } else { "" }),
         &[
             (image, "/guest/virtio-mem.cpio.gz"),
             (vmmctl, "/bin/vmmctl"),
@@ -59,6 +74,14 @@ fn cycle(backend: &str) {
     };
     if !out.log.contains(kind) {
         fail(&format!("the VMM did not report {kind} guest RAM"));
+    }
+    let guard = if l1_6_12 {
+        "guarded by poisoning"
+    } else {
+        "guarded by memory slots"
+    };
+    if !out.log.contains(guard) {
+        fail(&format!("the VMM did not report its window {guard}"));
     }
     let num = |marker: &str, key: &str| -> u64 {
         out.value(marker, key)

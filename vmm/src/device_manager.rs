@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{BalloonHandle, HotplugHandle};
 use crate::config::{BalloonOptions, SerialOut};
 use crate::error::{io_err, kvm_err, VmError};
-use crate::hotplug_slots::SlottedWindow;
+use crate::hotplug_window::HotplugWindow;
 use crate::virtio::VirtioSlot;
 
 /// The console every guest-visible writer (serial, payload debug port)
@@ -202,7 +202,7 @@ impl DeviceManager {
         saved: Option<&MmioTransportState>,
     ) -> Result<(), VmError> {
         let last = mem.regions().len() - 1;
-        let window = Arc::new(SlottedWindow::new(
+        let window = Arc::new(HotplugWindow::new(
             fd.clone(),
             mem.clone(),
             RegionIndex(last),
@@ -214,6 +214,7 @@ impl DeviceManager {
         self.hotplug = Some(HotplugHandle {
             state,
             transport,
+            guard: Some(window.guard()),
             window,
         });
         Ok(())

@@ -303,6 +303,7 @@ impl Vm {
                 console: Some(console.clone()),
                 payload,
                 mce,
+                mem: mem.clone(),
             };
             let tx = tx.clone();
             let exited = exited.try_clone().map_err(io("eventfd"))?;

@@ -85,7 +85,7 @@ pub fn narrow_slot_zaps(fd: &VmFd) -> bool {
 /// Gives each of the first `count` regions of `mem` one memory slot over its
 /// whole mapping (slot number = region index). The virtio-mem window is
 /// left out: it gets a slot per plugged extent from its
-/// [`SlottedWindow`](crate::hotplug_slots::SlottedWindow).
+/// [`HotplugWindow`](crate::hotplug_window::HotplugWindow).
 ///
 /// The caller must drop `fd` (and every vCPU fd) before `mem`.
 pub fn map_regions(fd: &VmFd, mem: &GuestMem, count: usize) -> Result<(), VmError> {

@@ -17,7 +17,7 @@ pub mod error;
 pub mod event_loop;
 pub mod exit;
 pub mod exit_profile;
-pub mod hotplug_slots;
+pub mod hotplug_window;
 pub mod kvm_vm;
 pub mod layout;
 pub mod mce;

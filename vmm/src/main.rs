@@ -96,8 +96,15 @@ fn run(args: Args, signals: Option<ShutdownSignals>) -> Result<ExitCode, String>
         .map_err(|e| e.to_string())?;
     }
     let mem = vm.memory().clone();
+    let window = vm.hotplug().map_or(String::new(), |h| {
+        format!(
+            ", a {} MiB virtio-mem window guarded by {}",
+            h.window.window().1 >> 20,
+            h.guard.map_or("-", |g| g.name())
+        )
+    });
     eprintln!(
-        "vmm: {} vCPU(s), {} MiB of guest RAM ({:?}, faults served by {})",
+        "vmm: {} vCPU(s), {} MiB of guest RAM ({:?}, faults served by {}){window}",
         vm.vcpu_count(),
         vm.ram_size() >> 20,
         mem.regions()[0].backing().kind(),

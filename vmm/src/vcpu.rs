@@ -8,7 +8,7 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryError};
 
 use crate::boot::gdt::{self, segment};
 use crate::boot::paging::identity_map;
@@ -310,6 +310,18 @@ pub struct VcpuContext {
     /// this way: a guest page that could not be served is reported to the
     /// guest as one.
     pub mce: Option<crate::mce::Flavour>,
+    /// Guest memory: tells a poisoned page the guest never plugged from
+    /// one that could not be served.
+    pub mem: Arc<guest_mem::GuestMem>,
+}
+
+/// A machine check injected before the last entry.
+#[derive(Clone, Copy)]
+struct Injected {
+    page: u64,
+    /// The page is not plugged (the guest broke the virtio-mem contract);
+    /// else its contents could not be served.
+    unplugged: bool,
 }
 
 /// Runs the vCPU until the guest stops it or the VM stops; returns why.
@@ -326,8 +338,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
     let id = ctx.id;
     log::debug!("vCPU {id} entering the guest");
     let stopping = || ctx.stop.load(Ordering::Acquire);
-    // The guest page of the machine check injected before this entry.
-    let mut injected: Option<u64> = None;
+    let mut injected: Option<Injected> = None;
     loop {
         ctx.gate.pass(usize::from(id), vcpu, &stopping);
         if stopping() {
@@ -372,7 +383,20 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
             }
             Ok(VcpuExit::Hlt) => return ExitReason::Halted { vcpu: id },
             Ok(VcpuExit::Shutdown) => {
-                if let Some(page) = machine_check {
+                let rip = vcpu.get_regs().map_or(0, |r| r.rip);
+                if let Some(Injected {
+                    page,
+                    unplugged: true,
+                }) = machine_check
+                {
+                    // The guest's own doing: a crash, not a VMM failure.
+                    log::error!(
+                        "vCPU {id}: the guest shut down on the machine check for guest page \
+                         {page:#x}, which it touched without plugging it"
+                    );
+                    return ExitReason::TripleFault { vcpu: id, rip };
+                }
+                if let Some(Injected { page, .. }) = machine_check {
                     // KVM shuts a guest down that cannot take the #MC.
                     return ExitReason::Error(format!(
                         "vCPU {id}: machine check for guest page {page:#x} could not be \
@@ -380,7 +404,6 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
                          already in progress); the page could not be served"
                     ));
                 }
-                let rip = vcpu.get_regs().map_or(0, |r| r.rip);
                 return ExitReason::TripleFault { vcpu: id, rip };
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
@@ -430,22 +453,36 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
 }
 
 /// Injects the machine check for a poisoned guest page this vCPU touched
-/// (KVM's `SIGBUS`, recorded by [`crate::sigbus`]); returns the guest page,
-/// or why the VM must stop instead.
+/// (KVM's `SIGBUS`, recorded by [`crate::sigbus`]); returns what it
+/// injected, or why the VM must stop instead.
 fn deliver_machine_check(
     vcpu: &VcpuFd,
     ctx: &VcpuContext,
     err: crate::sigbus::MemoryError,
-) -> Result<u64, ExitReason> {
+) -> Result<Injected, ExitReason> {
     let id = ctx.id;
     let host = err.host_addr;
     // The handler only records addresses inside guest RAM.
     let gpa = crate::sigbus::guest_address(host).unwrap_or(0);
     let page = gpa & !0xfff;
+    // The memory map holds what is plugged: a page outside it was
+    // poisoned because the guest touched memory it does not have.
+    let unplugged = {
+        use vm_memory::GuestMemoryBackend as _;
+        !ctx.mem
+            .memory()
+            .memory()
+            .address_in_range(GuestAddress(gpa))
+    };
+    let cause = if unplugged {
+        "the page is not plugged"
+    } else {
+        "the page could not be served"
+    };
     let fail = |why: String| {
         ExitReason::Error(format!(
             "vCPU {id}: machine check for guest page {page:#x} (host {host:#x}) could not be \
-             delivered: {why}; the page could not be served"
+             delivered: {why}; {cause}"
         ))
     };
     let Some(flavour) = ctx.mce else {
@@ -462,16 +499,16 @@ fn deliver_machine_check(
         }
         _ => {}
     }
+    let injected = Injected { page, unplugged };
     let Some(mce) = flavour.memory_error(gpa, err.code == libc::BUS_MCEERR_AR) else {
         log::warn!("vCPU {id}: action-optional error at guest page {page:#x} not injected (AMD)");
-        return Ok(page);
+        return Ok(injected);
     };
     crate::mce::inject(vcpu, &mce).map_err(|e| fail(format!("KVM_X86_SET_MCE: {e}")))?;
     log::error!(
-        "vCPU {id}: guest page {page:#x} (host {host:#x}) could not be served; machine check \
-         injected"
+        "vCPU {id}: guest page {page:#x} (host {host:#x}): {cause}; machine check injected"
     );
-    Ok(page)
+    Ok(injected)
 }
 
 fn read_u32(data: &[u8]) -> u32 {

@@ -153,6 +153,10 @@ pub struct Case {
     /// Whether the guest may end other than cleanly (it asked the device
     /// to take its own code or page tables).
     pub guest_may_crash: bool,
+    /// Guard the virtio-mem window with a memory slot per plugged extent
+    /// (the fault handler reports what it cannot serve, so the window
+    /// cannot be guarded by poisoning); else the guard this host allows.
+    pub slot_guard: bool,
     /// Checks what the devices counted; an error says what is wrong.
     pub check: fn(&Seen) -> Result<(), String>,
 }
@@ -220,7 +224,14 @@ where
         memory: RAM,
         vcpus: 1,
         backend: vmm::MemBackend::Memfd,
-        fault: guest_mem::FaultConfig::default(),
+        fault: guest_mem::FaultConfig {
+            on_unservable: if case.slot_guard {
+                guest_mem::Unservable::Report
+            } else {
+                guest_mem::Unservable::Poison
+            },
+            ..Default::default()
+        },
         serial: SerialOut::Sink,
         balloon: Some(Default::default()),
         hotplug: Some(WINDOW),
@@ -350,6 +361,7 @@ pub fn cases() -> Vec<Case> {
                 bad_queue_script(0, t, a, u)
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: not_activated,
         },
         Case {
@@ -360,6 +372,7 @@ pub fn cases() -> Vec<Case> {
                 bad_queue_script(1024, t, a, u)
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: not_activated,
         },
         Case {
@@ -370,6 +383,7 @@ pub fn cases() -> Vec<Case> {
                 bad_queue_script(3, t, a, u)
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: not_activated,
         },
         Case {
@@ -380,6 +394,7 @@ pub fn cases() -> Vec<Case> {
                 bad_queue_script(16, 0xffff_ffff_f000, a, u)
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: not_activated,
         },
         Case {
@@ -390,6 +405,7 @@ pub fn cases() -> Vec<Case> {
                 bad_queue_script(16, t, 0xd000_0000, u)
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: not_activated,
         },
         Case {
@@ -400,6 +416,7 @@ pub fn cases() -> Vec<Case> {
                 bad_queue_script(16, t, a, RAM - 64)
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: not_activated,
         },
         Case {
@@ -422,6 +439,7 @@ pub fn cases() -> Vec<Case> {
                 ]
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: |s| {
                 at_least("refused register accesses", s.balloon_rejected, 3)?;
                 if s.balloon_active {
@@ -453,6 +471,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: |s| {
                 at_least("balloon refusals", s.balloon_rejected, 0x100 * 4)?;
                 at_least("virtio-mem refusals", s.vmem_rejected, 0x100 * 4)
@@ -480,6 +499,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: |s| {
                 let inside = 4 * 4 * 2;
                 match s.slots[..inside].iter().position(|&v| v != 0) {
@@ -523,6 +543,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: |s| {
                 at_least(
                     "refused chains",
@@ -568,6 +589,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: |s| {
                 at_least(
                     "reported bytes",
@@ -594,6 +616,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: |s| at_least("refused notifies", s.balloon_rejected, 30_000),
         },
         Case {
@@ -627,6 +650,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: true,
+            slot_guard: false,
             check: |_| Ok(()),
         },
         Case {
@@ -690,6 +714,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
+            slot_guard: false,
             check: |s| {
                 let ram = s.vm_mem.memory().memory();
                 let kind = |at: u64| ram.read_obj::<u16>(GuestAddress(at)).unwrap_or(u16::MAX);
@@ -712,7 +737,7 @@ pub fn cases() -> Vec<Case> {
             },
         },
         Case {
-            name: "touching virtio-mem blocks that are not plugged",
+            name: "touching virtio-mem blocks that are not plugged, slot guard: unclaimed MMIO",
             prepare: |mem| {
                 let base = hotplug_base(RAM);
                 let (t, a, _) = rings(0);
@@ -746,6 +771,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
+            slot_guard: true,
             check: |s| {
                 let window = s.vm_mem.regions().last().expect("the window");
                 let allocated = window.backing().allocated_bytes().unwrap_or(u64::MAX);
@@ -756,6 +782,75 @@ pub fn cases() -> Vec<Case> {
                     ));
                 }
                 Ok(())
+            },
+        },
+        Case {
+            name: "touching virtio-mem blocks that are not plugged, poison guard: machine check",
+            prepare: |mem| {
+                let base = hotplug_base(RAM);
+                let (t, a, _) = rings(0);
+                let ram = mem.memory().memory();
+                // Plug block 3 only: the file then reaches past blocks 0-2.
+                ram.write_obj(0u16, GuestAddress(BUFFERS)).unwrap();
+                ram.write_obj(base + 3 * (2 << 20), GuestAddress(BUFFERS + 8))
+                    .unwrap();
+                ram.write_obj(1u16, GuestAddress(BUFFERS + 16)).unwrap();
+                drop(ram);
+                put_desc(mem, t, 0, (BUFFERS, 24, VRING_DESC_F_NEXT, 1));
+                put_desc(mem, t, 1, (BUFFERS + 0x800, 10, VRING_DESC_F_WRITE, 0));
+                publish(mem, a, &[0]);
+            },
+            script: || {
+                let base = hotplug_base(RAM);
+                let (t, a, u) = rings(0);
+                let mut ops = start_device(VMEM, 1 << 32, &[(0, 16, t, a, u)]);
+                ops.push(Op::Write(4, reg(VMEM, m::VIRTIO_MMIO_QUEUE_NOTIFY), 0));
+                ops.push(Op::Wait16(u + 2, 1));
+                // The plugged block is the guest's; the others are not.
+                ops.push(Op::Write(8, base + 3 * (2 << 20), 0x1234));
+                ops.push(Op::Expect32(base + 3 * (2 << 20), 0x1234));
+                for block in [0u64, 1, 2, 5, 40] {
+                    for page in (0..(2 << 20)).step_by(64 << 10) {
+                        ops.push(Op::Write(8, base + block * (2 << 20) + page, u64::MAX));
+                        ops.push(Op::Read(8, base + block * (2 << 20) + page));
+                    }
+                }
+                ops.push(Op::End);
+                ops
+            },
+            guest_may_crash: true,
+            slot_guard: false,
+            check: |s| {
+                let window = s.vm_mem.regions().last().expect("the window");
+                let allocated = window.backing().allocated_bytes().unwrap_or(u64::MAX);
+                if allocated > 2 << 20 {
+                    return Err(format!(
+                        "the host backs {} KiB of the window for one plugged block",
+                        allocated >> 10
+                    ));
+                }
+                // Where the handler poisons, the first touch of an
+                // unplugged block is poisoned and the guest, which cannot
+                // take a machine check, shuts down; elsewhere the window is
+                // guarded by slots and the guest runs to its end.
+                let stats = s.vm_mem.stats();
+                match (&s.outcome.reason, s.vm_mem.unservable()) {
+                    (ExitReason::TripleFault { .. }, Some(guest_mem::Unservable::Poison))
+                        if stats.unreachable >= 1 && s.vm_mem.poisoned_pages() >= 1 =>
+                    {
+                        Ok(())
+                    }
+                    (ExitReason::PayloadDone { code: 0, .. }, Some(u))
+                        if u != guest_mem::Unservable::Poison =>
+                    {
+                        Ok(())
+                    }
+                    (reason, u) => Err(format!(
+                        "ended with {reason} ({u:?}), {} unreachable faults, {} pages poisoned",
+                        stats.unreachable,
+                        s.vm_mem.poisoned_pages()
+                    )),
+                }
             },
         },
     ]

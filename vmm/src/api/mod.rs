@@ -136,6 +136,9 @@ pub struct HotplugHandle {
     pub transport: Arc<Mutex<MmioTransport>>,
     /// The window, for its file size and host allocation.
     pub window: Arc<dyn HotplugBackend>,
+    /// How the window keeps the guest off unplugged blocks, when a VM
+    /// maps it.
+    pub guard: Option<crate::hotplug_window::WindowGuard>,
 }
 
 impl HotplugHandle {
@@ -164,6 +167,7 @@ impl HotplugHandle {
             "requested_mib": s.requested_size.load(Ordering::Relaxed) >> 20,
             "plugged_mib": s.plugged_size.load(Ordering::Relaxed) >> 20,
             "backing_file_mib": self.window.backed_size() >> 20,
+            "window_guard": self.guard.map(|g| g.name()),
             "host_allocated_mib": self.window.allocated_bytes() >> 20,
             "last_resize": resize_json(&s.resize),
             "counters": {
@@ -584,6 +588,7 @@ mod tests {
                 state: state.clone(),
                 transport,
                 window,
+                guard: None,
             }),
             mem,
             ..ctx(false)

@@ -1,20 +1,29 @@
-//! The virtio-mem window as KVM sees it: one memory slot per plugged
-//! extent, not one slot over the whole window.
+//! The virtio-mem window as KVM sees it, and how it keeps a guest away
+//! from blocks it has not plugged: a guest touching one must not make the
+//! host back it (host allocation beyond the plugged blocks, and memory
+//! nobody accounts for). Two guards ([`WindowGuard`]):
 //!
-//! With a single slot, a guest touching a block it never plugged (or one it
-//! unplugged) faults in memory the host then backs: host allocation beyond
-//! the plugged blocks, and the holes below the highest plugged block become
-//! usable memory nobody accounts for. With a slot per extent, such an access
-//! has no slot behind it and exits to the VMM as an MMIO access no device
-//! claims (reads all ones, writes dropped, counted). The devices' memory
-//! map leaves the same ranges out (`GuestMem::set_accessible`).
+//! - **Poison**: one KVM memory slot over the whole window, mapped once.
+//!   The window's file spans it ([`HotplugRegion::spanning`]) and the fault
+//!   handler never serves a page that is not plugged: it poisons it
+//!   (`UFFDIO_POISON`, Linux 6.6+), so the guest's access ends in a machine
+//!   check and the host allocates nothing. Plugging and unplugging never
+//!   touch the guest's memory map: no memory-slot update (each one waits
+//!   for a grace period, and deleting a slot zaps the guest's mappings).
+//! - **Slots**: one memory slot per plugged extent, not one over the whole
+//!   window. A guest access outside them has no slot behind it and exits to
+//!   the VMM as an MMIO access no device claims (reads all ones, writes
+//!   dropped, counted). For kernels and policies without poisoning.
+//!
+//! The devices' memory map leaves unplugged ranges out either way
+//! (`GuestMem::set_accessible`).
 
 use std::sync::{Arc, Mutex};
 
 use devices::memory::{BackendError, HotplugBackend};
 use guest_mem::backend::HotplugRegion;
 use guest_mem::vm_memory::GuestAddress;
-use guest_mem::{GuestMem, Region, RegionIndex};
+use guest_mem::{GuestMem, Region, RegionIndex, Unservable};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 
@@ -22,38 +31,87 @@ use kvm_ioctls::VmFd;
 /// window of 2 MiB blocks needs 256).
 pub const MAX_WINDOW_SLOTS: usize = 4096;
 
-/// A hotplug window whose KVM memory slots follow its plugged extents.
-pub struct SlottedWindow {
+/// How the window keeps the guest off blocks it has not plugged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowGuard {
+    /// One memory slot per plugged extent.
+    Slots,
+    /// One memory slot over the whole window; the fault handler poisons
+    /// what is not plugged.
+    Poison,
+}
+
+impl WindowGuard {
+    /// Its name in the API and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            WindowGuard::Slots => "memory slots",
+            WindowGuard::Poison => "poisoning",
+        }
+    }
+
+    /// The guard `mem` allows: poisoning where its fault handler poisons
+    /// pages it will not serve, else slots.
+    pub fn for_memory(mem: &GuestMem) -> Self {
+        if mem.unservable() == Some(Unservable::Poison) {
+            WindowGuard::Poison
+        } else {
+            WindowGuard::Slots
+        }
+    }
+}
+
+/// A hotplug window mapped into a VM, guarded by [`WindowGuard`].
+pub struct HotplugWindow {
     // Declared first: dropped before the memory the slots point into.
     vm: Arc<VmFd>,
     inner: HotplugRegion,
     mem: Arc<GuestMem>,
     index: RegionIndex,
+    guard: WindowGuard,
     first_slot: u32,
     /// Slot `first_slot + i` maps extent `slots[i]` (guest address, length).
     slots: Mutex<Vec<Option<(u64, u64)>>>,
 }
 
-impl SlottedWindow {
+impl HotplugWindow {
     /// The window of region `index` of `mem`, mapped into `vm` with slots
-    /// numbered from `first_slot`.
+    /// numbered from `first_slot`, guarded as `mem` allows
+    /// ([`WindowGuard::for_memory`]).
     pub fn new(
         vm: Arc<VmFd>,
         mem: Arc<GuestMem>,
         index: RegionIndex,
         first_slot: u32,
     ) -> guest_mem::Result<Self> {
-        let inner = HotplugRegion::new(mem.clone(), index)?;
-        let w = SlottedWindow {
+        let guard = WindowGuard::for_memory(&mem);
+        let inner = match guard {
+            WindowGuard::Slots => HotplugRegion::new(mem.clone(), index)?,
+            WindowGuard::Poison => HotplugRegion::spanning(mem.clone(), index)?,
+        };
+        let w = HotplugWindow {
             vm,
             inner,
             mem,
             index,
+            guard,
             first_slot,
             slots: Mutex::new(Vec::new()),
         };
-        w.sync()?;
+        match guard {
+            WindowGuard::Slots => w.sync()?,
+            WindowGuard::Poison => {
+                let (base, size) = w.inner.window();
+                w.set_slot(first_slot, base.0, size)?;
+                *w.slots.lock().unwrap_or_else(|p| p.into_inner()) = vec![Some((base.0, size))];
+            }
+        }
         Ok(w)
+    }
+
+    /// How the window is guarded.
+    pub fn guard(&self) -> WindowGuard {
+        self.guard
     }
 
     fn region(&self) -> &Region {
@@ -72,12 +130,12 @@ impl SlottedWindow {
             userspace_addr: region.host_addr() + offset,
         };
         // SAFETY: the host range is part of the region's own mapping
-        // (offset + len <= max_size, from the region's accessible extents),
+        // (offset + len <= max_size: an accessible extent, or the window),
         // which lives as long as `self.mem`; `self.vm` is dropped before
         // `self.mem`, and the Vm drops its own VM fd before its memory. A
         // length of 0 deletes the slot. No other slot covers these guest
-        // addresses: the window's extents are disjoint and the window lies
-        // apart from boot RAM.
+        // addresses: the window's extents are disjoint (a poison-guarded
+        // window has one slot) and the window lies apart from boot RAM.
         unsafe { self.vm.set_user_memory_region(r) }.map_err(|e| {
             guest_mem::Error::Config(format!(
                 "KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}+{len:#x}: {e}"
@@ -93,6 +151,9 @@ impl SlottedWindow {
     /// kernels with `KVM_X86_QUIRK_SLOT_ZAP_ALL` in force it drops every
     /// mapping of the guest, which the guest then faults back in.
     fn sync(&self) -> guest_mem::Result<()> {
+        if self.guard == WindowGuard::Poison {
+            return Ok(());
+        }
         let base = self.region().guest_base().0;
         let want: Vec<(u64, u64)> = self
             .mem
@@ -138,7 +199,8 @@ impl SlottedWindow {
         Ok(())
     }
 
-    /// Memory slots in use (one per plugged extent).
+    /// Memory slots in use (one per plugged extent; one in all when
+    /// guarded by poisoning).
     pub fn slots_in_use(&self) -> usize {
         self.slots
             .lock()
@@ -149,7 +211,7 @@ impl SlottedWindow {
     }
 }
 
-impl HotplugBackend for SlottedWindow {
+impl HotplugBackend for HotplugWindow {
     fn window(&self) -> (GuestAddress, u64) {
         self.inner.window()
     }
