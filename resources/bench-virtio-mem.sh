@@ -71,6 +71,9 @@ load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 # BENCH_VMM_LOG=devices=debug,vmm=debug: the VMM's log at that level, for
 # finding where a request spends its time (printed as BENCH-VMM-LOG lines).
 vmm_log="${BENCH_VMM_LOG:-}"
+# BENCH_VMM_ARGS: added to this VMM's command line (e.g. "--readahead 0"
+# or "--on-unservable report", which guards the window with memory slots).
+vmm_args="${BENCH_VMM_ARGS:-}"
 # BENCH_GUEST_CMDLINE: added to both guests' command line (e.g.
 # "ignore_loglevel virtio_mem.dyndbg=+p" shows the driver's steps);
 # BENCH_GUEST_NOTES=N: kernel lines of each guest printed (default 20).
@@ -102,6 +105,15 @@ poll_cost() {
         i=\$((i + 1))
     done
     awk "BEGIN { printf \"%.3f\", (\$(now) - \$t) / 10 }"
+}
+# KVM's own counters (debugfs, summed over the L1's VMs; one runs at a
+# time): what a phase cost the guest in exits, in the kernel and out of it.
+mount -t debugfs none /sys/kernel/debug 2>/dev/null
+KVM_STATS="exits pf_taken pf_fixed mmio_exits io_exits irq_exits halt_exits irq_window_exits request_irq_exits signal_exits irq_injections"
+kvm_snap() { for n in \$KVM_STATS; do cat /sys/kernel/debug/kvm/\$n 2>/dev/null || echo 0; done | tr '\n' ' '; }
+# kvm_delta NAME PHASE BEFORE: what the phase added to each counter.
+kvm_delta() {
+    echo "BENCH-KVM \$1 run=\$run phase=\$2 \$(echo "\$KVM_STATS|\$3|\$(kvm_snap)" | awk -F'|' '{ n = split(\$1, k, " "); split(\$2, b, " "); split(\$3, a, " "); for (i = 1; i <= n; i++) printf "%s=%d ", k[i], a[i] - b[i] }')"
 }
 # report NAME: one result line from the variables the runs set.
 report() {
@@ -143,28 +155,32 @@ bench_vmm() {
     rm -f /tmp/api.sock /tmp/serial.vmm
     RUST_LOG="$vmm_log" taskset -c \$CPU /bin/vmm --kernel /guest/vmlinux --initrd /guest/virtio-mem-idle.cpio.gz \\
         --memory \${MEM}M --mem-backend memfd --virtio-mem \${WIN}M --cmdline "$cmdline" \\
-        --serial file:/tmp/serial.vmm --api-sock /tmp/api.sock 2>/tmp/vmm.err &
+        --serial file:/tmp/serial.vmm --api-sock /tmp/api.sock $vmm_args 2>/tmp/vmm.err &
     pid=\$!
     wait_marker /tmp/serial.vmm GUEST-READY || return 1
     sleep 2
     s0=\$(shmem_mib \$pid)
     w0=\$(vmm_get host_allocated_mib)
     poll_s=\$(poll_cost vmm_get plugged_mib)
+    k=\$(kvm_snap)
     t=\$(now)
     vmm_resize \$PLUG || return 1
     plug_req_s=\$(since \$t)
     plug_s=\$resize_s
     until_equal \$PLUG vmm_get plugged_mib || return 1
+    kvm_delta vmm plug "\$k"
     vmm_timing plug
     wait_marker /tmp/serial.vmm GUEST-USED || return 1
     sleep 1
     s1=\$(shmem_mib \$pid)
     w1=\$(vmm_get host_allocated_mib)
+    k=\$(kvm_snap)
     t=\$(now)
     vmm_resize 0 || return 1
     unplug_req_s=\$(since \$t)
     unplug_s=\$resize_s
     until_equal 0 vmm_get plugged_mib || return 1
+    kvm_delta vmm unplug "\$k"
     vmm_timing unplug
     wait_marker /tmp/serial.vmm GUEST-SAW-UNPLUG || return 1
     sleep 1
@@ -216,22 +232,26 @@ bench_qemu() {
     w0=\$(qemu_window_mib \$pid)
     poll_s=\$(poll_cost qemu_size)
     : >/tmp/qmp.events
+    k=\$(kvm_snap)
     t=\$(now)
     qemu_request \$PLUG
     plug_req_s=\$(since \$t)
     until_equal \$((PLUG << 20)) qemu_size || return 1
     plug_s=\$(since \$t)
+    kvm_delta qemu plug "\$k"
     qmp_events MEMORY_DEVICE_SIZE_CHANGE size qemu plug
     wait_marker /tmp/serial.qemu GUEST-USED || return 1
     sleep 1
     s1=\$(shmem_mib \$pid)
     w1=\$(qemu_window_mib \$pid)
     : >/tmp/qmp.events
+    k=\$(kvm_snap)
     t=\$(now)
     qemu_request 0
     unplug_req_s=\$(since \$t)
     until_equal 0 qemu_size || return 1
     unplug_s=\$(since \$t)
+    kvm_delta qemu unplug "\$k"
     qmp_events MEMORY_DEVICE_SIZE_CHANGE size qemu unplug
     wait_marker /tmp/serial.qemu GUEST-SAW-UNPLUG || return 1
     sleep 1

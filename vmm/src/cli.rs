@@ -71,7 +71,10 @@ pub struct Args {
     /// A guest page whose fetch keeps failing: `poison` it (a vCPU that
     /// touches it gets a machine check; the VM goes on; falls back to
     /// `report` on kernels without UFFDIO_POISON) or `report` it (the VM
-    /// stops with an error naming the page).
+    /// stops with an error naming the page). With `poison`, a virtio-mem
+    /// window is one memory slot and a guest touch of memory it has not
+    /// plugged is poisoned too; with `report`, the window keeps a memory
+    /// slot per plugged extent.
     #[arg(long, value_enum, default_value_t = OnUnservable::Poison)]
     pub on_unservable: OnUnservable,
     /// Serial console: `stdout`, `file:PATH` or `none`.
