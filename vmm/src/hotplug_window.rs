@@ -50,10 +50,15 @@ impl WindowGuard {
         }
     }
 
-    /// The guard `mem` allows: poisoning where its fault handler poisons
-    /// pages it will not serve, else slots.
-    pub fn for_memory(mem: &GuestMem) -> Self {
-        if mem.unservable() == Some(Unservable::Poison) {
+    /// The guard the window of region `index` of `mem` allows: poisoning
+    /// where the fault handler poisons pages it will not serve, else slots.
+    /// A hugetlbfs window keeps slots too: its file cannot span the window
+    /// unless the huge-page pool could hold all of it.
+    pub fn for_window(mem: &GuestMem, index: RegionIndex) -> Self {
+        let hugetlb = mem
+            .region(index)
+            .is_some_and(|r| r.backing().kind() == guest_mem::BackingKind::Hugetlbfs);
+        if mem.unservable() == Some(Unservable::Poison) && !hugetlb {
             WindowGuard::Poison
         } else {
             WindowGuard::Slots
@@ -77,14 +82,14 @@ pub struct HotplugWindow {
 impl HotplugWindow {
     /// The window of region `index` of `mem`, mapped into `vm` with slots
     /// numbered from `first_slot`, guarded as `mem` allows
-    /// ([`WindowGuard::for_memory`]).
+    /// ([`WindowGuard::for_window`]).
     pub fn new(
         vm: Arc<VmFd>,
         mem: Arc<GuestMem>,
         index: RegionIndex,
         first_slot: u32,
     ) -> guest_mem::Result<Self> {
-        let guard = WindowGuard::for_memory(&mem);
+        let guard = WindowGuard::for_window(&mem, index);
         let inner = match guard {
             WindowGuard::Slots => HotplugRegion::new(mem.clone(), index)?,
             WindowGuard::Poison => HotplugRegion::spanning(mem.clone(), index)?,
@@ -274,6 +279,41 @@ fn uncovered(want: &[(u64, u64)], covered: &[(u64, u64)]) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use guest_mem::{FaultConfig, FaultMode, RegionConfig};
+
+    /// 2 MiB of RAM and a 4 MiB window, faults served as `fault` says.
+    fn window_memory(fault: FaultConfig) -> GuestMem {
+        let mut w = RegionConfig::new(1 << 30, 0);
+        w.max_size = Some(4 << 20);
+        GuestMem::builder()
+            .region(RegionConfig::new(0, 2 << 20))
+            .region(w)
+            .fault_config(fault)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_window_is_guarded_by_poisoning_only_where_the_handler_poisons() {
+        let guard = |fault| WindowGuard::for_window(&window_memory(fault), RegionIndex(1));
+        let report = FaultConfig {
+            on_unservable: Unservable::Report,
+            ..FaultConfig::default()
+        };
+        let kernel = FaultConfig {
+            mode: FaultMode::Kernel,
+            ..FaultConfig::default()
+        };
+        assert_eq!(guard(report), WindowGuard::Slots);
+        assert_eq!(guard(kernel), WindowGuard::Slots);
+        let poisoning = window_memory(FaultConfig::default());
+        if poisoning.unservable() == Some(Unservable::Poison) {
+            assert_eq!(
+                WindowGuard::for_window(&poisoning, RegionIndex(1)),
+                WindowGuard::Poison
+            );
+        }
+    }
 
     #[test]
     fn a_plug_next_to_a_slot_adds_a_slot_and_keeps_the_old_one() {
