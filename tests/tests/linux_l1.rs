@@ -77,7 +77,8 @@ echo "BZIMAGE-EXIT-CODE=$?"
 /// Debian 13's kernel (6.12, zstd bzImage, merged-/usr compressed modules)
 /// boots under this VMM in an L1 that runs 6.12 too, where KVM has
 /// `KVM_PRE_FAULT_MEMORY`: the boot images are mapped before the guest
-/// runs, every range accepted; and the same guest boots with it off.
+/// runs, every range accepted; and the same kernel, as its bzImage, boots
+/// with it off.
 #[test]
 fn debian_13_kernel_boots_to_init() {
     if let Some(why) = l1_unavailable() {
@@ -88,20 +89,23 @@ fn debian_13_kernel_boots_to_init() {
     let l1_kernel = vmlinux.parent().expect("the kernel cache").to_path_buf();
     let script = r#"#!/bin/sh
 boot() {
-    RUST_LOG=vmm=info taskset -c "${L1_VMM_CPU:-1}" /bin/vmm --kernel /guest/vmlinux-6.12 \
+    kernel=$1
+    shift
+    RUST_LOG=vmm=info taskset -c "${L1_VMM_CPU:-1}" /bin/vmm --kernel "$kernel" \
         --initrd /guest/initramfs-6.12.cpio.gz --memory 256M --vcpus 2 \
         --mem-backend memfd --fault-handler uffd "$@" 2>&1
 }
 echo "L1-KERNEL $(uname -r)"
-boot
+boot /guest/vmlinux-6.12
 echo "VMM-EXIT-CODE=$?"
-boot --no-pre-fault
+boot /guest/bzImage-6.12 --no-pre-fault
 echo "PLAIN-EXIT-CODE=$?"
 "#;
     let out = run_l1_on(
         Some(&l1_kernel),
         "boot-6.12",
         &[
+            (l1_kernel.join("bzImage"), "/guest/bzImage-6.12"),
             (vmlinux, "/guest/vmlinux-6.12"),
             (initramfs, "/guest/initramfs-6.12.cpio.gz"),
         ],
