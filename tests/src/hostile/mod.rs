@@ -738,97 +738,20 @@ pub fn cases() -> Vec<Case> {
         },
         Case {
             name: "touching virtio-mem blocks that are not plugged, slot guard: unclaimed MMIO",
-            prepare: |mem| {
-                let base = hotplug_base(RAM);
-                let (t, a, _) = rings(0);
-                let ram = mem.memory().memory();
-                // Plug block 3 only: the file then reaches past blocks 0-2.
-                ram.write_obj(0u16, GuestAddress(BUFFERS)).unwrap();
-                ram.write_obj(base + 3 * (2 << 20), GuestAddress(BUFFERS + 8))
-                    .unwrap();
-                ram.write_obj(1u16, GuestAddress(BUFFERS + 16)).unwrap();
-                drop(ram);
-                put_desc(mem, t, 0, (BUFFERS, 24, VRING_DESC_F_NEXT, 1));
-                put_desc(mem, t, 1, (BUFFERS + 0x800, 10, VRING_DESC_F_WRITE, 0));
-                publish(mem, a, &[0]);
-            },
-            script: || {
-                let base = hotplug_base(RAM);
-                let (t, a, u) = rings(0);
-                let mut ops = start_device(VMEM, 1 << 32, &[(0, 16, t, a, u)]);
-                ops.push(Op::Write(4, reg(VMEM, m::VIRTIO_MMIO_QUEUE_NOTIFY), 0));
-                ops.push(Op::Wait16(u + 2, 1));
-                // The plugged block is the guest's; the others are not.
-                ops.push(Op::Write(8, base + 3 * (2 << 20), 0x1234));
-                ops.push(Op::Expect32(base + 3 * (2 << 20), 0x1234));
-                for block in [0u64, 1, 2, 5, 40] {
-                    for page in (0..(2 << 20)).step_by(64 << 10) {
-                        ops.push(Op::Write(8, base + block * (2 << 20) + page, u64::MAX));
-                        ops.push(Op::Read(8, base + block * (2 << 20) + page));
-                    }
-                }
-                ops.push(Op::End);
-                ops
-            },
+            prepare: plug_block_3,
+            script: touch_unplugged_blocks,
             guest_may_crash: false,
             slot_guard: true,
-            check: |s| {
-                let window = s.vm_mem.regions().last().expect("the window");
-                let allocated = window.backing().allocated_bytes().unwrap_or(u64::MAX);
-                if allocated > 2 << 20 {
-                    return Err(format!(
-                        "the host backs {} KiB of the window for one plugged block",
-                        allocated >> 10
-                    ));
-                }
-                Ok(())
-            },
+            check: window_backs_one_block,
         },
         Case {
             name: "touching virtio-mem blocks that are not plugged, poison guard: machine check",
-            prepare: |mem| {
-                let base = hotplug_base(RAM);
-                let (t, a, _) = rings(0);
-                let ram = mem.memory().memory();
-                // Plug block 3 only: the file then reaches past blocks 0-2.
-                ram.write_obj(0u16, GuestAddress(BUFFERS)).unwrap();
-                ram.write_obj(base + 3 * (2 << 20), GuestAddress(BUFFERS + 8))
-                    .unwrap();
-                ram.write_obj(1u16, GuestAddress(BUFFERS + 16)).unwrap();
-                drop(ram);
-                put_desc(mem, t, 0, (BUFFERS, 24, VRING_DESC_F_NEXT, 1));
-                put_desc(mem, t, 1, (BUFFERS + 0x800, 10, VRING_DESC_F_WRITE, 0));
-                publish(mem, a, &[0]);
-            },
-            script: || {
-                let base = hotplug_base(RAM);
-                let (t, a, u) = rings(0);
-                let mut ops = start_device(VMEM, 1 << 32, &[(0, 16, t, a, u)]);
-                ops.push(Op::Write(4, reg(VMEM, m::VIRTIO_MMIO_QUEUE_NOTIFY), 0));
-                ops.push(Op::Wait16(u + 2, 1));
-                // The plugged block is the guest's; the others are not.
-                ops.push(Op::Write(8, base + 3 * (2 << 20), 0x1234));
-                ops.push(Op::Expect32(base + 3 * (2 << 20), 0x1234));
-                for block in [0u64, 1, 2, 5, 40] {
-                    for page in (0..(2 << 20)).step_by(64 << 10) {
-                        ops.push(Op::Write(8, base + block * (2 << 20) + page, u64::MAX));
-                        ops.push(Op::Read(8, base + block * (2 << 20) + page));
-                    }
-                }
-                ops.push(Op::End);
-                ops
-            },
+            prepare: plug_block_3,
+            script: touch_unplugged_blocks,
             guest_may_crash: true,
             slot_guard: false,
             check: |s| {
-                let window = s.vm_mem.regions().last().expect("the window");
-                let allocated = window.backing().allocated_bytes().unwrap_or(u64::MAX);
-                if allocated > 2 << 20 {
-                    return Err(format!(
-                        "the host backs {} KiB of the window for one plugged block",
-                        allocated >> 10
-                    ));
-                }
+                window_backs_one_block(s)?;
                 // Where the handler poisons, the first touch of an
                 // unplugged block is poisoned and the guest, which cannot
                 // take a machine check, shuts down; elsewhere the window is
@@ -854,4 +777,54 @@ pub fn cases() -> Vec<Case> {
             },
         },
     ]
+}
+
+/// Plugs block 3 of the window only (the file then reaches past blocks
+/// 0-2): the request, queued for the guest to notify.
+fn plug_block_3(mem: &GuestMem) {
+    let base = hotplug_base(RAM);
+    let (t, a, _) = rings(0);
+    let ram = mem.memory().memory();
+    ram.write_obj(0u16, GuestAddress(BUFFERS)).unwrap();
+    ram.write_obj(base + 3 * (2 << 20), GuestAddress(BUFFERS + 8))
+        .unwrap();
+    ram.write_obj(1u16, GuestAddress(BUFFERS + 16)).unwrap();
+    drop(ram);
+    put_desc(mem, t, 0, (BUFFERS, 24, VRING_DESC_F_NEXT, 1));
+    put_desc(mem, t, 1, (BUFFERS + 0x800, 10, VRING_DESC_F_WRITE, 0));
+    publish(mem, a, &[0]);
+}
+
+/// Notifies the plug of [`plug_block_3`], uses the plugged block, then
+/// writes and reads blocks 0-2, 5 and 40, which it never plugged.
+fn touch_unplugged_blocks() -> Vec<Op> {
+    let base = hotplug_base(RAM);
+    let (t, a, u) = rings(0);
+    let mut ops = start_device(VMEM, 1 << 32, &[(0, 16, t, a, u)]);
+    ops.push(Op::Write(4, reg(VMEM, m::VIRTIO_MMIO_QUEUE_NOTIFY), 0));
+    ops.push(Op::Wait16(u + 2, 1));
+    // The plugged block is the guest's; the others are not.
+    ops.push(Op::Write(8, base + 3 * (2 << 20), 0x1234));
+    ops.push(Op::Expect32(base + 3 * (2 << 20), 0x1234));
+    for block in [0u64, 1, 2, 5, 40] {
+        for page in (0..(2 << 20)).step_by(64 << 10) {
+            ops.push(Op::Write(8, base + block * (2 << 20) + page, u64::MAX));
+            ops.push(Op::Read(8, base + block * (2 << 20) + page));
+        }
+    }
+    ops.push(Op::End);
+    ops
+}
+
+/// The host backs at most the one block [`plug_block_3`] plugged.
+fn window_backs_one_block(s: &Seen) -> Result<(), String> {
+    let window = s.vm_mem.regions().last().expect("the window");
+    let allocated = window.backing().allocated_bytes().unwrap_or(u64::MAX);
+    if allocated > 2 << 20 {
+        return Err(format!(
+            "the host backs {} KiB of the window for one plugged block",
+            allocated >> 10
+        ));
+    }
+    Ok(())
 }
