@@ -189,14 +189,7 @@ impl HotplugRegion {
         let Some(spanned) = &self.spanned else {
             return self.mem.resize(self.index, size);
         };
-        let region = self.region();
-        if size > region.max_size() || size % region.page_size() != 0 {
-            return Err(Error::Config(format!(
-                "region {}: backed size {size:#x} is not a page multiple up to {:#x}",
-                self.index,
-                region.max_size()
-            )));
-        }
+        self.region().check_size(size)?;
         let old = spanned.load(Ordering::Acquire);
         if size < old {
             self.discard_range(size, old - size)?;

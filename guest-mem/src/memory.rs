@@ -570,19 +570,7 @@ impl GuestMem {
             .ok_or(Error::NoSuchRegion(index))?
             .clone();
         let page = region.page_size();
-        if new_size > region.max_size() {
-            return Err(Error::Config(format!(
-                "region {index}: {new_size:#x} is larger than its max size {:#x}",
-                region.max_size()
-            )));
-        }
-        if new_size % page != 0 {
-            return Err(Error::Unaligned {
-                what: "region size",
-                value: new_size,
-                align: page,
-            });
-        }
+        region.check_size(new_size)?;
         let backing = region.backing();
         if region.is_private() {
             // Resizing truncates or extends the file, which a private
@@ -700,20 +688,12 @@ impl GuestMem {
     /// out of reach any more, so it cannot be.
     fn drop_unreachable_poison(&self, region: &Region, ranges: &[(u64, u64)]) -> Result<()> {
         let page = region.page_size();
-        let backing = region.backing();
         let pages: Vec<u64> = {
-            let _install = backing.generation().lock_install();
-            let mut pages = Vec::new();
-            for &(off, len) in ranges {
-                let first = (region.file_offset() + off) / page;
-                let end = (region.file_offset() + off + len).div_ceil(page);
-                let mut at = first;
-                while let Some(p) = backing.first_poisoned(at, end) {
-                    pages.push(p * page - region.file_offset());
-                    at = p + 1;
-                }
-            }
-            pages
+            let _install = region.backing().generation().lock_install();
+            ranges
+                .iter()
+                .flat_map(|&(off, len)| region.poisoned_offsets(off, len))
+                .collect()
         };
         for off in pages {
             if off + page <= region.backed_size() {

@@ -271,6 +271,37 @@ impl Region {
         self.backing.is_poisoned(self.file_range(offset, len))
     }
 
+    /// Checks a new backed size: a page multiple, at most the max size.
+    pub(crate) fn check_size(&self, size: u64) -> crate::Result<()> {
+        let page = self.page_size();
+        if size > self.max_size {
+            return Err(crate::Error::Config(format!(
+                "region {}: {size:#x} is larger than its max size {:#x}",
+                self.index, self.max_size
+            )));
+        }
+        if size % page != 0 {
+            return Err(crate::Error::Unaligned {
+                what: "region size",
+                value: size,
+                align: page,
+            });
+        }
+        Ok(())
+    }
+
+    /// Region offsets of the poisoned pages in `[offset, offset + len)`.
+    pub(crate) fn poisoned_offsets(&self, offset: u64, len: u64) -> impl Iterator<Item = u64> + '_ {
+        let page = self.page_size();
+        let end = (self.file_offset + offset + len).div_ceil(page);
+        let mut at = (self.file_offset + offset) / page;
+        std::iter::from_fn(move || {
+            let p = self.backing.first_poisoned(at, end)?;
+            at = p + 1;
+            Some(p * page - self.file_offset)
+        })
+    }
+
     /// Drops the VMM mapping's poison markers over the poisoned pages of
     /// `[offset, offset + len)` (inside the invalidation that gives them
     /// back): a hole punched in a shmem file leaves them in place (measured
@@ -280,12 +311,8 @@ impl Region {
     /// gave it back.
     pub(crate) fn zap_poisoned(&self, offset: u64, len: u64) {
         let page = self.page_size();
-        let first = (self.file_offset + offset) / page;
-        let end = (self.file_offset + offset + len).div_ceil(page);
-        let mut at = first;
-        while let Some(p) = self.backing.first_poisoned(at, end) {
-            at = p + 1;
-            let host = self.host_addr() + p * page - self.file_offset;
+        for off in self.poisoned_offsets(offset, len) {
+            let host = self.host_addr() + off;
             // SAFETY: the page lies inside our own mapping (a file page of
             // this region's window); MADV_DONTNEED only drops its page-table
             // entry (here: the poison marker), after which the page faults
