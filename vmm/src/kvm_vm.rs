@@ -84,8 +84,8 @@ pub fn narrow_slot_zaps(fd: &VmFd) -> bool {
 
 /// Gives each of the first `count` regions of `mem` one memory slot over its
 /// whole mapping (slot number = region index). The virtio-mem window is
-/// left out: it gets a slot per plugged extent from its
-/// [`HotplugWindow`](crate::hotplug_window::HotplugWindow).
+/// left out: its [`HotplugWindow`](crate::hotplug_window::HotplugWindow)
+/// maps it as its guard wants (one slot, or one per plugged extent).
 ///
 /// The caller must drop `fd` (and every vCPU fd) before `mem`.
 pub fn map_regions(fd: &VmFd, mem: &GuestMem, count: usize) -> Result<(), VmError> {

@@ -384,27 +384,26 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, profile: &mut ExitProfile) -> 
             Ok(VcpuExit::Hlt) => return ExitReason::Halted { vcpu: id },
             Ok(VcpuExit::Shutdown) => {
                 let rip = vcpu.get_regs().map_or(0, |r| r.rip);
-                if let Some(Injected {
-                    page,
-                    unplugged: true,
-                }) = machine_check
-                {
-                    // The guest's own doing: a crash, not a VMM failure.
-                    log::error!(
-                        "vCPU {id}: the guest shut down on the machine check for guest page \
-                         {page:#x}, which it touched without plugging it"
-                    );
-                    return ExitReason::TripleFault { vcpu: id, rip };
-                }
-                if let Some(Injected { page, .. }) = machine_check {
+                return match machine_check {
+                    Some(Injected {
+                        page,
+                        unplugged: true,
+                    }) => {
+                        // The guest's own doing: a crash, not a VMM failure.
+                        log::error!(
+                            "vCPU {id}: the guest shut down on the machine check for guest \
+                             page {page:#x}, which it touched without plugging it"
+                        );
+                        ExitReason::TripleFault { vcpu: id, rip }
+                    }
                     // KVM shuts a guest down that cannot take the #MC.
-                    return ExitReason::Error(format!(
+                    Some(Injected { page, .. }) => ExitReason::Error(format!(
                         "vCPU {id}: machine check for guest page {page:#x} could not be \
                          delivered: the guest shut down (CR4.MCE clear, or a machine check \
                          already in progress); the page could not be served"
-                    ));
-                }
-                return ExitReason::TripleFault { vcpu: id, rip };
+                    )),
+                    None => ExitReason::TripleFault { vcpu: id, rip },
+                };
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 return match kind {
