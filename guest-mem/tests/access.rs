@@ -2,6 +2,8 @@
 //! device holding a snapshot never touches memory past a truncated file's
 //! end (which would raise SIGBUS and end the whole process).
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -10,7 +12,7 @@ use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use guest_mem::{Error, GuestMem, RegionConfig};
 
 const MIB: u64 = 1 << 20;
-const BASE: u64 = 1 << 30;
+const BASE: u64 = common::WINDOW_BASE;
 
 fn window(fault_kernel: bool) -> Arc<GuestMem> {
     let mut w = RegionConfig::new(BASE, 8 * MIB);
@@ -139,15 +141,7 @@ fn device_accesses_never_fault_past_a_truncation() {
 #[test]
 fn unplugged_parts_of_a_window_are_out_of_reach() {
     use guest_mem::backend::HotplugRegion;
-    let mut w = RegionConfig::new(BASE, 0);
-    w.max_size = Some(8 * MIB);
-    let mem = Arc::new(
-        GuestMem::builder()
-            .region(RegionConfig::new(0, MIB))
-            .region(w)
-            .build()
-            .unwrap(),
-    );
+    let mem = common::ram_and_window(8 * MIB);
     let window = HotplugRegion::new(mem.clone(), guest_mem::RegionIndex(1)).unwrap();
     // Plug the block at 6 MiB only: the file reaches past 0-6 MiB.
     window.set_backed_size(8 * MIB).unwrap();

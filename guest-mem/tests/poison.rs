@@ -4,6 +4,8 @@
 //! guest gives it back (a discard, a shrink) it is served again. With the
 //! `Report` policy it is reported as before.
 
+mod common;
+
 use std::arch::asm;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -305,15 +307,7 @@ const MIB: u64 = 1 << 20;
 /// 1 MiB of RAM and an 8 MiB window spanned by its file: 4 MiB backed,
 /// of which only the first 2 MiB are plugged.
 fn spanning_window() -> (Arc<GuestMem>, guest_mem::backend::HotplugRegion) {
-    let mut w = RegionConfig::new(1 << 30, 0);
-    w.max_size = Some(8 * MIB);
-    let mem = Arc::new(
-        GuestMem::builder()
-            .region(RegionConfig::new(0, MIB))
-            .region(w)
-            .build()
-            .unwrap(),
-    );
+    let mem = common::ram_and_window(8 * MIB);
     let window = guest_mem::backend::HotplugRegion::spanning(mem.clone(), RegionIndex(1)).unwrap();
     window.set_backed_size(4 * MIB).unwrap();
     window.set_plugged(0, 2 * MIB, true).unwrap();
@@ -365,7 +359,7 @@ fn memory_that_is_not_plugged_is_poisoned_when_touched_and_never_allocated() {
 fn unplugging_a_spanning_window_punches_without_truncating() {
     let (mem, window) = spanning_window();
     let dev = mem.device_memory();
-    let at = GuestAddress((1 << 30) + MIB);
+    let at = GuestAddress(common::WINDOW_BASE + MIB);
     dev.memory().write_obj(0x5au8, at).unwrap();
     assert!(window.allocated_bytes() > 0);
     window.set_plugged(0, 2 * MIB, false).unwrap();

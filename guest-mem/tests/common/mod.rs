@@ -156,3 +156,20 @@ pub fn write_page(mem: &GuestMem, page: u64, value: u64) {
         .write_obj(value, GuestAddress(page * PAGE))
         .expect("writing guest memory")
 }
+
+/// Where [`ram_and_window`] puts its window.
+pub const WINDOW_BASE: u64 = 1 << 30;
+
+/// 1 MiB of RAM at 0 and, as region 1, an empty hotplug window of
+/// `max_size` bytes at [`WINDOW_BASE`].
+pub fn ram_and_window(max_size: u64) -> Arc<GuestMem> {
+    let mut w = RegionConfig::new(WINDOW_BASE, 0);
+    w.max_size = Some(max_size);
+    Arc::new(
+        GuestMem::builder()
+            .region(RegionConfig::new(0, 1 << 20))
+            .region(w)
+            .build()
+            .unwrap(),
+    )
+}
