@@ -280,34 +280,29 @@ fn refuse_unreachable<T: RegionTable>(
     let page = region.page_size();
     let host = region.host_addr() + offset;
     let n = ctx.stats.unreachable.fetch_add(1, Relaxed);
-    let poisoned = ctx.poison && {
+    let outcome = if ctx.poison {
         let fd = std::os::unix::io::AsRawFd::as_raw_fd(&ctx.uffd);
         match ioctl::poison(fd, host, page).errno {
             None => {
                 region.record_poisoned(guard, offset / page);
-                true
+                "poisoned, the access raises a machine check".to_string()
             }
             // A marker (or a page) is there already.
-            Some(libc::EEXIST) => true,
-            Some(errno) => {
-                log::error!(
-                    "region {} offset {offset:#x}: poisoning unreachable memory: {}",
-                    region.label(),
-                    std::io::Error::from_raw_os_error(errno)
-                );
-                false
-            }
+            Some(libc::EEXIST) => "poisoned already".to_string(),
+            Some(errno) => format!(
+                "poisoning it failed ({}); not served",
+                std::io::Error::from_raw_os_error(errno)
+            ),
         }
+    } else {
+        "not served".to_string()
     };
+    // The guest chooses how often this happens: a few lines, then counts.
     if n < UNREACHABLE_LOGGED {
         log::warn!(
-            "fault at region {} offset {offset:#x}, memory kept out of reach (not plugged): {}",
+            "fault at region {} offset {offset:#x}, memory kept out of reach (not plugged): \
+             {outcome}",
             region.label(),
-            if poisoned {
-                "poisoned, the access raises a machine check"
-            } else {
-                "not served"
-            }
         );
     } else if n == UNREACHABLE_LOGGED {
         log::warn!("more faults at memory kept out of reach; counted only from here on");
