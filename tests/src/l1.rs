@@ -70,15 +70,21 @@ pub fn guest_images() -> Result<(PathBuf, PathBuf), String> {
     ))
 }
 
+/// Where [`guest_images_of`] keeps Debian `suite`'s kernel: also the
+/// kernel cache an L1 boots with [`run_l1_on`].
+pub fn kernel_dir_of(suite: &str) -> PathBuf {
+    repo_root().join(format!("build/kernel-{suite}"))
+}
+
 /// Fetches Debian `suite`'s cloud kernel (e.g. `trixie`: 6.12) into
-/// `build/kernel-SUITE` and builds a guest initramfs with its modules;
+/// [`kernel_dir_of`] and builds a guest initramfs with its modules;
 /// returns (vmlinux, initramfs).
 pub fn guest_images_of(suite: &str) -> Result<(PathBuf, PathBuf), String> {
     run(Command::new("bash")
         .arg("resources/fetch-kernel.sh")
         .arg("--suite")
         .arg(suite))?;
-    let dir = repo_root().join(format!("build/kernel-{suite}"));
+    let dir = kernel_dir_of(suite);
     let image = repo_root().join(format!("build/guest-initramfs-{suite}.cpio.gz"));
     run(Command::new("bash")
         .arg("resources/build-initramfs.sh")

@@ -1,7 +1,9 @@
 //! A stock Debian kernel booted under this VMM, for real, inside the nested
 //! L1 (the only place a Linux guest can run on these machines).
 
-use integration_tests::l1::{guest_images, guest_images_of, l1_unavailable, run_l1, run_l1_on};
+use integration_tests::l1::{
+    guest_images, guest_images_of, kernel_dir_of, l1_unavailable, run_l1, run_l1_on,
+};
 
 #[test]
 fn debian_kernel_boots_to_init_with_two_vcpus_on_uffd_memfd_memory() {
@@ -86,7 +88,7 @@ fn debian_13_kernel_boots_to_init() {
         return;
     }
     let (vmlinux, initramfs) = guest_images_of("trixie").expect("the Debian 13 kernel");
-    let l1_kernel = vmlinux.parent().expect("the kernel cache").to_path_buf();
+    let l1_kernel = kernel_dir_of("trixie");
     let script = r#"#!/bin/sh
 boot() {
     kernel=$1

@@ -12,7 +12,7 @@
 //! shuts a guest down on a second machine check in progress, as hardware
 //! does; the VMM then ends with an error naming the page.)
 
-use integration_tests::l1::{guest_image_of_with, l1_unavailable, run_l1_on};
+use integration_tests::l1::{guest_image_of_with, kernel_dir_of, l1_unavailable, run_l1_on};
 
 #[test]
 fn a_page_that_cannot_be_served_reaches_the_linux_guest_as_a_machine_check() {
@@ -26,7 +26,7 @@ fn a_page_that_cannot_be_served_reaches_the_linux_guest_as_a_machine_check() {
     let (vmlinux, image) =
         guest_image_of_with("trixie", "poison", "resources/guest/poison-workload.sh")
             .expect("the Debian 13 kernel and guest image");
-    let l1_kernel = vmlinux.parent().expect("the kernel cache").to_path_buf();
+    let l1_kernel = kernel_dir_of("trixie");
     let script = r#"#!/bin/sh
 pool=/sys/kernel/mm/hugepages/hugepages-2048kB
 echo 150 > /proc/sys/vm/nr_hugepages

@@ -9,7 +9,7 @@
 //! it is one slot guarded by poisoning.
 
 use integration_tests::l1::{
-    guest_image_with, guest_images_of, l1_unavailable, repo_root, run_l1_on,
+    guest_image_with, guest_images_of, kernel_dir_of, l1_unavailable, repo_root, run_l1_on,
 };
 
 #[test]
@@ -47,8 +47,8 @@ fn cycle(backend: &str, l1_6_12: bool) {
         .unwrap()
         .with_file_name("vmmctl");
     let l1_kernel = l1_6_12.then(|| {
-        let (vmlinux, _) = guest_images_of("trixie").expect("the Debian 13 kernel");
-        vmlinux.parent().expect("the kernel cache").to_path_buf()
+        guest_images_of("trixie").expect("the Debian 13 kernel");
+        kernel_dir_of("trixie")
     });
     let out = run_l1_on(
         l1_kernel.as_deref(),
