@@ -20,7 +20,8 @@
 #
 # Default /init: mounts proc, sysfs, devtmpfs; insmods virtio_ring, virtio,
 # virtio_mmio, virtio_balloon, virtio_mem; prints
-#   GUEST-INIT-OK nproc=<n> MemTotal=<kB> uptime=<s>
+#   GUEST-INIT-OK nproc=<n> MemTotal=<kB> uptime=<s> clockevent=<device>
+# (the boot CPU's timer: lapic-deadline where the VMM offers TSC-deadline)
 # runs /guest-test.sh if present (printing GUEST-TEST-EXIT-CODE=<n>), then
 # `poweroff -f` (or `reboot -f` if the kernel command line has
 # guest.exit=reboot, for VMMs that see a reset but no ACPI power-off).
@@ -71,7 +72,8 @@ mount -t tmpfs tmpfs /tmp
 /lib/modules/load.sh GUEST-INIT
 mem=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)
 up=$(cut -d' ' -f1 /proc/uptime)
-echo "GUEST-INIT-OK nproc=$(nproc) MemTotal=${mem} kB uptime=${up}"
+tick=$(cat /sys/devices/system/clockevents/clockevent0/current_device 2>/dev/null)
+echo "GUEST-INIT-OK nproc=$(nproc) MemTotal=${mem} kB uptime=${up} clockevent=${tick:-none}"
 if [ -f /guest-test.sh ]; then
     sh /guest-test.sh
     echo "GUEST-TEST-EXIT-CODE=$?"

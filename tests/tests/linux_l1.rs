@@ -39,6 +39,13 @@ echo "BZIMAGE-EXIT-CODE=$?"
     if nproc != "2" {
         fail(&format!("the guest saw {nproc} CPUs, not 2: {init}"));
     }
+    // The VMM offers the TSC-deadline timer KVM emulates: the guest ticks
+    // on it instead of an APIC timer it calibrates by busy-waiting.
+    if out.value("GUEST-INIT-OK", "clockevent").as_deref() != Some("lapic-deadline") {
+        fail(&format!(
+            "the guest does not tick on the TSC deadline: {init}"
+        ));
+    }
     let mem_kb: u64 = out
         .value("GUEST-INIT-OK", "MemTotal")
         .and_then(|v| v.parse().ok())
@@ -132,6 +139,9 @@ echo "PLAIN-EXIT-CODE=$?"
     }
     if out.value("GUEST-INIT-OK", "nproc").as_deref() != Some("2") {
         out.fail("the 6.12 guest did not see 2 CPUs");
+    }
+    if out.value("GUEST-INIT-OK", "clockevent").as_deref() != Some("lapic-deadline") {
+        out.fail("the 6.12 guest does not tick on the TSC deadline");
     }
     for code in ["VMM-EXIT-CODE", "PLAIN-EXIT-CODE"] {
         if out.value(code, code).as_deref() != Some("0") {

@@ -33,7 +33,7 @@ const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 /// AMD address sizes and core count leaf.
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 
-/// Leaf 0x1 ECX: TSC-deadline timer (left as the host reports it).
+/// Leaf 0x1 ECX: TSC-deadline timer (see [`announce_tsc_deadline`]).
 pub const ECX_TSC_DEADLINE_BIT: u32 = 24;
 /// Leaf 0x1 ECX: XSAVE supported (left as the host reports it).
 pub const ECX_XSAVE_BIT: u32 = 26;
@@ -90,7 +90,7 @@ fn fix_features(entry: &mut kvm_cpuid_entry2, vcpu_id: u8, num_vcpus: u8) {
     }
     entry.ecx |= 1 << ECX_HYPERVISOR_BIT;
     entry.ecx &= !(1 << ECX_OSXSAVE_BIT);
-    // XSAVE (bit 26) and TSC-deadline (bit 24) stay as the host reports.
+    // XSAVE (bit 26) and TSC-deadline (bit 24) stay as given.
 }
 
 /// Leaf 0x4 (one subleaf): cores per package and threads sharing the cache.
@@ -170,6 +170,20 @@ pub fn announce_machine_checks(cpuid: &mut CpuId) {
     }
 }
 
+/// Announces the TSC-deadline timer, for a KVM that emulates it
+/// (`KVM_CAP_TSC_DEADLINE_TIMER`, with the in-kernel local APIC), as QEMU
+/// and Firecracker do: `KVM_GET_SUPPORTED_CPUID` leaves it out. A Linux
+/// guest without it calibrates its local APIC timer at boot, a 100 ms busy
+/// wait (and more, in exits, under nested virtualization), and reprograms
+/// the timer through the APIC's counter instead of one MSR write.
+pub fn announce_tsc_deadline(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == LEAF_FEATURES {
+            entry.ecx |= 1 << ECX_TSC_DEADLINE_BIT;
+        }
+    }
+}
+
 /// Leaf 0x8000_0007: advanced power management and RAS.
 const LEAF_RAS: u32 = 0x8000_0007;
 /// Leaf 0x8000_0007 EBX: SUCCOR.
@@ -242,6 +256,21 @@ mod tests {
             .iter()
             .find(|e| e.function == function && e.index == index)
             .unwrap()
+    }
+
+    #[test]
+    fn tsc_deadline_is_announced_in_leaf_1_only() {
+        let mut cpuid = host_cpuid();
+        let before = cpuid.clone();
+        announce_tsc_deadline(&mut cpuid);
+        for (a, b) in cpuid.as_slice().iter().zip(before.as_slice()) {
+            if a.function == 0x1 {
+                assert_eq!(a.ecx, b.ecx | (1 << ECX_TSC_DEADLINE_BIT));
+                assert_eq!((a.eax, a.ebx, a.edx), (b.eax, b.ebx, b.edx));
+            } else {
+                assert_eq!(a, b, "leaf {:#x} untouched", a.function);
+            }
+        }
     }
 
     #[test]

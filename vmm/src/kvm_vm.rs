@@ -107,10 +107,18 @@ pub fn map_regions(fd: &VmFd, mem: &GuestMem, count: usize) -> Result<(), VmErro
     Ok(())
 }
 
-/// The CPUID KVM supports on this host.
+/// The CPUID KVM supports on this host, with the TSC-deadline timer where
+/// KVM emulates it (every VM has the in-kernel local APIC), which
+/// `KVM_GET_SUPPORTED_CPUID` leaves out on the L1's 6.1 kernel (its API
+/// documentation says it always does; newer hosts report it).
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        crate::cpuid::announce_tsc_deadline(&mut cpuid);
+    }
+    Ok(cpuid)
 }
 
 /// Creates `count` vCPUs with the set-up every guest shares (CPUID, MSRs,
