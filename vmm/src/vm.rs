@@ -55,10 +55,6 @@ pub struct Vm {
     pub(crate) _kvm: Kvm,
 }
 
-/// How much of the top of RAM `boot_linux` pre-faults, for the guest
-/// kernel's earliest allocations (at most an eighth of RAM).
-const PRE_FAULT_TOP: u64 = 16 << 20;
-
 impl Vm {
     /// The handle that pauses, resumes and snapshots the VM while it runs
     /// (what `PUT /vm` and `PUT /snapshot` use).
@@ -168,27 +164,23 @@ impl Vm {
         Ok(())
     }
 
-    /// Maps into KVM what a Linux guest's earliest boot touches: the low
-    /// megabyte, the kernel (up to `kernel_end`), the initramfs, and the top
-    /// of RAM, where its memblock allocations (memory map, page tables,
-    /// per-CPU areas) come from.
+    /// Maps into KVM what a Linux guest's earliest boot touches
+    /// ([`pre_fault::linux_boot_ranges`]). The ranges that hold no image are
+    /// first allocated in the backing file (zeroed by the host kernel in one
+    /// call each), so that mapping them serves no userfaultfd faults.
     fn pre_fault_boot_memory(&self, kernel_end: u64, initrd: Option<(u64, u64)>) {
-        let mut ranges = vec![
-            (0, HIMEM_START),
-            (HIMEM_START, kernel_end.saturating_sub(HIMEM_START)),
-        ];
-        ranges.extend(initrd);
-        if let Some((gpa, len, _)) = ram_ranges(self.ram_size).last().copied() {
-            let span = PRE_FAULT_TOP.min(self.ram_size / 8).min(len);
-            let top = (gpa + len - span, span);
-            // Backed in the file first (zeroed by the kernel in one call),
-            // so that pre-faulting it serves no userfaultfd faults.
-            if let Err(e) = self.mem.populate(GuestAddress(top.0), top.1) {
-                log::debug!("populating the top of RAM: {e}");
+        let ram: Vec<_> = ram_ranges(self.ram_size)
+            .into_iter()
+            .map(|(gpa, len, _)| (gpa, len))
+            .collect();
+        let ranges = pre_fault::linux_boot_ranges(&ram, kernel_end, initrd);
+        for r in ranges.iter().filter(|r| r.populate) {
+            if let Err(e) = self.mem.populate(GuestAddress(r.gpa), r.len) {
+                log::debug!("populating {:#x}+{:#x}: {e}", r.gpa, r.len);
             }
-            ranges.push(top);
         }
-        let done = pre_fault::pre_fault(&self.vcpus[0], &ranges);
+        let spans: Vec<_> = ranges.iter().map(|r| (r.gpa, r.len)).collect();
+        let done = pre_fault::pre_fault(&self.vcpus[0], &spans);
         log::info!(
             "pre-faulted {} KiB of boot memory in {:.1} ms ({} ranges refused)",
             done.bytes >> 10,
