@@ -110,10 +110,26 @@ poll_cost() {
 # time): what a phase cost the guest in exits, in the kernel and out of it.
 mount -t debugfs none /sys/kernel/debug 2>/dev/null
 KVM_STATS="exits pf_taken pf_fixed mmio_exits io_exits irq_exits halt_exits irq_window_exits request_irq_exits signal_exits irq_injections"
-kvm_snap() { for n in \$KVM_STATS; do cat /sys/kernel/debug/kvm/\$n 2>/dev/null || echo 0; done | tr '\n' ' '; }
+kvm_counters() { for n in \$KVM_STATS; do cat /sys/kernel/debug/kvm/\$n 2>/dev/null || echo 0; done | tr '\n' ' '; }
+kvm_snap() { kvm_hist_start; kvm_counters; }
 # kvm_delta NAME PHASE BEFORE: what the phase added to each counter.
 kvm_delta() {
-    echo "BENCH-KVM \$1 run=\$run phase=\$2 \$(echo "\$KVM_STATS|\$3|\$(kvm_snap)" | awk -F'|' '{ n = split(\$1, k, " "); split(\$2, b, " "); split(\$3, a, " "); for (i = 1; i <= n; i++) printf "%s=%d ", k[i], a[i] - b[i] }')"
+    kvm_hist_stop \$1 \$2
+    echo "BENCH-KVM \$1 run=\$run phase=\$2 \$(echo "\$KVM_STATS|\$3|\$(kvm_counters)" | awk -F'|' '{ n = split(\$1, k, " "); split(\$2, b, " "); split(\$3, a, " "); for (i = 1; i <= n; i++) printf "%s=%d ", k[i], a[i] - b[i] }')"
+}
+# Exits by reason (the kvm_exit tracepoint's histogram, where the L1 kernel
+# has hist triggers): kvm_snap starts a histogram, kvm_delta prints and
+# drops it as BENCH-KVM-EXITS lines (SVM exit codes: 0x400 nested page
+# fault, 0x60 interrupt, 0x7b I/O port, 0x7c MSR, 0x78 HLT, 0x64 virtual
+# interrupt window, 0x81 VMMCALL).
+KVM_HIST=/sys/kernel/debug/tracing/events/kvm/kvm_exit/trigger
+KVM_HIST_SPEC='hist:keys=exit_reason:vals=hitcount:sort=hitcount.descending:size=256'
+kvm_hist_start() { [ -w \$KVM_HIST ] && echo "\$KVM_HIST_SPEC" >\$KVM_HIST 2>/dev/null; return 0; }
+kvm_hist_stop() {
+    [ -w \$KVM_HIST ] || return 0
+    echo "BENCH-KVM-EXITS \$1 run=\$run phase=\$2 \$(awk '/exit_reason:/ { gsub(/[{}]/, ""); printf "0x%x=%s ", \$2, \$4 }' \${KVM_HIST%trigger}hist)"
+    echo "!\$KVM_HIST_SPEC" >\$KVM_HIST 2>/dev/null
+    return 0
 }
 # report NAME: one result line from the variables the runs set.
 report() {
