@@ -25,6 +25,18 @@ fn vm(memory: u64, vcpus: u8, readahead: Readahead) -> Vm {
     .expect("creating the VM")
 }
 
+/// A 16 MiB, one-vCPU VM that runs `code` at CPL3 from `LOAD`.
+fn code_vm(code: &[u8]) -> Vm {
+    let mut vm = vm(16 << 20, 1, Readahead::NONE);
+    vm.load_payload(code, LOAD, true, |_| PayloadArgs {
+        entry: LOAD,
+        stack: LOAD,
+        args: [0; 6],
+    })
+    .unwrap();
+    vm
+}
+
 /// Splits `[SLICES_START, memory)` among the vCPUs.
 fn slice(id: u8, vcpus: u8, memory: u64) -> (u64, u64) {
     let per = ((memory - SLICES_START) / u64::from(vcpus)) & !0xfff;
@@ -251,13 +263,7 @@ fn a_running_vm_has_its_threads_filtered_and_its_caller_not() {
     let mut code = vec![0x8b, 0x04, 0x25];
     code.extend_from_slice(&FLAG.to_le_bytes());
     code.extend_from_slice(&[0x85, 0xc0, 0x74, 0xf5, 0x31, 0xc0, 0xe7, 0xe0, 0xf4]);
-    let mut vm = vm(16 << 20, 1, Readahead::NONE);
-    vm.load_payload(&code, LOAD, true, |_| PayloadArgs {
-        entry: LOAD,
-        stack: LOAD,
-        args: [0; 6],
-    })
-    .unwrap();
+    let vm = code_vm(&code);
     let mem = vm.memory().clone();
     let caller = std::thread::Builder::new()
         .name("runner".into())
@@ -318,13 +324,7 @@ fn the_guest_sees_the_tsc_deadline_timer_kvm_emulates() {
     let mut code = vec![0xb8, 1, 0, 0, 0, 0x31, 0xc9, 0x0f, 0xa2, 0x89, 0x0c, 0x25];
     code.extend_from_slice(&RESULT.to_le_bytes());
     code.extend_from_slice(&[0x31, 0xc0, 0xe7, 0xe0, 0xf4]);
-    let mut vm = vm(16 << 20, 1, Readahead::NONE);
-    vm.load_payload(&code, LOAD, true, |_| PayloadArgs {
-        entry: LOAD,
-        stack: LOAD,
-        args: [0; 6],
-    })
-    .unwrap();
+    let vm = code_vm(&code);
     let mem = vm.memory().clone();
     let outcome = vm.run().unwrap();
     assert!(
