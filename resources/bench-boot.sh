@@ -13,7 +13,13 @@
 # reserved in the L1): under nested virtualization every 4 KiB page the
 # guest touches first costs an exit to the L1's KVM, so huge pages shorten
 # the boot for both, and this shows by how much.
-# Prints a table and writes target/bench/boot.json (medians, every run).
+# After the timed runs, one more boot of each row is profiled (untimed,
+# since tracing slows every exit): KVM's exits by reason and its nested
+# page faults per 2 MiB of guest memory, to the guest's power-off
+# (BENCH-KVM-EXITS and BENCH-KVM-NPF lines, from the L1 kernel's
+# tracepoints): where a boot still takes exits the VMM could spare it.
+# Prints a table and writes target/bench/boot.json (medians, every run;
+# kvm_exits has the profiled boot's exits).
 #
 # Usage: resources/bench-boot.sh [--runs N] [--memory MiB] [--vcpus N]
 set -euo pipefail
@@ -50,6 +56,7 @@ cmdline="console=ttyS0 reboot=k panic=-1 noxsave quiet"
 cat >"$script" <<SCRIPT
 #!/bin/sh
 # In the L1: boot with each VMM in turn, on the CPU the L1 keeps free.
+$(bench_l1_helpers)
 measure() {
     name=\$1
     shift
@@ -57,6 +64,7 @@ measure() {
     rm -f \$fifo
     mkfifo \$fifo
     t0=\$(cut -d' ' -f1 /proc/uptime)
+    kvm_hist_start
     taskset -c "\${L1_VMM_CPU:-0}" "\$@" >\$fifo 2>/tmp/\$name.err </dev/null &
     pid=\$!
     boot=none
@@ -74,13 +82,13 @@ measure() {
     done <\$fifo
     wait \$pid
     code=\$?
+    kvm_hist_stop \$name boot
     [ \$code -eq 0 ] || { echo "\$name exited with \$code:"; tail -5 /tmp/\$name.err; }
     echo "BENCH \$name run=\$run boot_s=\$boot rss_mib=\$rss guest_uptime_s=\$up exit=\$code"
 }
 echo $((memory / 2 + 8)) >/proc/sys/vm/nr_hugepages
 echo "HUGE-PAGES reserved=\$(cat /proc/sys/vm/nr_hugepages) wanted=$((memory / 2 + 8))"
-run=1
-while [ \$run -le $runs ]; do
+boot_all() {
     measure vmm /bin/vmm --kernel /guest/vmlinux --initrd /guest/bench.cpio.gz \\
         --memory ${memory}M --vcpus $vcpus --mem-backend memfd --cmdline "$cmdline"
     measure vmm-no-pre-fault /bin/vmm --kernel /guest/vmlinux --initrd /guest/bench.cpio.gz \\
@@ -97,8 +105,15 @@ while [ \$run -le $runs ]; do
         -smp $vcpus -m ${memory}M -display none -no-reboot -nodefaults -serial stdio \\
         -object memory-backend-memfd,id=mem,size=${memory}M,share=on,hugetlb=on -machine memory-backend=mem \\
         -kernel /guest/vmlinux -initrd /guest/bench.cpio.gz -append "$cmdline"
+}
+run=1
+while [ \$run -le $runs ]; do
+    boot_all
     run=\$((run + 1))
 done
+KVM_HIST_ON=1
+run=profile
+boot_all
 SCRIPT
 bench_run_l1 boot "$script" --add "$image:/guest/bench.cpio.gz"
 
@@ -116,6 +131,16 @@ for line in open(log, errors="replace"):
                                  "guest_uptime_s": float(m.group(4))})
 if not runs["vmm"] or not runs["qemu"]:
     sys.exit(f"bench-boot: a VMM never reached the guest's init; see {log}")
+# KVM's exits in the profiled boot (to the guest's power-off), by reason.
+exits = {k: [] for k in runs}
+for line in open(log, errors="replace"):
+    m = re.search(r"BENCH-KVM-EXITS ([\w-]+) run=\w+ phase=boot (.*)", line)
+    if m and m.group(1) in exits:
+        counts = dict(re.findall(r"(0x[0-9a-f]+)=(\d+)", m.group(2)))
+        exits[m.group(1)].append({"total": sum(int(c) for c in counts.values()),
+                                  "npf": int(counts.get("0x400", 0)),
+                                  "io": int(counts.get("0x7b", 0)),
+                                  "msr": int(counts.get("0x7c", 0))})
 med = {k: {f: statistics.median(r[f] for r in v) for f in ("boot_s", "rss_mib", "guest_uptime_s")}
        for k, v in runs.items() if v}
 out = {
@@ -130,6 +155,9 @@ out = {
     "qemu_hugetlbfs_boot_s": med.get("qemu-hugetlbfs", {}).get("boot_s"),
     "kernel": version, "l1_kernel": l1_version, "memory_mib": int(memory), "vcpus": int(vcpus),
     "runs": runs,
+    "kvm_exits_runs": exits,
+    "kvm_exits": {k: {f: statistics.median(e[f] for e in v) for f in ("total", "npf", "io", "msr")}
+                  for k, v in exits.items() if v},
 }
 if "vmm-hugetlbfs" in med and "qemu-hugetlbfs" in med:
     out["hugetlbfs_boot_ratio"] = med["vmm-hugetlbfs"]["boot_s"] / med["qemu-hugetlbfs"]["boot_s"]
@@ -142,6 +170,9 @@ for k in med:
     print(f"{k:18} {m['boot_s']:>17.2f} {m['guest_uptime_s']:>19.2f} {m['rss_mib']:>22.2f}"
           f" {len(runs[k]):>5}")
 print("(medians; 'of it in the guest' is the guest kernel's uptime at its init marker)")
+for k, e in out["kvm_exits"].items():
+    print(f"  {k:18} KVM exits per boot {e['total']:>7.0f}: nested page faults {e['npf']:>6.0f},"
+          f" I/O {e['io']:>5.0f}, MSR {e['msr']:>5.0f}")
 if "hugetlbfs_boot_ratio" in out:
     print(f"boot time vmm/qemu on huge pages: {out['hugetlbfs_boot_ratio']:.2f}x")
 print(f"boot time vmm/qemu: {out['boot_ratio']:.2f}x   -> {out_path}")

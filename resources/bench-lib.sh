@@ -49,6 +49,15 @@ bench_run_l1() {
 # phase=PHASE ts=SECONDS actual=FIELD-VALUE" and clears it. QEMU sends some
 # events at most once a second (with the latest timestamp), so qmp_events
 # waits for the last one first.
+# `kvm_hist_start` starts histograms of KVM's exits by reason and of its
+# nested page faults by 2 MiB of guest-physical address (the kvm_exit and
+# kvm_page_fault tracepoints, where the L1 kernel has hist triggers) when
+# KVM_HIST_ON is set (tracing costs each exit a little: not for timed runs);
+# `kvm_hist_stop VMM PHASE` prints and drops them as "BENCH-KVM-EXITS VMM
+# run=$run phase=PHASE 0xREASON=COUNT ..." (SVM exit codes: 0x400 nested
+# page fault, 0x60 interrupt, 0x7b I/O port, 0x7c MSR, 0x72 CPUID, 0x78
+# HLT, 0x64 virtual interrupt window) and "BENCH-KVM-NPF VMM run=$run
+# phase=PHASE MIB=COUNT ..." (faults per 2 MiB, keyed by its first MiB).
 bench_l1_helpers() {
     cat <<'SH'
 now() { cut -d' ' -f1 /proc/uptime; }
@@ -83,6 +92,24 @@ qmp_events() {
             echo "BENCH-EVENT $3 run=$run phase=$4 ts=$sec.$(printf %06d "$usec") actual=$value"
         done
     : >/tmp/qmp.events
+}
+mount -t debugfs none /sys/kernel/debug 2>/dev/null
+KVM_TRACE=/sys/kernel/debug/tracing/events/kvm
+KVM_EXIT_HIST='hist:keys=exit_reason:vals=hitcount:sort=hitcount.descending:size=256'
+KVM_NPF_HIST='hist:keys=fault_address.buckets=2097152:vals=hitcount:sort=fault_address:size=4096'
+kvm_hist_start() {
+    [ -n "${KVM_HIST_ON:-}" ] && [ -w $KVM_TRACE/kvm_exit/trigger ] || return 0
+    echo "$KVM_EXIT_HIST" >$KVM_TRACE/kvm_exit/trigger 2>/dev/null
+    echo "$KVM_NPF_HIST" >$KVM_TRACE/kvm_page_fault/trigger 2>/dev/null
+    return 0
+}
+kvm_hist_stop() {
+    [ -n "${KVM_HIST_ON:-}" ] && [ -w $KVM_TRACE/kvm_exit/trigger ] || return 0
+    echo "BENCH-KVM-EXITS $1 run=$run phase=$2 $(awk '$2 == "exit_reason:" { printf "0x%x=%s ", $3, $6 }' $KVM_TRACE/kvm_exit/hist)"
+    echo "BENCH-KVM-NPF $1 run=$run phase=$2 $(sed -n 's/.*~ \([0-9]*\)-[0-9]* } hitcount: *\([0-9]*\).*/\1 \2/p' $KVM_TRACE/kvm_page_fault/hist | awk '{ printf "%d=%s ", $1 / 1048576, $2 }')"
+    echo "!$KVM_EXIT_HIST" >$KVM_TRACE/kvm_exit/trigger 2>/dev/null
+    echo "!$KVM_NPF_HIST" >$KVM_TRACE/kvm_page_fault/trigger 2>/dev/null
+    return 0
 }
 SH
 }

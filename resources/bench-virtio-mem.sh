@@ -74,6 +74,10 @@ vmm_log="${BENCH_VMM_LOG:-}"
 # BENCH_VMM_ARGS: added to this VMM's command line (e.g. "--readahead 0"
 # or "--on-unservable report", which guards the window with memory slots).
 vmm_args="${BENCH_VMM_ARGS:-}"
+# BENCH_KVM_EXITS=1: KVM's exits by reason and nested page faults per
+# 2 MiB, per phase, for both VMMs (BENCH-KVM-EXITS / BENCH-KVM-NPF lines;
+# tracing slows every exit a little, so the times of such a run lean
+# against the VMM that takes more).
 # BENCH_GUEST_CMDLINE: added to both guests' command line (e.g.
 # "ignore_loglevel virtio_mem.dyndbg=+p" shows the driver's steps);
 # BENCH_GUEST_NOTES=N: kernel lines of each guest printed (default 20).
@@ -94,6 +98,7 @@ MEM=$memory
 WIN=$window
 PLUG=$plug
 CPU=\${L1_VMM_CPU:-0}
+KVM_HIST_ON=${BENCH_KVM_EXITS:-}
 $(bench_l1_helpers)
 # poll_cost CMD...: seconds one call of CMD takes (mean of 10), the
 # resolution of the plugged-size polling.
@@ -107,8 +112,9 @@ poll_cost() {
     awk "BEGIN { printf \"%.3f\", (\$(now) - \$t) / 10 }"
 }
 # KVM's own counters (debugfs, summed over the L1's VMs; one runs at a
-# time): what a phase cost the guest in exits, in the kernel and out of it.
-mount -t debugfs none /sys/kernel/debug 2>/dev/null
+# time): what a phase cost the guest in exits, in the kernel and out of it;
+# kvm_snap also starts the exit histograms (bench_l1_helpers) that
+# kvm_delta prints.
 KVM_STATS="exits pf_taken pf_fixed mmio_exits io_exits irq_exits halt_exits irq_window_exits request_irq_exits signal_exits irq_injections"
 kvm_counters() { for n in \$KVM_STATS; do cat /sys/kernel/debug/kvm/\$n 2>/dev/null || echo 0; done | tr '\n' ' '; }
 kvm_snap() { kvm_hist_start; kvm_counters; }
@@ -116,20 +122,6 @@ kvm_snap() { kvm_hist_start; kvm_counters; }
 kvm_delta() {
     kvm_hist_stop \$1 \$2
     echo "BENCH-KVM \$1 run=\$run phase=\$2 \$(echo "\$KVM_STATS|\$3|\$(kvm_counters)" | awk -F'|' '{ n = split(\$1, k, " "); split(\$2, b, " "); split(\$3, a, " "); for (i = 1; i <= n; i++) printf "%s=%d ", k[i], a[i] - b[i] }')"
-}
-# Exits by reason (the kvm_exit tracepoint's histogram, where the L1 kernel
-# has hist triggers): kvm_snap starts a histogram, kvm_delta prints and
-# drops it as BENCH-KVM-EXITS lines (SVM exit codes: 0x400 nested page
-# fault, 0x60 interrupt, 0x7b I/O port, 0x7c MSR, 0x78 HLT, 0x64 virtual
-# interrupt window, 0x81 VMMCALL).
-KVM_HIST=/sys/kernel/debug/tracing/events/kvm/kvm_exit/trigger
-KVM_HIST_SPEC='hist:keys=exit_reason:vals=hitcount:sort=hitcount.descending:size=256'
-kvm_hist_start() { [ -w \$KVM_HIST ] && echo "\$KVM_HIST_SPEC" >\$KVM_HIST 2>/dev/null; return 0; }
-kvm_hist_stop() {
-    [ -w \$KVM_HIST ] || return 0
-    echo "BENCH-KVM-EXITS \$1 run=\$run phase=\$2 \$(awk '/exit_reason:/ { gsub(/[{}]/, ""); printf "0x%x=%s ", \$2, \$4 }' \${KVM_HIST%trigger}hist)"
-    echo "!\$KVM_HIST_SPEC" >\$KVM_HIST 2>/dev/null
-    return 0
 }
 # report NAME: one result line from the variables the runs set.
 report() {
