@@ -568,8 +568,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn memory_request_is_set_and_validated() {
+    /// A context with 64 MiB of boot RAM and a 256 MiB virtio-mem window
+    /// at 4 GiB, nothing plugged.
+    pub(super) fn hotplug_ctx() -> ApiContext {
         let mut hot = RegionConfig::new(4 << 30, 0);
         hot.max_size = Some(256 << 20);
         let mem = Arc::new(
@@ -583,16 +584,22 @@ mod tests {
         let dev = VirtioMem::new(window.clone()).unwrap();
         let state = dev.state();
         let transport = transport(Box::new(dev), &mem);
-        let c = ApiContext {
+        ApiContext {
             hotplug: Some(HotplugHandle {
-                state: state.clone(),
+                state,
                 transport,
                 window,
                 guard: None,
             }),
             mem,
             ..ctx(false)
-        };
+        }
+    }
+
+    #[test]
+    fn memory_request_is_set_and_validated() {
+        let c = hotplug_ctx();
+        let state = c.hotplug.as_ref().unwrap().state.clone();
         let put = |body: &str| handle(&c, &req("PUT", "/memory", body));
         assert_eq!(put(r#"{"requested_mib": 128}"#).status, 204);
         assert_eq!(state.requested_size.load(Ordering::Relaxed), 128 << 20);

@@ -69,7 +69,9 @@ pub const SLOW_REQUEST: Duration = Duration::from_secs(1);
 const LISTENER: u64 = 0;
 const STOP: u64 = 1;
 const STATS: u64 = 2;
-const FIRST_CONN: u64 = 3;
+/// The balloon's or virtio-mem's value changed: look at the waits.
+const CHANGES: u64 = 3;
+const FIRST_CONN: u64 = 4;
 
 /// What happened to connections, for `GET /metrics`.
 #[derive(Debug, Default, Clone, Copy)]
@@ -82,6 +84,8 @@ struct Counters {
     idle_closed: u64,
     too_large: u64,
     requests: u64,
+    /// Times the API thread woke up (events or a timeout).
+    wakeups: u64,
 }
 
 /// One client connection.
@@ -218,6 +222,18 @@ fn close(stream: UnixStream) {
     }
 }
 
+/// Copies of the change eventfds of the balloon and virtio-mem values a
+/// request can wait for.
+fn change_fds(ctx: &ApiContext) -> std::io::Result<Vec<EventFd>> {
+    let balloon = ctx.balloon.as_ref().map(|b| &b.state.resize);
+    let hotplug = ctx.hotplug.as_ref().map(|h| &h.state.resize);
+    balloon
+        .into_iter()
+        .chain(hotplug)
+        .map(|r| r.change_fd()?.try_clone())
+        .collect()
+}
+
 /// The API server; [`ApiServer::spawn`] runs it on its own thread.
 pub struct ApiServer {
     listener: UnixListener,
@@ -227,6 +243,10 @@ pub struct ApiServer {
     epoll: Epoll,
     stop: EventFd,
     stats_timer: Option<TimerFd>,
+    /// The devices' change eventfds the epoll watches, if all could be:
+    /// then a waiting request is looked at when its device's value
+    /// changes, else every [`wait::POLL`].
+    changes: Option<Vec<EventFd>>,
     conns: HashMap<u64, Conn>,
     next_id: u64,
     counters: Counters,
@@ -255,7 +275,10 @@ impl ApiServer {
             _ => None,
         };
         let listener = bind_owner_only(path)?;
-        let server = ApiServer {
+        let changes = change_fds(&ctx)
+            .map_err(|e| log::warn!("api: requests that wait will poll the devices: {e}"))
+            .ok();
+        let mut server = ApiServer {
             listener,
             path: path.to_path_buf(),
             ctx,
@@ -263,6 +286,7 @@ impl ApiServer {
             epoll,
             stop,
             stats_timer,
+            changes,
             conns: HashMap::new(),
             next_id: FIRST_CONN,
             counters: Counters::default(),
@@ -271,6 +295,14 @@ impl ApiServer {
         server.watch(server.stop.as_raw_fd(), STOP, EventSet::IN)?;
         if let Some(t) = &server.stats_timer {
             server.watch(t.as_raw_fd(), STATS, EventSet::IN)?;
+        }
+        let watched = server.changes.as_ref().map(|fds| {
+            fds.iter()
+                .try_for_each(|fd| server.watch(fd.as_raw_fd(), CHANGES, EventSet::IN))
+        });
+        if let Some(Err(e)) = watched {
+            log::warn!("api: requests that wait will poll the devices: {e}");
+            server.changes = None;
         }
         Ok(server)
     }
@@ -319,11 +351,13 @@ impl ApiServer {
                     return;
                 }
             };
+            self.counters.wakeups += 1;
             for ev in events.iter().take(n) {
                 match ev.data() {
                     STOP => return,
                     LISTENER => self.accept(),
                     STATS => self.refresh_stats(),
+                    CHANGES => self.drain_changes(),
                     id => self.service(id),
                 }
             }
@@ -353,16 +387,27 @@ impl ApiServer {
         }
     }
 
-    /// Milliseconds until the first connection deadline, or the next look
-    /// at a waiting request (-1: none).
+    /// Reads the change eventfds empty (the waits are looked at after
+    /// every batch of events).
+    fn drain_changes(&self) {
+        for fd in self.changes.iter().flatten() {
+            let _ = fd.read();
+        }
+    }
+
+    /// Milliseconds until the first connection or wait deadline, or the
+    /// next look at a waiting request where the devices' changes are not
+    /// watched (-1: none).
     fn timeout_ms(&self) -> i32 {
-        if self.conns.values().any(|c| c.waiting.is_some()) {
+        let waits = self.conns.values().filter_map(|c| c.waiting.as_ref());
+        if self.changes.is_none() && waits.clone().next().is_some() {
             return wait::POLL.as_millis() as i32;
         }
         let Some(first) = self
             .conns
             .values()
             .filter_map(|c| c.deadline(&self.config))
+            .chain(waits.map(|(w, _)| w.deadline))
             .min()
         else {
             return -1;
@@ -568,6 +613,7 @@ impl ApiServer {
             "requests": c.requests,
             "requests_timed_out": c.timed_out,
             "requests_too_large": c.too_large,
+            "wakeups": c.wakeups,
         })
     }
 
@@ -640,7 +686,7 @@ impl Drop for ApiThread {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{ctx, guest_gives_stats_buffer, stats_used_idx};
+    use super::super::tests::{ctx, guest_gives_stats_buffer, hotplug_ctx, stats_used_idx};
     use super::*;
     use std::io::Write;
     use std::sync::atomic::Ordering;
@@ -980,6 +1026,36 @@ mod tests {
         // The connection carries on.
         s.write_all(b"GET /vm HTTP/1.1\r\n\r\n").unwrap();
         assert_eq!(response(&mut s).0, 200);
+    }
+
+    /// A parked wait costs the API thread nothing until the device's value
+    /// changes: no look every few ms (each would be a host interrupt, an
+    /// exit, for a guest that runs meanwhile).
+    #[test]
+    fn a_waiting_request_wakes_the_api_only_on_changes() {
+        let api = start_with(hotplug_ctx(), ApiConfig::default());
+        let mut s = connect(&api.path);
+        s.write_all(put("/memory", r#"{"requested_mib": 4, "wait_ms": 5000}"#).as_bytes())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let before = metrics(&api.path)["api"]["wakeups"].as_u64().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let idle = metrics(&api.path)["api"]["wakeups"].as_u64().unwrap() - before;
+        // The metrics request itself: accept, read, answer, close.
+        assert!(idle <= 8, "{idle} wake-ups in 500 ms of waiting");
+        // A change that does not reach the target wakes it, and the wait
+        // goes on; the one that does is answered.
+        let h = api.ctx.hotplug.as_ref().unwrap();
+        h.state.plugged_size.store(2 << 20, Ordering::Relaxed);
+        h.state.resize.observe(true, false);
+        std::thread::sleep(Duration::from_millis(100));
+        h.state.plugged_size.store(4 << 20, Ordering::Relaxed);
+        let asked = Instant::now();
+        h.state.resize.observe(true, true);
+        let (status, _, body) = response(&mut s);
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"reached\": true"), "{body}");
+        assert!(asked.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! the guest has reached the target (or with the state at the deadline),
 //! so orchestration needs no polling loop and benchmarks time the guest
 //! exactly. The API thread keeps serving other clients meanwhile: a
-//! waiting request parks its connection, and the server polls it.
+//! waiting request parks its connection, and the server looks at it again
+//! when the device's value changes (its change eventfd) or the deadline
+//! comes.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -16,7 +18,8 @@ use super::{body_json, handle, ApiContext};
 /// The longest wait a request may ask for.
 pub const MAX_WAIT_MS: u64 = 60_000;
 
-/// How often a parked request looks at the device again.
+/// How often a parked request looks at the device again where the
+/// devices' change eventfds could not be watched.
 pub const POLL: Duration = Duration::from_millis(5);
 
 /// What a request gets: its answer now, or a wait for the guest.
