@@ -97,16 +97,28 @@ mount -t debugfs none /sys/kernel/debug 2>/dev/null
 KVM_TRACE=/sys/kernel/debug/tracing/events/kvm
 KVM_EXIT_HIST='hist:keys=exit_reason:vals=hitcount:sort=hitcount.descending:size=256'
 KVM_NPF_HIST='hist:keys=fault_address.buckets=2097152:vals=hitcount:sort=fault_address:size=4096'
+SYS_TRACE=/sys/kernel/debug/tracing
 kvm_hist_start() {
     [ -n "${KVM_HIST_ON:-}" ] && [ -w $KVM_TRACE/kvm_exit/trigger ] || return 0
     echo "$KVM_EXIT_HIST" >$KVM_TRACE/kvm_exit/trigger 2>/dev/null
     echo "$KVM_NPF_HIST" >$KVM_TRACE/kvm_page_fault/trigger 2>/dev/null
+    # Each fallocate and madvise (how the VMMs give memory back), timed.
+    echo >$SYS_TRACE/trace
+    for e in sys_enter_fallocate sys_exit_fallocate sys_enter_madvise sys_exit_madvise; do
+        echo 1 >$SYS_TRACE/events/syscalls/$e/enable 2>/dev/null
+    done
     return 0
 }
 kvm_hist_stop() {
     [ -n "${KVM_HIST_ON:-}" ] && [ -w $KVM_TRACE/kvm_exit/trigger ] || return 0
     echo "BENCH-KVM-EXITS $1 run=$run phase=$2 $(awk '$2 == "exit_reason:" { printf "0x%x=%s ", $3, $6 }' $KVM_TRACE/kvm_exit/hist)"
     echo "BENCH-KVM-NPF $1 run=$run phase=$2 $(sed -n 's/.*~ \([0-9]*\)-[0-9]* } hitcount: *\([0-9]*\).*/\1 \2/p' $KVM_TRACE/kvm_page_fault/hist | awk '{ printf "%d=%s ", $1 / 1048576, $2 }')"
+    for e in sys_enter_fallocate sys_exit_fallocate sys_enter_madvise sys_exit_madvise; do
+        echo 0 >$SYS_TRACE/events/syscalls/$e/enable 2>/dev/null
+    done
+    awk '/sys_(fallocate|madvise)\(/ { sub(":", "", $4); t[$1] = $4; a[$1] = $6 " " $7 " " $8 " " $9 " " $10 }
+         /sys_(fallocate|madvise) ->/ { sub(":", "", $4); if ($1 in t) printf "%s %s %.1f ms\n", $5, a[$1], ($4 - t[$1]) * 1000; delete t[$1] }' \
+        $SYS_TRACE/trace | sed "s/^/BENCH-SYSCALL $1 run=$run phase=$2 /" | head -40
     echo "!$KVM_EXIT_HIST" >$KVM_TRACE/kvm_exit/trigger 2>/dev/null
     echo "!$KVM_NPF_HIST" >$KVM_TRACE/kvm_page_fault/trigger 2>/dev/null
     return 0

@@ -123,6 +123,11 @@ kvm_delta() {
     kvm_hist_stop \$1 \$2
     echo "BENCH-KVM \$1 run=\$run phase=\$2 \$(echo "\$KVM_STATS|\$3|\$(kvm_counters)" | awk -F'|' '{ n = split(\$1, k, " "); split(\$2, b, " "); split(\$3, a, " "); for (i = 1; i <= n; i++) printf "%s=%d ", k[i], a[i] - b[i] }')"
 }
+# host_huge NAME: how much of the L1's shmem (both VMMs' guest memory) is
+# in transparent huge pages, and mapped so, once the plugged memory is used.
+host_huge() {
+    echo "BENCH-HOST \$1 run=\$run \$(awk '/^(ShmemHugePages|ShmemPmdMapped):/ { printf "%s=%d ", \$1, \$2 }' /proc/meminfo | tr -d :)"
+}
 # report NAME: one result line from the variables the runs set.
 report() {
     echo "BENCH \$1 run=\$run plug_s=\$plug_s unplug_s=\$unplug_s" \\
@@ -181,6 +186,7 @@ bench_vmm() {
     wait_marker /tmp/serial.vmm GUEST-USED || return 1
     sleep 1
     s1=\$(shmem_mib \$pid)
+    host_huge vmm
     w1=\$(vmm_get host_allocated_mib)
     k=\$(kvm_snap)
     t=\$(now)
@@ -251,6 +257,7 @@ bench_qemu() {
     wait_marker /tmp/serial.qemu GUEST-USED || return 1
     sleep 1
     s1=\$(shmem_mib \$pid)
+    host_huge qemu
     w1=\$(qemu_window_mib \$pid)
     : >/tmp/qmp.events
     k=\$(kvm_snap)
@@ -275,7 +282,7 @@ bench_qemu() {
     return 0
 }
 
-echo "BENCH-L1 cpus=\$(grep -c ^processor /proc/cpuinfo) qemu=\$(qemu-system-x86_64 --version | head -1 | tr ' ' _)"
+echo "BENCH-L1 cpus=\$(grep -c ^processor /proc/cpuinfo) shmem_thp=\$(sed 's/.*\[\(.*\)\].*/\1/' /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null) qemu=\$(qemu-system-x86_64 --version | head -1 | tr ' ' _)"
 run=1
 while [ \$run -le $runs ]; do
     bench_vmm || { tail -5 /tmp/vmm.err; exit 1; }
