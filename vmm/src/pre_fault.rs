@@ -21,13 +21,13 @@ use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
+use crate::layout::HIMEM_START;
+
 const KVMIO: u32 = 0xAE;
 ioctl_iowr_nr!(KVM_PRE_FAULT_MEMORY, KVMIO, 0xd5, kvm_pre_fault_memory);
 
 const PAGE: u64 = 4096;
 
-/// Where the low megabyte ends and a Linux kernel is placed.
-const HIMEM_START: u64 = 0x10_0000;
 /// How much RAM right above the kernel is pre-faulted (at most an eighth of
 /// RAM): a Linux guest's page allocator hands out its lowest free pages
 /// first, and with `init_on_alloc` (Debian's default) zeroes each, so its
