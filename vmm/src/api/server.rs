@@ -302,7 +302,16 @@ impl ApiServer {
         });
         if let Some(Err(e)) = watched {
             log::warn!("api: requests that wait will poll the devices: {e}");
-            server.changes = None;
+            // Out of the epoll set first: the device keeps its own copy of
+            // each fd open, so dropping ours would leave one already
+            // watched there, readable and never drained.
+            for fd in server.changes.take().into_iter().flatten() {
+                let _ = server.epoll.ctl(
+                    ControlOperation::Delete,
+                    fd.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
         }
         Ok(server)
     }
