@@ -57,7 +57,8 @@ bench_run_l1() {
 # run=$run phase=PHASE 0xREASON=COUNT ..." (SVM exit codes: 0x400 nested
 # page fault, 0x60 interrupt, 0x7b I/O port, 0x7c MSR, 0x72 CPUID, 0x78
 # HLT, 0x64 virtual interrupt window) and "BENCH-KVM-NPF VMM run=$run
-# phase=PHASE MIB=COUNT ..." (faults per 2 MiB, keyed by its first MiB).
+# phase=PHASE MIB=COUNT ..." (faults per 2 MiB, keyed by its first MiB),
+# and each fallocate and madvise made meanwhile, timed ("BENCH-SYSCALL").
 bench_l1_helpers() {
     cat <<'SH'
 now() { cut -d' ' -f1 /proc/uptime; }
@@ -94,10 +95,10 @@ qmp_events() {
     : >/tmp/qmp.events
 }
 mount -t debugfs none /sys/kernel/debug 2>/dev/null
-KVM_TRACE=/sys/kernel/debug/tracing/events/kvm
+SYS_TRACE=/sys/kernel/debug/tracing
+KVM_TRACE=$SYS_TRACE/events/kvm
 KVM_EXIT_HIST='hist:keys=exit_reason:vals=hitcount:sort=hitcount.descending:size=256'
 KVM_NPF_HIST='hist:keys=fault_address.buckets=2097152:vals=hitcount:sort=fault_address:size=4096'
-SYS_TRACE=/sys/kernel/debug/tracing
 kvm_hist_start() {
     [ -n "${KVM_HIST_ON:-}" ] && [ -w $KVM_TRACE/kvm_exit/trigger ] || return 0
     echo "$KVM_EXIT_HIST" >$KVM_TRACE/kvm_exit/trigger 2>/dev/null

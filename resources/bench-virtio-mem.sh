@@ -74,8 +74,9 @@ vmm_log="${BENCH_VMM_LOG:-}"
 # BENCH_VMM_ARGS: added to this VMM's command line (e.g. "--readahead 0"
 # or "--on-unservable report", which guards the window with memory slots).
 vmm_args="${BENCH_VMM_ARGS:-}"
-# BENCH_KVM_EXITS=1: KVM's exits by reason and nested page faults per
-# 2 MiB, per phase, for both VMMs (BENCH-KVM-EXITS / BENCH-KVM-NPF lines;
+# BENCH_KVM_EXITS=1: KVM's exits by reason, nested page faults per 2 MiB
+# and each fallocate/madvise timed, per phase, for both VMMs
+# (BENCH-KVM-EXITS / BENCH-KVM-NPF / BENCH-SYSCALL lines;
 # tracing slows every exit a little, so the times of such a run lean
 # against the VMM that takes more).
 # BENCH_GUEST_CMDLINE: added to both guests' command line (e.g.
