@@ -58,7 +58,9 @@ bench_run_l1() {
 # page fault, 0x60 interrupt, 0x7b I/O port, 0x7c MSR, 0x72 CPUID, 0x78
 # HLT, 0x64 virtual interrupt window) and "BENCH-KVM-NPF VMM run=$run
 # phase=PHASE MIB=COUNT ..." (faults per 2 MiB, keyed by its first MiB),
-# and each fallocate and madvise made meanwhile, timed ("BENCH-SYSCALL").
+# "BENCH-KVM-RIP VMM run=$run phase=PHASE 0xREASON@GUEST_RIP=COUNT ..."
+# (the 30 commonest exits by guest instruction: booted nokaslr, the
+# guest's kallsyms name the code behind them), and each fallocate and madvise made meanwhile, timed ("BENCH-SYSCALL").
 bench_l1_helpers() {
     cat <<'SH'
 now() { cut -d' ' -f1 /proc/uptime; }
@@ -97,8 +99,10 @@ qmp_events() {
 mount -t debugfs none /sys/kernel/debug 2>/dev/null
 SYS_TRACE=/sys/kernel/debug/tracing
 KVM_TRACE=$SYS_TRACE/events/kvm
-KVM_EXIT_HIST='hist:keys=exit_reason:vals=hitcount:sort=hitcount.descending:size=256'
 KVM_NPF_HIST='hist:keys=fault_address.buckets=2097152:vals=hitcount:sort=fault_address:size=4096'
+# One histogram of exits by (reason, guest RIP); the counts by reason are
+# its sums (a second histogram on kvm_exit read back empty in the L1).
+KVM_EXIT_HIST='hist:keys=exit_reason,guest_rip.hex:vals=hitcount:sort=hitcount.descending:size=16384'
 kvm_hist_start() {
     [ -n "${KVM_HIST_ON:-}" ] && [ -w $KVM_TRACE/kvm_exit/trigger ] || return 0
     echo "$KVM_EXIT_HIST" >$KVM_TRACE/kvm_exit/trigger 2>/dev/null
@@ -112,8 +116,11 @@ kvm_hist_start() {
 }
 kvm_hist_stop() {
     [ -n "${KVM_HIST_ON:-}" ] && [ -w $KVM_TRACE/kvm_exit/trigger ] || return 0
-    echo "BENCH-KVM-EXITS $1 run=$run phase=$2 $(awk '$2 == "exit_reason:" { printf "0x%x=%s ", $3, $6 }' $KVM_TRACE/kvm_exit/hist)"
+    echo "BENCH-KVM-EXITS $1 run=$run phase=$2 $(awk '$4 == "guest_rip:" { sub(",", "", $3); n[sprintf("0x%x", $3)] += $8 } /Dropped:/ && $2 > 0 { print "dropped=" $2 } END { for (r in n) print r "=" n[r] }' $KVM_TRACE/kvm_exit/hist | sort -t= -k2 -rn | tr '\n' ' ')"
     echo "BENCH-KVM-NPF $1 run=$run phase=$2 $(sed -n 's/.*~ \([0-9]*\)-[0-9]* } hitcount: *\([0-9]*\).*/\1 \2/p' $KVM_TRACE/kvm_page_fault/hist | awk '{ printf "%d=%s ", $1 / 1048576, $2 }')"
+    # The guest code behind the exits: the 30 commonest (reason, guest
+    # RIP) pairs (symbolize with the guest's kallsyms; boot it nokaslr).
+    echo "BENCH-KVM-RIP $1 run=$run phase=$2 $(awk '$4 == "guest_rip:" { sub(",", "", $3); printf "0x%x@%s=%s ", $3, $5, $8 }' $KVM_TRACE/kvm_exit/hist | cut -d' ' -f1-30)"
     for e in sys_enter_fallocate sys_exit_fallocate sys_enter_madvise sys_exit_madvise; do
         echo 0 >$SYS_TRACE/events/syscalls/$e/enable 2>/dev/null
     done
