@@ -345,3 +345,77 @@ fn the_guest_sees_the_tsc_deadline_timer_kvm_emulates() {
     assert_ne!(ecx & (1 << 24), 0, "CPUID.1:ECX = {ecx:#x}");
     assert_ne!(ecx & (1 << 31), 0, "the hypervisor bit, read back");
 }
+
+/// `GET /metrics` over the VM's API socket, the JSON body.
+fn get_metrics(sock: &std::path::Path) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connecting to the API");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+/// A VM whose guest runs without asking anything of the VMM leaves its
+/// event loop asleep: no periodic wake-up (each one an interrupt, and an
+/// exit for a guest on the same CPU). The guest spins at CPL3 on a flag
+/// the test sets when it has looked.
+#[test]
+fn an_idle_vm_leaves_its_event_loop_asleep() {
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    const FLAG: u32 = 0x20_0000;
+    // spin: pause; cmp byte [FLAG], 0; je spin; xor eax, eax; out 0xe0, eax; hlt
+    let mut code = vec![0xf3, 0x90, 0x80, 0x3c, 0x25];
+    code.extend_from_slice(&FLAG.to_le_bytes());
+    code.extend_from_slice(&[0x00, 0x74, 0xf4, 0x31, 0xc0, 0xe7, 0xe0, 0xf4]);
+    let dir = std::env::temp_dir().join(format!("idle-loop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let mut vm = Vm::new(VmConfig {
+        api_socket: Some(sock.clone()),
+        ..payload_vm_config(16 << 20, 1)
+    })
+    .expect("creating the VM");
+    vm.load_payload(&code, LOAD, true, |_| PayloadArgs {
+        entry: LOAD,
+        stack: LOAD,
+        args: [0; 6],
+    })
+    .unwrap();
+    let mem = vm.memory().clone();
+    let looker = std::thread::spawn(move || {
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Let the start settle (the vCPU's first faults, the API's first
+        // connection), then watch the loop for a while.
+        std::thread::sleep(Duration::from_millis(200));
+        let wakeups = |m: serde_json::Value| m["event_loop_wakeups"].as_u64().expect("counted");
+        let before = wakeups(get_metrics(&sock));
+        std::thread::sleep(Duration::from_millis(800));
+        let after = wakeups(get_metrics(&sock));
+        use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+        mem.memory()
+            .memory()
+            .write_obj(1u8, GuestAddress(u64::from(FLAG)))
+            .unwrap();
+        after - before
+    });
+    let outcome = vm.run().unwrap();
+    let idle_wakeups = looker.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        matches!(outcome.reason, ExitReason::PayloadDone { code: 0, .. }),
+        "{}",
+        outcome.reason
+    );
+    assert!(
+        idle_wakeups <= 1,
+        "the event loop woke {idle_wakeups} times in 800 ms with nothing to do"
+    );
+}

@@ -5,7 +5,7 @@
 //! a chain, so that is where a snapshot is taken.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -67,6 +67,7 @@ pub struct VmControl {
     tx: Mutex<mpsc::Sender<(ControlRequest, Reply)>>,
     wake: EventFd,
     state: Arc<AtomicU8>,
+    wakeups: Arc<AtomicU64>,
 }
 
 /// The event loop's end.
@@ -75,6 +76,7 @@ pub struct ControlInbox {
     /// Written on every request, so that the loop wakes at once.
     pub wake: EventFd,
     state: Arc<AtomicU8>,
+    wakeups: Arc<AtomicU64>,
 }
 
 fn encode(s: RunState) -> u8 {
@@ -94,13 +96,20 @@ pub fn channel() -> std::io::Result<(Arc<VmControl>, ControlInbox)> {
     let (tx, rx) = mpsc::channel();
     let wake = EventFd::new(libc::EFD_NONBLOCK)?;
     let state = Arc::new(AtomicU8::new(encode(RunState::Running)));
+    let wakeups = Arc::new(AtomicU64::new(0));
     Ok((
         Arc::new(VmControl {
             tx: Mutex::new(tx),
             wake: wake.try_clone()?,
             state: state.clone(),
+            wakeups: wakeups.clone(),
         }),
-        ControlInbox { rx, wake, state },
+        ControlInbox {
+            rx,
+            wake,
+            state,
+            wakeups,
+        },
     ))
 }
 
@@ -132,6 +141,12 @@ impl VmControl {
     pub fn state(&self) -> RunState {
         decode(self.state.load(Ordering::Acquire))
     }
+
+    /// How many times the event loop has woken up: only for something to
+    /// do (an idle VM's loop sleeps).
+    pub fn event_loop_wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Relaxed)
+    }
 }
 
 impl ControlInbox {
@@ -142,6 +157,11 @@ impl ControlInbox {
             .try_recv()
             .ok()
             .map(|(req, reply)| (req, Answer(reply)))
+    }
+
+    /// Counts one wake-up of the event loop.
+    pub fn count_wakeup(&self) {
+        self.wakeups.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Publishes the VM's state.

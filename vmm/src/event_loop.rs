@@ -29,6 +29,8 @@ use crate::vm::Vm;
 /// How long [`Vm::run`] waits for the VM to stop after guest memory could
 /// not be served before it ends the process.
 pub const FAILURE_GRACE: Duration = Duration::from_secs(5);
+/// How often the caller of [`Vm::run`] looks for such a failure.
+const FAILURE_CHECK: Duration = Duration::from_secs(1);
 
 /// Wakes the event loop when the guest resets (i8042) or powers off
 /// (ACPI sleep register), a vCPU stops, or the VMM gets a stop signal.
@@ -149,10 +151,16 @@ impl Vm {
             })
             .map_err(io_err("spawning the event loop thread"))?;
         // The outcome arrives the moment the event loop ends; meanwhile the
-        // caller looks at the failure count every 50 ms.
+        // caller looks at the failure count once a second (a VM whose
+        // memory the kernel serves cannot fail so: it just waits).
         let mut failed_at = None;
         let outcome = loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
+            let got = if failure.is_some() {
+                rx.recv_timeout(FAILURE_CHECK)
+            } else {
+                rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            };
+            match got {
                 Ok(outcome) => break outcome,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     break Err(VmError::Config("the event loop thread panicked".into()))
@@ -340,10 +348,15 @@ impl Vm {
             t.lock().unwrap_or_else(|p| p.into_inner()).kick_queues();
         }
         let mut done = 0;
+        // Every way out and every request arrives as an event (an eventfd
+        // or the signal fd): the loop sleeps until one does, so an idle VM
+        // costs no wake-ups (each one an interrupt, and an exit for a guest
+        // running on the same CPU).
         while done < n && first.is_none() {
-            if let Err(e) = events.run_with_timeout(100) {
+            if let Err(e) = events.run() {
                 log::error!("event loop: {e:?}");
             }
+            inbox.count_wakeup();
             while let Some((req, reply)) = inbox.next() {
                 if req == ControlRequest::Stop {
                     log::info!("stopping the VM on request");

@@ -307,6 +307,8 @@ pub fn handle(ctx: &ApiContext, req: &Request) -> Response {
                     // Pages that could not be served and are poisoned now
                     // (guest_mem.pages_poisoned counts every poisoning).
                     "poisoned_pages": ctx.mem.poisoned_pages(),
+                    // Each one an interrupt; an idle VM's loop sleeps.
+                    "event_loop_wakeups": ctx.control.as_ref().map(|c| c.event_loop_wakeups()),
                 }),
             )
         }
