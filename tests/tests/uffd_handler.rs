@@ -299,8 +299,10 @@ fn an_install_held_back_by_a_pending_remove_reads_it_and_installs_zero() {
     let fault = FaultConfig {
         threads: 1,
         readahead: Readahead::NONE,
-        // Long enough for the remove to be issued under any load.
-        fetch_delay: Duration::from_millis(200),
+        // Long enough for the remove to be issued while the fetch is on,
+        // even with this binary's other tests taking both cores (at 200 ms
+        // the remove came after the install once in four runs).
+        fetch_delay: Duration::from_secs(1),
         ..FaultConfig::default()
     };
     let (sock, rx) = server(&dir, MIB, fault);
