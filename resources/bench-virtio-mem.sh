@@ -72,7 +72,7 @@ load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 # finding where a request spends its time (printed as BENCH-VMM-LOG lines).
 vmm_log="${BENCH_VMM_LOG:-}"
 # BENCH_VMM_ARGS: added to this VMM's command line (e.g. "--readahead 0"
-# or "--on-unservable report", which guards the window with memory slots).
+# or "--on-unservable report", which guards the window by protection).
 vmm_args="${BENCH_VMM_ARGS:-}"
 # BENCH_KVM_EXITS=1: KVM's exits by reason, nested page faults per 2 MiB
 # and each fallocate/madvise timed, per phase, for both VMMs

@@ -4,9 +4,10 @@
 //! backing file was truncated away, then unplug again while the guest
 //! faults in fresh memory. Once on memfd memory, once on hugetlbfs (boot
 //! RAM and window in 2 MiB huge pages, the virtio-mem block size), in the
-//! default (Linux 6.1) L1, whose userfaultfd cannot poison, so the window
-//! is guarded by memory slots; and once on memfd in a Linux 6.12 L1, where
-//! it is one slot guarded by poisoning.
+//! default (Linux 6.1) L1, whose userfaultfd cannot poison, so the memfd
+//! window is one slot guarded by protection and the hugetlbfs one is
+//! guarded by memory slots; and once on memfd in a Linux 6.12 L1, where it
+//! is one slot guarded by poisoning.
 
 use integration_tests::l1::{
     guest_image_with, guest_images_of, kernel_dir_of, l1_unavailable, repo_root, run_l1_on,
@@ -75,10 +76,10 @@ fn cycle(backend: &str, l1_6_12: bool) {
     if !out.log.contains(kind) {
         fail(&format!("the VMM did not report {kind} guest RAM"));
     }
-    let guard = if l1_6_12 {
-        "guarded by poisoning"
-    } else {
-        "guarded by memory slots"
+    let guard = match (backend, l1_6_12) {
+        (_, true) => "guarded by poisoning",
+        ("hugetlbfs", false) => "guarded by memory slots",
+        _ => "guarded by protection",
     };
     if !out.log.contains(guard) {
         fail(&format!("the VMM did not report its window {guard}"));

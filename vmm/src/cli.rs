@@ -73,8 +73,9 @@ pub struct Args {
     /// `report` on kernels without UFFDIO_POISON) or `report` it (the VM
     /// stops with an error naming the page). With `poison`, a virtio-mem
     /// window is one memory slot and a guest touch of memory it has not
-    /// plugged is poisoned too; with `report`, the window keeps a memory
-    /// slot per plugged extent.
+    /// plugged is poisoned too; with `report`, the window is one memory
+    /// slot too, its unplugged blocks `PROT_NONE` in the VMM's mapping (a
+    /// guest touch of one stops the VM with an error).
     #[arg(long, value_enum, default_value_t = OnUnservable::Poison)]
     pub on_unservable: OnUnservable,
     /// Serial console: `stdout`, `file:PATH` or `none`.

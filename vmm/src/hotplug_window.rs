@@ -10,10 +10,21 @@
 //!   check and the host allocates nothing. Plugging and unplugging never
 //!   touch the guest's memory map: no memory-slot update (each one waits
 //!   for a grace period, and deleting a slot zaps the guest's mappings).
+//! - **Protection**: one memory slot over the whole window, as with
+//!   poisoning, and the VMM's mapping of every block that is not plugged
+//!   is `PROT_NONE`. KVM cannot map such a page for the guest (its
+//!   `mprotect` zaps just that range through KVM's MMU notifier), so a
+//!   guest touch makes `KVM_RUN` fail with `EFAULT` and the VM stops with
+//!   that error; the host allocates nothing. For kernels without
+//!   poisoning (before 6.6): there, a slot deletion drops every mapping of
+//!   the guest (`KVM_X86_QUIRK_SLOT_ZAP_ALL` cannot be turned off), which
+//!   the guest then faults back in, so unplugging under slots cost the
+//!   guest its whole working set each time.
 //! - **Slots**: one memory slot per plugged extent, not one over the whole
 //!   window. A guest access outside them has no slot behind it and exits to
 //!   the VMM as an MMIO access no device claims (reads all ones, writes
-//!   dropped, counted). For kernels and policies without poisoning.
+//!   dropped, counted). For hugetlbfs windows, whose file cannot span the
+//!   window unless the huge-page pool could hold all of it.
 //!
 //! The devices' memory map leaves unplugged ranges out either way
 //! (`GuestMem::set_accessible`).
@@ -39,6 +50,9 @@ pub enum WindowGuard {
     /// One memory slot over the whole window; the fault handler poisons
     /// what is not plugged.
     Poison,
+    /// One memory slot over the whole window; what is not plugged is
+    /// `PROT_NONE` in the VMM's mapping.
+    Protection,
 }
 
 impl WindowGuard {
@@ -47,21 +61,24 @@ impl WindowGuard {
         match self {
             WindowGuard::Slots => "memory slots",
             WindowGuard::Poison => "poisoning",
+            WindowGuard::Protection => "protection",
         }
     }
 
     /// The guard the window of region `index` of `mem` allows: poisoning
-    /// where the fault handler poisons pages it will not serve, else slots.
-    /// A hugetlbfs window keeps slots too: its file cannot span the window
-    /// unless the huge-page pool could hold all of it.
+    /// where the fault handler poisons pages it will not serve, else
+    /// protection. A hugetlbfs window keeps slots: its file cannot span
+    /// the window unless the huge-page pool could hold all of it.
     pub fn for_window(mem: &GuestMem, index: RegionIndex) -> Self {
         let hugetlb = mem
             .region(index)
             .is_some_and(|r| r.backing().kind() == guest_mem::BackingKind::Hugetlbfs);
-        if mem.unservable() == Some(Unservable::Poison) && !hugetlb {
+        if hugetlb {
+            WindowGuard::Slots
+        } else if mem.unservable() == Some(Unservable::Poison) {
             WindowGuard::Poison
         } else {
-            WindowGuard::Slots
+            WindowGuard::Protection
         }
     }
 }
@@ -92,7 +109,9 @@ impl HotplugWindow {
         let guard = WindowGuard::for_window(&mem, index);
         let inner = match guard {
             WindowGuard::Slots => HotplugRegion::new(mem.clone(), index)?,
-            WindowGuard::Poison => HotplugRegion::spanning(mem.clone(), index)?,
+            WindowGuard::Poison | WindowGuard::Protection => {
+                HotplugRegion::spanning(mem.clone(), index)?
+            }
         };
         let w = HotplugWindow {
             vm,
@@ -105,13 +124,62 @@ impl HotplugWindow {
         };
         match guard {
             WindowGuard::Slots => w.sync()?,
-            WindowGuard::Poison => {
+            WindowGuard::Poison | WindowGuard::Protection => {
                 let (base, size) = w.inner.window();
+                if guard == WindowGuard::Protection {
+                    // Out of reach before the guest can reach anything.
+                    let reachable = w.mem.accessible_extents(index);
+                    for (off, len) in uncovered(&[(0, size)], &reachable) {
+                        w.protect(off, len, false)?;
+                    }
+                }
                 w.set_slot(first_slot, base.0, size)?;
                 *w.slots.lock().unwrap_or_else(|p| p.into_inner()) = vec![Some((base.0, size))];
             }
         }
         Ok(w)
+    }
+
+    /// Under [`WindowGuard::Protection`]: makes `[offset, offset + len)` of
+    /// the window's mapping readable and writable, or `PROT_NONE`.
+    fn protect(&self, offset: u64, len: u64, reachable: bool) -> guest_mem::Result<()> {
+        let region = self.region();
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > region.max_size())
+        {
+            return Err(guest_mem::Error::Config(format!(
+                "protecting {offset:#x}+{len:#x}: past the window's {:#x} bytes",
+                region.max_size()
+            )));
+        }
+        let prot = if reachable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_NONE
+        };
+        // SAFETY: the range lies inside the region's own mapping (checked
+        // above), which lives as long as `self.mem`; blocks are page
+        // aligned. Only the protection changes: nothing in the VMM reads
+        // or writes a block that is not plugged (the devices' memory map
+        // leaves it out, and `set_plugged` makes a block reachable here
+        // before it enters that map and unreachable after it has left),
+        // and the fault handler installs pages through userfaultfd, which
+        // needs no access rights in this mapping.
+        let rc = unsafe {
+            libc::mprotect(
+                (region.host_addr() + offset) as *mut libc::c_void,
+                len as usize,
+                prot,
+            )
+        };
+        if rc != 0 {
+            return Err(guest_mem::Error::Config(format!(
+                "mprotect of the window at {offset:#x}+{len:#x}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
     }
 
     /// How the window is guarded.
@@ -156,7 +224,7 @@ impl HotplugWindow {
     /// kernels with `KVM_X86_QUIRK_SLOT_ZAP_ALL` in force it drops every
     /// mapping of the guest, which the guest then faults back in.
     fn sync(&self) -> guest_mem::Result<()> {
-        if self.guard == WindowGuard::Poison {
+        if self.guard != WindowGuard::Slots {
             return Ok(());
         }
         let base = self.region().guest_base().0;
@@ -236,6 +304,24 @@ impl HotplugBackend for HotplugWindow {
     }
 
     fn set_plugged(&self, offset: u64, len: u64, plugged: bool) -> Result<(), BackendError> {
+        if self.guard == WindowGuard::Protection {
+            // Reachable in the mapping before the devices may use it;
+            // unreachable only once they no longer can.
+            if plugged {
+                self.protect(offset, len, true)?;
+                if let Err(e) = self.inner.set_plugged(offset, len, true) {
+                    let _ = self.protect(offset, len, false);
+                    return Err(e.into());
+                }
+            } else {
+                self.inner.set_plugged(offset, len, false)?;
+                if let Err(e) = self.protect(offset, len, false) {
+                    let _ = self.inner.set_plugged(offset, len, true);
+                    return Err(e.into());
+                }
+            }
+            return Ok(());
+        }
         let r = self.inner.set_plugged(offset, len, plugged);
         self.sync()?;
         Ok(r?)
@@ -294,7 +380,7 @@ mod tests {
     }
 
     #[test]
-    fn the_window_is_guarded_by_poisoning_only_where_the_handler_poisons() {
+    fn the_window_is_guarded_by_poisoning_where_the_handler_poisons_else_by_protection() {
         let guard = |fault| WindowGuard::for_window(&window_memory(fault), RegionIndex(1));
         let report = FaultConfig {
             on_unservable: Unservable::Report,
@@ -304,8 +390,8 @@ mod tests {
             mode: FaultMode::Kernel,
             ..FaultConfig::default()
         };
-        assert_eq!(guard(report), WindowGuard::Slots);
-        assert_eq!(guard(kernel), WindowGuard::Slots);
+        assert_eq!(guard(report), WindowGuard::Protection);
+        assert_eq!(guard(kernel), WindowGuard::Protection);
         let poisoning = window_memory(FaultConfig::default());
         if poisoning.unservable() == Some(Unservable::Poison) {
             assert_eq!(
@@ -313,6 +399,52 @@ mod tests {
                 WindowGuard::Poison
             );
         }
+    }
+
+    /// Whether this process can read the byte at `addr` (without faulting:
+    /// `process_vm_readv` answers `EFAULT` for an unreadable page).
+    fn readable(addr: u64) -> bool {
+        let mut byte = 0u8;
+        let local = libc::iovec {
+            iov_base: (&mut byte as *mut u8).cast(),
+            iov_len: 1,
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: 1,
+        };
+        // SAFETY: reads one byte of this process into `byte`; an
+        // unreadable source is an error, not a fault.
+        unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn a_protection_guarded_window_is_unreachable_where_not_plugged() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("skipped: /dev/kvm is not available");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let mem = Arc::new(window_memory(FaultConfig {
+            on_unservable: Unservable::Report,
+            ..FaultConfig::default()
+        }));
+        let w = HotplugWindow::new(vm, mem.clone(), RegionIndex(1), 1).unwrap();
+        assert_eq!(w.guard(), WindowGuard::Protection);
+        assert_eq!(w.slots_in_use(), 1, "one slot over the whole window");
+        let host = mem.regions()[1].host_addr();
+        let block = 2 << 20;
+        assert!(
+            !readable(host) && !readable(host + block),
+            "nothing plugged yet"
+        );
+        w.set_backed_size(2 * block).unwrap();
+        w.set_plugged(block, block, true).unwrap();
+        assert!(readable(host + block) && readable(host + 2 * block - 4096));
+        assert!(!readable(host), "block 0 was not plugged");
+        w.set_plugged(block, block, false).unwrap();
+        assert!(!readable(host + block), "unplugged again");
+        assert_eq!(w.slots_in_use(), 1, "no slot changed");
     }
 
     #[test]

@@ -153,10 +153,11 @@ pub struct Case {
     /// Whether the guest may end other than cleanly (it asked the device
     /// to take its own code or page tables).
     pub guest_may_crash: bool,
-    /// Guard the virtio-mem window with a memory slot per plugged extent
-    /// (the fault handler reports what it cannot serve, so the window
-    /// cannot be guarded by poisoning); else the guard this host allows.
-    pub slot_guard: bool,
+    /// Guard the virtio-mem window by protection (the fault handler
+    /// reports what it cannot serve, so the window cannot be guarded by
+    /// poisoning); else the guard this host allows. The VM may then stop
+    /// with the error of a guest touching memory it has not plugged.
+    pub protection_guard: bool,
     /// Checks what the devices counted; an error says what is wrong.
     pub check: fn(&Seen) -> Result<(), String>,
 }
@@ -225,7 +226,7 @@ where
         vcpus: 1,
         backend: vmm::MemBackend::Memfd,
         fault: guest_mem::FaultConfig {
-            on_unservable: if case.slot_guard {
+            on_unservable: if case.protection_guard {
                 guest_mem::Unservable::Report
             } else {
                 guest_mem::Unservable::Poison
@@ -294,6 +295,15 @@ where
     let ended = match &outcome.reason {
         ExitReason::PayloadDone { code: 0, .. } => Ok(()),
         other if case.guest_may_crash && !matches!(other, ExitReason::Error(_)) => Ok(()),
+        // Under the protection guard (no poisoning here), a guest touch of
+        // a block it has not plugged stops the VM: the cases' checks say
+        // whether that was the expected end.
+        ExitReason::Error(e)
+            if e.contains(UNPLUGGED_TOUCH)
+                && mem.unservable() != Some(guest_mem::Unservable::Poison) =>
+        {
+            Ok(())
+        }
         other => Err(format!("the run ended with {other}")),
     };
     let survived = ended
@@ -361,7 +371,7 @@ pub fn cases() -> Vec<Case> {
                 bad_queue_script(0, t, a, u)
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: not_activated,
         },
         Case {
@@ -372,7 +382,7 @@ pub fn cases() -> Vec<Case> {
                 bad_queue_script(1024, t, a, u)
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: not_activated,
         },
         Case {
@@ -383,7 +393,7 @@ pub fn cases() -> Vec<Case> {
                 bad_queue_script(3, t, a, u)
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: not_activated,
         },
         Case {
@@ -394,7 +404,7 @@ pub fn cases() -> Vec<Case> {
                 bad_queue_script(16, 0xffff_ffff_f000, a, u)
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: not_activated,
         },
         Case {
@@ -405,7 +415,7 @@ pub fn cases() -> Vec<Case> {
                 bad_queue_script(16, t, 0xd000_0000, u)
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: not_activated,
         },
         Case {
@@ -416,7 +426,7 @@ pub fn cases() -> Vec<Case> {
                 bad_queue_script(16, t, a, RAM - 64)
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: not_activated,
         },
         Case {
@@ -439,7 +449,7 @@ pub fn cases() -> Vec<Case> {
                 ]
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: |s| {
                 at_least("refused register accesses", s.balloon_rejected, 3)?;
                 if s.balloon_active {
@@ -471,7 +481,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: |s| {
                 at_least("balloon refusals", s.balloon_rejected, 0x100 * 4)?;
                 at_least("virtio-mem refusals", s.vmem_rejected, 0x100 * 4)
@@ -499,7 +509,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: |s| {
                 let inside = 4 * 4 * 2;
                 match s.slots[..inside].iter().position(|&v| v != 0) {
@@ -543,7 +553,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: |s| {
                 at_least(
                     "refused chains",
@@ -589,7 +599,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: |s| {
                 at_least(
                     "reported bytes",
@@ -616,7 +626,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: |s| at_least("refused notifies", s.balloon_rejected, 30_000),
         },
         Case {
@@ -650,7 +660,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: true,
-            slot_guard: false,
+            protection_guard: false,
             check: |_| Ok(()),
         },
         Case {
@@ -714,7 +724,7 @@ pub fn cases() -> Vec<Case> {
                 ops
             },
             guest_may_crash: false,
-            slot_guard: false,
+            protection_guard: false,
             check: |s| {
                 let ram = s.vm_mem.memory().memory();
                 let kind = |at: u64| ram.read_obj::<u16>(GuestAddress(at)).unwrap_or(u16::MAX);
@@ -737,25 +747,33 @@ pub fn cases() -> Vec<Case> {
             },
         },
         Case {
-            name: "touching virtio-mem blocks that are not plugged, slot guard: unclaimed MMIO",
+            name: "touching virtio-mem blocks that are not plugged, protection guard: VM stops",
             prepare: plug_block_3,
             script: touch_unplugged_blocks,
             guest_may_crash: false,
-            slot_guard: true,
-            check: window_backs_one_block,
+            protection_guard: true,
+            check: |s| {
+                window_backs_one_block(s)?;
+                match &s.outcome.reason {
+                    ExitReason::Error(e) if e.contains(UNPLUGGED_TOUCH) => Ok(()),
+                    other => Err(format!(
+                        "ended with {other}: the guest reached blocks it never plugged"
+                    )),
+                }
+            },
         },
         Case {
             name: "touching virtio-mem blocks that are not plugged, poison guard: machine check",
             prepare: plug_block_3,
             script: touch_unplugged_blocks,
             guest_may_crash: true,
-            slot_guard: false,
+            protection_guard: false,
             check: |s| {
                 window_backs_one_block(s)?;
                 // Where the handler poisons, the first touch of an
                 // unplugged block is poisoned and the guest, which cannot
                 // take a machine check, shuts down; elsewhere the window is
-                // guarded by slots and the guest runs to its end.
+                // guarded by protection and the touch stops the VM.
                 let stats = s.vm_mem.stats();
                 match (&s.outcome.reason, s.vm_mem.unservable()) {
                     (ExitReason::TripleFault { .. }, Some(guest_mem::Unservable::Poison))
@@ -763,8 +781,9 @@ pub fn cases() -> Vec<Case> {
                     {
                         Ok(())
                     }
-                    (ExitReason::PayloadDone { code: 0, .. }, Some(u))
-                        if u != guest_mem::Unservable::Poison =>
+                    (ExitReason::Error(e), u)
+                        if e.contains(UNPLUGGED_TOUCH)
+                            && u != Some(guest_mem::Unservable::Poison) =>
                     {
                         Ok(())
                     }
@@ -778,6 +797,10 @@ pub fn cases() -> Vec<Case> {
         },
     ]
 }
+
+/// What the VM's error says when a guest touched a block it has not
+/// plugged under the protection guard.
+const UNPLUGGED_TOUCH: &str = "touched memory that is not plugged";
 
 /// Plugs block 3 of the window only (the file then reaches past blocks
 /// 0-2): the request, queued for the guest to notify.
