@@ -795,6 +795,22 @@ pub fn cases() -> Vec<Case> {
                 }
             },
         },
+        Case {
+            name: "virtio-mem churn, protection guard: 64 blocks in and out, one kept",
+            prepare: churn_descriptors,
+            script: churn_script,
+            guest_may_crash: false,
+            protection_guard: true,
+            check: churned,
+        },
+        Case {
+            name: "virtio-mem churn, guard this host allows: 64 blocks in and out, one kept",
+            prepare: churn_descriptors,
+            script: churn_script,
+            guest_may_crash: false,
+            protection_guard: false,
+            check: churned,
+        },
     ]
 }
 
@@ -837,6 +853,76 @@ fn touch_unplugged_blocks() -> Vec<Op> {
     }
     ops.push(Op::End);
     ops
+}
+
+/// Churn: plug and unplug requests the script makes.
+const CHURN_ROUNDS: u64 = 64;
+
+/// One request chain for the churn, reused for every request: the request
+/// at `BUFFERS`, the answer at `BUFFERS + 0x800`.
+fn churn_descriptors(mem: &GuestMem) {
+    let (t, _, _) = rings(0);
+    put_desc(mem, t, 0, (BUFFERS, 24, VRING_DESC_F_NEXT, 1));
+    put_desc(mem, t, 1, (BUFFERS + 0x800, 10, VRING_DESC_F_WRITE, 0));
+}
+
+/// Plugs block 1 and writes it, then [`CHURN_ROUNDS`] times plugs another
+/// block, writes and reads it, unplugs it and reads block 1 back: every
+/// plugged block must stay reachable and keep its contents while its
+/// neighbours come and go.
+fn churn_script() -> Vec<Op> {
+    const BLOCK: u64 = 2 << 20;
+    const PLUG: u64 = 0;
+    const UNPLUG: u64 = 1;
+    let base = hotplug_base(RAM);
+    let (t, a, u) = rings(0);
+    let mut ops = start_device(VMEM, 1 << 32, &[(0, 16, t, a, u)]);
+    let notify = reg(VMEM, m::VIRTIO_MMIO_QUEUE_NOTIFY);
+    let mut sent = 0u16;
+    let mut ask = |ops: &mut Vec<Op>, kind: u64, block: u64| {
+        ops.push(Op::Write(2, BUFFERS, kind));
+        ops.push(Op::Write(8, BUFFERS + 8, base + block * BLOCK));
+        ops.push(Op::Write(2, BUFFERS + 16, 1));
+        ops.push(Op::Write(4, BUFFERS + 0x800, u64::from(u32::MAX)));
+        ops.push(Op::Write(2, a + 4 + 2 * u64::from(sent % 16), 0));
+        ops.push(Op::Add16(a + 2, 1));
+        ops.push(Op::Write(4, notify, 0));
+        sent += 1;
+        ops.push(Op::Wait16(u + 2, sent));
+        // ACK (type 0, then padding).
+        ops.push(Op::Expect32(BUFFERS + 0x800, 0));
+    };
+    let kept = base + BLOCK + 0x1000;
+    ask(&mut ops, PLUG, 1);
+    ops.push(Op::Write(4, kept, 0x6b65_7074));
+    for round in 0..CHURN_ROUNDS {
+        let block = 2 + round % 8;
+        let at = base + block * BLOCK + (round % 512) * 4096;
+        ask(&mut ops, PLUG, block);
+        ops.push(Op::Write(4, at, round + 1));
+        ops.push(Op::Expect32(at, round as u32 + 1));
+        ask(&mut ops, UNPLUG, block);
+        ops.push(Op::Expect32(kept, 0x6b65_7074));
+    }
+    ops.push(Op::End);
+    ops
+}
+
+/// After the churn: every request answered, and the host backs the kept
+/// block only.
+fn churned(s: &Seen) -> Result<(), String> {
+    window_backs_one_block(s)?;
+    let (plugs, unplugs) = (
+        s.vmem.plugs.load(Ordering::Relaxed),
+        s.vmem.unplugs.load(Ordering::Relaxed),
+    );
+    if (plugs, unplugs) != (CHURN_ROUNDS + 1, CHURN_ROUNDS) {
+        return Err(format!(
+            "{plugs} plugs and {unplugs} unplugs acknowledged, expected {} and {CHURN_ROUNDS}",
+            CHURN_ROUNDS + 1
+        ));
+    }
+    Ok(())
 }
 
 /// The host backs at most the one block [`plug_block_3`] plugged.
