@@ -25,16 +25,43 @@ fn vm(memory: u64, vcpus: u8, readahead: Readahead) -> Vm {
     .expect("creating the VM")
 }
 
-/// A 16 MiB, one-vCPU VM that runs `code` at CPL3 from `LOAD`.
-fn code_vm(code: &[u8]) -> Vm {
-    let mut vm = vm(16 << 20, 1, Readahead::NONE);
+/// Loads `code` to run at CPL3 from `LOAD` on every vCPU.
+fn load_code(vm: &mut Vm, code: &[u8]) {
     vm.load_payload(code, LOAD, true, |_| PayloadArgs {
         entry: LOAD,
         stack: LOAD,
         args: [0; 6],
     })
     .unwrap();
+}
+
+/// A 16 MiB, one-vCPU VM that runs `code` at CPL3 from `LOAD`.
+fn code_vm(code: &[u8]) -> Vm {
+    let mut vm = vm(16 << 20, 1, Readahead::NONE);
+    load_code(&mut vm, code);
     vm
+}
+
+/// Where a [`spin_code`] payload looks for its release.
+const FLAG: u32 = 0x20_0000;
+
+/// A payload that spins until the word at [`FLAG`] is not zero, then
+/// reports success: `spin: mov eax, [FLAG]; test eax, eax; jz spin;
+/// xor eax, eax; out 0xe0, eax; hlt`.
+fn spin_code() -> Vec<u8> {
+    let mut code = vec![0x8b, 0x04, 0x25];
+    code.extend_from_slice(&FLAG.to_le_bytes());
+    code.extend_from_slice(&[0x85, 0xc0, 0x74, 0xf5, 0x31, 0xc0, 0xe7, 0xe0, 0xf4]);
+    code
+}
+
+/// Lets a [`spin_code`] payload end.
+fn release(mem: &guest_mem::GuestMem) {
+    use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    mem.memory()
+        .memory()
+        .write_obj(1u32, GuestAddress(u64::from(FLAG)))
+        .unwrap();
 }
 
 /// Splits `[SLICES_START, memory)` among the vCPUs.
@@ -257,13 +284,7 @@ fn a_running_vm_has_its_threads_filtered_and_its_caller_not() {
         eprintln!("skipped: /dev/kvm is not available");
         return;
     }
-    const FLAG: u32 = 0x20_0000;
-    // spin: mov eax, [FLAG]; test eax, eax; jz spin; xor eax, eax;
-    //       out 0xe0, eax; hlt
-    let mut code = vec![0x8b, 0x04, 0x25];
-    code.extend_from_slice(&FLAG.to_le_bytes());
-    code.extend_from_slice(&[0x85, 0xc0, 0x74, 0xf5, 0x31, 0xc0, 0xe7, 0xe0, 0xf4]);
-    let vm = code_vm(&code);
+    let vm = code_vm(&spin_code());
     let mem = vm.memory().clone();
     let caller = std::thread::Builder::new()
         .name("runner".into())
@@ -284,11 +305,7 @@ fn a_running_vm_has_its_threads_filtered_and_its_caller_not() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-    mem.memory()
-        .memory()
-        .write_obj(1u32, GuestAddress(u64::from(FLAG)))
-        .unwrap();
+    release(&mem);
     let (outcome, caller_modes) = caller.join().unwrap();
     let outcome = outcome.unwrap();
     assert!(
@@ -368,11 +385,6 @@ fn an_idle_vm_leaves_its_event_loop_asleep() {
         eprintln!("skipped: /dev/kvm is not available");
         return;
     }
-    const FLAG: u32 = 0x20_0000;
-    // spin: pause; cmp byte [FLAG], 0; je spin; xor eax, eax; out 0xe0, eax; hlt
-    let mut code = vec![0xf3, 0x90, 0x80, 0x3c, 0x25];
-    code.extend_from_slice(&FLAG.to_le_bytes());
-    code.extend_from_slice(&[0x00, 0x74, 0xf4, 0x31, 0xc0, 0xe7, 0xe0, 0xf4]);
     let dir = std::env::temp_dir().join(format!("idle-loop-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("api.sock");
@@ -381,12 +393,7 @@ fn an_idle_vm_leaves_its_event_loop_asleep() {
         ..payload_vm_config(16 << 20, 1)
     })
     .expect("creating the VM");
-    vm.load_payload(&code, LOAD, true, |_| PayloadArgs {
-        entry: LOAD,
-        stack: LOAD,
-        args: [0; 6],
-    })
-    .unwrap();
+    load_code(&mut vm, &spin_code());
     let mem = vm.memory().clone();
     let looker = std::thread::spawn(move || {
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
@@ -399,11 +406,7 @@ fn an_idle_vm_leaves_its_event_loop_asleep() {
         let before = wakeups(get_metrics(&sock));
         std::thread::sleep(Duration::from_millis(800));
         let after = wakeups(get_metrics(&sock));
-        use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-        mem.memory()
-            .memory()
-            .write_obj(1u8, GuestAddress(u64::from(FLAG)))
-            .unwrap();
+        release(&mem);
         after - before
     });
     let outcome = vm.run().unwrap();
