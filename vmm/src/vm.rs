@@ -173,7 +173,8 @@ impl Vm {
             .into_iter()
             .map(|(gpa, len, _)| (gpa, len))
             .collect();
-        let ranges = pre_fault::linux_boot_ranges(&ram, kernel_end, initrd);
+        let page_size = self.mem.regions().first().map_or(4096, |r| r.page_size());
+        let ranges = pre_fault::linux_boot_ranges(&ram, kernel_end, initrd, page_size);
         for r in ranges.iter().filter(|r| r.populate) {
             if let Err(e) = self.mem.populate(GuestAddress(r.gpa), r.len) {
                 log::debug!("populating {:#x}+{:#x}: {e}", r.gpa, r.len);
