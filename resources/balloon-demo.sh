@@ -44,5 +44,6 @@ echo "== deflating the balloon to 0 MiB"
 wait_actual 0 || exit 1
 echo "HOST-DEFLATED allocated_mib=$(field /vm host_allocated_mib) rss_mib=$(rss_mib)"
 sleep 3
+echo "FAULTS-SETTLED pages_installed=$(field /metrics pages_installed)"
 echo "== deflated: guest $(guest_line GUEST-MEM | cut -d' ' -f2), host memfd allocated $(field /vm host_allocated_mib) MiB (pages come back as the guest touches them)"
 finish_vmm
