@@ -36,3 +36,30 @@ pub fn payload_vm_config(memory: u64, vcpus: u8) -> vmm::VmConfig {
         seccomp: true,
     }
 }
+
+/// One HTTP request to a VM's API socket on a fresh connection (read
+/// timeout 5 s): the answer's status line and body.
+pub fn api_request(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(String, String), String> {
+    use std::io::{Read, Write};
+    let mut s =
+        std::os::unix::net::UnixStream::connect(sock).map_err(|e| format!("connecting: {e}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok();
+    let msg = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(msg.as_bytes())
+        .map_err(|e| format!("writing: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("reading: {e}"))?;
+    let status = out.lines().next().unwrap_or_default().to_string();
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((status, body.to_string()))
+}

@@ -7,7 +7,6 @@
 //! `hostile_cases`, `hostile_cases_survived` and `vmm_rss_growth_mib_max`
 //! into `target/bench/hardening.json`.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,26 +14,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration_tests::hostile::{cases, run_case};
-use integration_tests::kvm_available;
 use integration_tests::stress::{bench_json, write_json};
+use integration_tests::{api_request, kvm_available};
 
 /// Most the VMM's anonymous memory may grow over one case.
 const RSS_BOUND_MIB: f64 = 64.0;
 
 /// One HTTP request on a fresh connection; the answer's status line.
 fn request(sock: &Path, method: &str, path: &str, body: &str) -> Result<String, String> {
-    let mut s = UnixStream::connect(sock).map_err(|e| format!("connecting: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    let msg = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(msg.as_bytes())
-        .map_err(|e| format!("writing: {e}"))?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .map_err(|e| format!("reading: {e}"))?;
-    Ok(out.lines().next().unwrap_or_default().to_string())
+    api_request(sock, method, path, body).map(|(status, _)| status)
 }
 
 /// A second API client: once the socket answers, sets a balloon target and

@@ -365,14 +365,9 @@ fn the_guest_sees_the_tsc_deadline_timer_kvm_emulates() {
 
 /// `GET /metrics` over the VM's API socket, the JSON body.
 fn get_metrics(sock: &std::path::Path) -> serde_json::Value {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connecting to the API");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    let (status, body) = integration_tests::api_request(sock, "GET", "/metrics", "").unwrap();
+    assert!(status.contains(" 200 "), "{status}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
 }
 
 /// A VM whose guest runs without asking anything of the VMM leaves its
