@@ -60,7 +60,8 @@ bench_run_l1() {
 # phase=PHASE MIB=COUNT ..." (faults per 2 MiB, keyed by its first MiB),
 # "BENCH-KVM-RIP VMM run=$run phase=PHASE 0xREASON@GUEST_RIP=COUNT ..."
 # (the 30 commonest exits by guest instruction: booted nokaslr, the
-# guest's kallsyms name the code behind them), and each fallocate and madvise made meanwhile, timed ("BENCH-SYSCALL").
+# guest's kallsyms name the code behind them), and each fallocate and
+# madvise made meanwhile, timed ("BENCH-SYSCALL").
 bench_l1_helpers() {
     cat <<'SH'
 now() { cut -d' ' -f1 /proc/uptime; }
