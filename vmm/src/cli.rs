@@ -110,9 +110,9 @@ pub struct Args {
     /// fault handler and event loop threads (to debug a refused call).
     #[arg(long)]
     pub no_seccomp: bool,
-    /// Leave the boot images to be mapped into KVM page by page as the
-    /// guest first touches them, instead of in one `KVM_PRE_FAULT_MEMORY`
-    /// before it runs (for comparing the two).
+    /// Leave the memory a Linux guest's earliest boot touches to be mapped
+    /// into KVM page by page as the guest first touches it, instead of in
+    /// one `KVM_PRE_FAULT_MEMORY` before it runs (for comparing the two).
     #[arg(long)]
     pub no_pre_fault: bool,
 }

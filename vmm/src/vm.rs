@@ -105,9 +105,9 @@ impl Vm {
         self.shutdown = Some(signals);
     }
 
-    /// Whether `boot_linux` asks KVM to map the placed images and the low
-    /// megabyte before the guest runs ([`crate::pre_fault`]; on by
-    /// default, a no-op where KVM lacks `KVM_PRE_FAULT_MEMORY`).
+    /// Whether `boot_linux` asks KVM to map the memory a Linux guest's
+    /// earliest boot touches before the guest runs ([`crate::pre_fault`];
+    /// on by default, a no-op where KVM lacks `KVM_PRE_FAULT_MEMORY`).
     pub fn set_pre_fault(&mut self, on: bool) {
         self.pre_fault = on;
     }
@@ -166,8 +166,8 @@ impl Vm {
 
     /// Maps into KVM what a Linux guest's earliest boot touches
     /// ([`pre_fault::linux_boot_ranges`]). The ranges that hold no image are
-    /// first allocated in the backing file (zeroed by the host kernel in one
-    /// call each), so that mapping them serves no userfaultfd faults.
+    /// first allocated in the backing file (one call each), so that mapping
+    /// them serves no userfaultfd faults.
     fn pre_fault_boot_memory(&self, kernel_end: u64, initrd: Option<(u64, u64)>) {
         let ram: Vec<_> = ram_ranges(self.ram_size)
             .into_iter()
@@ -175,11 +175,19 @@ impl Vm {
             .collect();
         let page_size = self.mem.regions().first().map_or(4096, |r| r.page_size());
         let ranges = pre_fault::linux_boot_ranges(&ram, kernel_end, initrd, page_size);
+        let started = std::time::Instant::now();
+        let mut populated = 0;
         for r in ranges.iter().filter(|r| r.populate) {
-            if let Err(e) = self.mem.populate(GuestAddress(r.gpa), r.len) {
-                log::debug!("populating {:#x}+{:#x}: {e}", r.gpa, r.len);
+            match self.mem.populate(GuestAddress(r.gpa), r.len) {
+                Ok(n) => populated += n,
+                Err(e) => log::debug!("populating {:#x}+{:#x}: {e}", r.gpa, r.len),
             }
         }
+        log::debug!(
+            "populated {} KiB of boot memory in {:.1} ms",
+            populated >> 10,
+            started.elapsed().as_secs_f64() * 1e3
+        );
         let spans: Vec<_> = ranges.iter().map(|r| (r.gpa, r.len)).collect();
         let done = pre_fault::pre_fault(&self.vcpus[0], &spans);
         log::info!(
