@@ -514,6 +514,14 @@ fn install<T: RegionTable>(
         }
         Some(libc::EAGAIN) => Installed::Retry,
         Some(libc::EFAULT) if minor => Installed::RetryAsMissing,
+        Some(libc::EFAULT) | Some(libc::ENOENT) if len > page => {
+            // A window must lie in one mapping: one that runs into another
+            // (part of the region protected apart, as a virtio-mem window's
+            // blocks are) is refused whole. The faulting page, the first,
+            // goes in alone; woken without it, the thread would fault on it
+            // again and again.
+            install(ctx, region, _guard, offset, page, contents, scratch)
+        }
         Some(libc::EFAULT) | Some(libc::ENOENT) => {
             // Past the file's end (a truncate the kernel caught) or the
             // mapping is going away: nothing to install.
