@@ -29,6 +29,8 @@ pub const WINDOW: u64 = 128 << 20;
 pub const LOAD: u64 = 0x10_0000;
 /// Where the script lives.
 pub const SCRIPT: u64 = 0x20_0000;
+/// Where a second vCPU's script goes (the first's ends below it).
+pub const SCRIPT2: u64 = 0x28_0000;
 /// Rings: queue `i` at `RINGS + i * 0x1_0000` (table, avail +0x4000, used
 /// +0x8000).
 pub const RINGS: u64 = 0x30_0000;
@@ -150,6 +152,9 @@ pub struct Case {
     pub prepare: fn(&GuestMem),
     /// The guest's script.
     pub script: fn() -> Vec<Op>,
+    /// A second vCPU's script, run beside the first (at [`SCRIPT2`]);
+    /// the case ends when the first one does.
+    pub helper: Option<fn() -> Vec<Op>>,
     /// Whether the guest may end other than cleanly (it asked the device
     /// to take its own code or page tables).
     pub guest_may_crash: bool,
@@ -223,7 +228,7 @@ where
     let _ = std::fs::remove_file(api_sock);
     let mut vm = Vm::new(VmConfig {
         memory: RAM,
-        vcpus: 1,
+        vcpus: 1 + u8::from(case.helper.is_some()),
         backend: vmm::MemBackend::Memfd,
         fault: guest_mem::FaultConfig {
             on_unservable: if case.protection_guard {
@@ -244,14 +249,27 @@ where
     fill_canary(&mem);
     (case.prepare)(&mem);
     let ops = (case.script)();
-    mem.memory()
-        .memory()
-        .write_slice(&script::encode(&ops, SCRIPT), GuestAddress(SCRIPT))
+    let encoded = script::encode(&ops, SCRIPT);
+    assert!(
+        SCRIPT + encoded.len() as u64 <= SCRIPT2,
+        "{}: the script runs into the second one's place",
+        case.name
+    );
+    let ram = mem.memory();
+    ram.memory()
+        .write_slice(&encoded, GuestAddress(SCRIPT))
         .expect("writing the script");
-    vm.load_payload(&script::interpreter(LOAD), LOAD, true, |_| PayloadArgs {
+    if let Some(helper) = case.helper {
+        ram.memory()
+            .write_slice(&script::encode(&helper(), SCRIPT2), GuestAddress(SCRIPT2))
+            .expect("writing the second script");
+    }
+    drop(ram);
+    // Each vCPU its own script and its own stack page.
+    vm.load_payload(&script::interpreter(LOAD), LOAD, true, |vcpu| PayloadArgs {
         entry: LOAD,
-        stack: LOAD - 0x1000,
-        args: [0, SCRIPT, 0, 0, 0, 0],
+        stack: LOAD - 0x1000 - u64::from(vcpu) * 0x2000,
+        args: [0, if vcpu == 0 { SCRIPT } else { SCRIPT2 }, 0, 0, 0, 0],
     })
     .expect("loading the interpreter");
     let balloon = vm.balloon().cloned().expect("a balloon");
@@ -370,6 +388,7 @@ pub fn cases() -> Vec<Case> {
                 let (t, a, u) = rings(0);
                 bad_queue_script(0, t, a, u)
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: not_activated,
@@ -381,6 +400,7 @@ pub fn cases() -> Vec<Case> {
                 let (t, a, u) = rings(0);
                 bad_queue_script(1024, t, a, u)
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: not_activated,
@@ -392,6 +412,7 @@ pub fn cases() -> Vec<Case> {
                 let (t, a, u) = rings(0);
                 bad_queue_script(3, t, a, u)
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: not_activated,
@@ -403,6 +424,7 @@ pub fn cases() -> Vec<Case> {
                 let (_, a, u) = rings(0);
                 bad_queue_script(16, 0xffff_ffff_f000, a, u)
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: not_activated,
@@ -414,6 +436,7 @@ pub fn cases() -> Vec<Case> {
                 let (t, _, u) = rings(0);
                 bad_queue_script(16, t, 0xd000_0000, u)
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: not_activated,
@@ -425,6 +448,7 @@ pub fn cases() -> Vec<Case> {
                 let (t, a, _) = rings(0);
                 bad_queue_script(16, t, a, RAM - 64)
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: not_activated,
@@ -448,6 +472,7 @@ pub fn cases() -> Vec<Case> {
                     Op::End,
                 ]
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: |s| {
@@ -480,6 +505,7 @@ pub fn cases() -> Vec<Case> {
                 ops.push(Op::End);
                 ops
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: |s| {
@@ -508,6 +534,7 @@ pub fn cases() -> Vec<Case> {
                 ops.push(Op::End);
                 ops
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: |s| {
@@ -552,6 +579,7 @@ pub fn cases() -> Vec<Case> {
                 ops.push(Op::End);
                 ops
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: |s| {
@@ -598,6 +626,7 @@ pub fn cases() -> Vec<Case> {
                 ops.push(Op::End);
                 ops
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: |s| {
@@ -625,6 +654,7 @@ pub fn cases() -> Vec<Case> {
                 ops.push(Op::End);
                 ops
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: |s| at_least("refused notifies", s.balloon_rejected, 30_000),
@@ -659,6 +689,7 @@ pub fn cases() -> Vec<Case> {
                 ops.push(Op::End);
                 ops
             },
+            helper: None,
             guest_may_crash: true,
             protection_guard: false,
             check: |_| Ok(()),
@@ -723,6 +754,7 @@ pub fn cases() -> Vec<Case> {
                 ops.push(Op::End);
                 ops
             },
+            helper: None,
             guest_may_crash: false,
             protection_guard: false,
             check: |s| {
@@ -750,6 +782,7 @@ pub fn cases() -> Vec<Case> {
             name: "touching virtio-mem blocks that are not plugged, protection guard: VM stops",
             prepare: plug_block_3,
             script: touch_unplugged_blocks,
+            helper: None,
             guest_may_crash: false,
             protection_guard: true,
             check: |s| {
@@ -766,6 +799,7 @@ pub fn cases() -> Vec<Case> {
             name: "touching virtio-mem blocks that are not plugged, poison guard: machine check",
             prepare: plug_block_3,
             script: touch_unplugged_blocks,
+            helper: None,
             guest_may_crash: true,
             protection_guard: false,
             check: |s| {
@@ -799,6 +833,7 @@ pub fn cases() -> Vec<Case> {
             name: "virtio-mem churn, protection guard: 64 blocks in and out, one kept",
             prepare: churn_descriptors,
             script: churn_script,
+            helper: None,
             guest_may_crash: false,
             protection_guard: true,
             check: churned,
@@ -807,6 +842,26 @@ pub fn cases() -> Vec<Case> {
             name: "virtio-mem churn, guard this host allows: 64 blocks in and out, one kept",
             prepare: churn_descriptors,
             script: churn_script,
+            helper: None,
+            guest_may_crash: false,
+            protection_guard: false,
+            check: churned,
+        },
+        Case {
+            name: "virtio-mem churn, protection guard, a second vCPU faulting in the kept block",
+            prepare: churn_descriptors,
+            script: churn_script,
+            helper: Some(kept_block_filler),
+            guest_may_crash: false,
+            protection_guard: true,
+            check: churned,
+        },
+        Case {
+            name:
+                "virtio-mem churn, guard this host allows, a second vCPU faulting in the kept block",
+            prepare: churn_descriptors,
+            script: churn_script,
+            helper: Some(kept_block_filler),
             guest_may_crash: false,
             protection_guard: false,
             check: churned,
@@ -895,6 +950,8 @@ fn churn_script() -> Vec<Op> {
     let kept = base + BLOCK + 0x1000;
     ask(&mut ops, PLUG, 1);
     ops.push(Op::Write(4, kept, 0x6b65_7074));
+    // Block 1 is in: a second vCPU may fill it now.
+    ops.push(Op::Write(2, KEPT_PLUGGED, 1));
     for round in 0..CHURN_ROUNDS {
         let block = 2 + round % 8;
         let at = base + block * BLOCK + (round % 512) * 4096;
@@ -904,13 +961,51 @@ fn churn_script() -> Vec<Op> {
         ask(&mut ops, UNPLUG, block);
         ops.push(Op::Expect32(kept, 0x6b65_7074));
     }
+    ops.push(Op::Write(2, CHURN_DONE, 1));
     ops.push(Op::End);
     ops
 }
 
-/// After the churn: every request answered, and the host backs the kept
-/// block only.
+/// The word the churn sets once its kept block (block 1) is plugged.
+const KEPT_PLUGGED: u64 = BUFFERS + 0x1000;
+/// The word the churn sets when it is done.
+const CHURN_DONE: u64 = BUFFERS + 0x1008;
+
+/// Read-back sweeps of the kept block by [`kept_block_filler`].
+const FILLER_SWEEPS: u64 = 32;
+
+/// A second vCPU beside the churn: once block 1 is plugged, writes a word
+/// into each of its 4 KiB pages (each one's first touch a fault, served
+/// while the neighbouring blocks' protections change, their mappings
+/// split from and merged with this block's), then reads them all back,
+/// [`FILLER_SWEEPS`] times, and waits for the churn to end (a payload VM
+/// runs until every vCPU is done). A page of the block left unreachable
+/// stops the VM; a lost write fails the script.
+fn kept_block_filler() -> Vec<Op> {
+    const BLOCK: u64 = 2 << 20;
+    let block = hotplug_base(RAM) + BLOCK;
+    let word = |page: u64| block + page * 4096 + 8;
+    let mut ops = vec![Op::Wait16(KEPT_PLUGGED, 1)];
+    ops.extend((0..BLOCK / 4096).map(|p| Op::Write(4, word(p), 0x1000 + p)));
+    let check = ops.len();
+    ops.extend((0..BLOCK / 4096).map(|p| Op::Expect32(word(p), 0x1000 + p as u32)));
+    ops.push(Op::Repeat {
+        to: check,
+        times: FILLER_SWEEPS - 1,
+    });
+    ops.push(Op::Wait16(CHURN_DONE, 1));
+    ops.push(Op::End);
+    ops
+}
+
+/// After the churn: it ran to its end, every request answered, and the
+/// host backs the kept block only.
 fn churned(s: &Seen) -> Result<(), String> {
+    // Every block the guests touched was plugged: no stop for an
+    // unplugged touch (which the run itself lets pass under protection).
+    if !matches!(s.outcome.reason, ExitReason::PayloadDone { code: 0, .. }) {
+        return Err(format!("the run ended with {}", s.outcome.reason));
+    }
     window_backs_one_block(s)?;
     let (plugs, unplugs) = (
         s.vmem.plugs.load(Ordering::Relaxed),
