@@ -232,7 +232,7 @@ mod tests {
         assert_eq!(v[2], fresh(60 << 20, 4 << 20));
         assert_eq!(v[3], fresh(59 << 20, 5 << 20));
         // RAM split by the MMIO gap: the top is that of the upper range.
-        // The top grows with RAM (its memory map): 4 GiB map 68 MiB there.
+        // The top grows with RAM (its memory map): 68 MiB of 4 GiB.
         let v = linux_boot_ranges(&[(0, 3 << 30), (4 << 30, 1 << 30)], 64 << 20, None, PAGE);
         assert_eq!(v[2], fresh(64 << 20, 26 << 20));
         assert_eq!(v[3], fresh((5 << 30) - (68 << 20), 68 << 20));
