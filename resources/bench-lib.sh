@@ -18,7 +18,10 @@ bench_prepare() {
 
 # bench_run_l1 NAME SCRIPT [--add SRC:DEST ...]: builds an L1 with the VMM,
 # vmmctl, QEMU (binary, firmware) and the guest kernel and initramfs, runs
-# SCRIPT in it and leaves the console in build/bench/NAME.log.
+# SCRIPT in it and leaves the console in build/bench/NAME.log. An L1 that
+# dies before it is ready (under TCG the 6.12 L1 now and then takes an
+# `Oops: int3` while it patches its own code) is booted again, up to three
+# times in all, as the tests do.
 bench_run_l1() {
     local name="$1" script="$2" dir="$GUEST_CACHE/bench"
     shift 2
@@ -32,8 +35,17 @@ bench_run_l1() {
         --add "$GUEST_KERNEL_DIR/vmlinux:/guest/vmlinux" \
         --add "$(guest_initramfs_path):/guest/guest-initramfs.cpio.gz" \
         "$@"
-    "$RESOURCES_DIR/run-l1.sh" --initrd "$dir/l1-$name.cpio.gz" --timeout 1500 \
-        --log "$dir/$name.log" >&2
+    local attempt rc
+    for attempt in 1 2 3; do
+        rc=0
+        "$RESOURCES_DIR/run-l1.sh" --initrd "$dir/l1-$name.cpio.gz" --timeout 1500 \
+            --log "$dir/$name.log" >&2 || rc=$?
+        if [[ $rc -ne 124 && $rc -ne 125 ]] || grep -q -a L1-READY "$dir/$name.log"; then
+            return "$rc"
+        fi
+        log "the L1 died before it was ready (attempt $attempt of 3)"
+    done
+    return "$rc"
 }
 
 # bench_l1_helpers: shell functions for the L1 scripts of the benchmarks.
