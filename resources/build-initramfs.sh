@@ -25,6 +25,8 @@
 # runs /guest-test.sh if present (printing GUEST-TEST-EXIT-CODE=<n>), then
 # `poweroff -f` (or `reboot -f` if the kernel command line has
 # guest.exit=reboot, for VMMs that see a reset but no ACPI power-off).
+# Every image also has resources/guest/lib.sh as /guest-lib.sh, the shell
+# functions the workloads share.
 #
 # Env: GUEST_KERNEL_DIR  the kernel whose modules go in (default
 #      $GUEST_CACHE/kernel; e.g. build/kernel-trixie after
@@ -92,6 +94,7 @@ digest="$({
     echo "build-initramfs v1"
     echo "file:$RESOURCES_DIR/lib.sh"
     echo "file:$RESOURCES_DIR/$(basename "$0")"
+    echo "file:$RESOURCES_DIR/guest/lib.sh"
     echo "kernel $KVER"
     echo "file:$GUEST_CACHE/busybox"
     echo "modules ${modules[*]}"
@@ -119,6 +122,8 @@ else
     default_init >"$root/init"
 fi
 chmod 0755 "$root/init"
+# The workloads' shared shell functions.
+cp "$RESOURCES_DIR/guest/lib.sh" "$root/guest-lib.sh"
 
 for spec in "${extras[@]}"; do
     split_spec "$spec"

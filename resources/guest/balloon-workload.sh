@@ -4,25 +4,18 @@
 # the host inflates and deflates the balloon, reporting what it sees.
 # Without deflate-on-OOM the balloon's pages leave MemTotal, so the guest
 # watches MemTotal drop and come back.
-total() { grep MemTotal /proc/meminfo | grep -o '[0-9]*'; }
+. /guest-lib.sh
 t0=$(total)
 mkdir -p /mnt && mount -t tmpfs -o size=90% tmpfs /mnt || exit 1
 dd if=/dev/zero of=/mnt/fill bs=1M count=$((t0 * 8 / 10 / 1024)) 2>/dev/null || exit 1
 rm /mnt/fill
 echo "GUEST-READY MemTotal=$t0"
 phase=inflate
-# look: notes the balloon's inflate and deflate as MemTotal shows them
-# (without deflate-on-OOM the balloon takes its pages out of MemTotal).
+# look: notes the balloon's inflate and deflate as MemTotal shows them.
 # Called every second, so that no phase of the host's passes unseen.
 look() {
     t=$(total)
-    if [ $phase = inflate ] && [ "$t" -lt $((t0 * 3 / 4)) ]; then
-        echo "GUEST-SAW-INFLATE MemTotal=$t"
-        phase=deflate
-    elif [ $phase = deflate ] && [ "$t" -gt $((t0 - t0 / 20)) ]; then
-        echo "GUEST-SAW-DEFLATE MemTotal=$t"
-        phase=finished
-    fi
+    balloon_phase "$t"
 }
 i=0
 left=5

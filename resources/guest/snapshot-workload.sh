@@ -6,7 +6,7 @@
 # it (the guest does not notice), and inflates and deflates the balloon.
 # Finishes a few rounds after it has seen the balloon's pages go and come
 # back.
-total() { grep MemTotal /proc/meminfo | grep -o '[0-9]*'; }
+. /guest-lib.sh
 t0=$(total)
 mkdir -p /mnt && mount -t tmpfs -o size=50% tmpfs /mnt || exit 1
 data=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^data_mib=//p')
@@ -21,13 +21,7 @@ while [ $i -lt 900 ] && [ $left -gt 0 ]; do
     [ "$s" = "$sum" ] || { echo "GUEST-DATA-CORRUPT round=$i sum=$s"; exit 1; }
     t=$(total)
     echo "GUEST-CHECK round=$i uptime=$(cut -d' ' -f1 /proc/uptime) MemTotal=$t"
-    if [ $phase = inflate ] && [ "$t" -lt $((t0 * 3 / 4)) ]; then
-        echo "GUEST-SAW-INFLATE MemTotal=$t"
-        phase=deflate
-    elif [ $phase = deflate ] && [ "$t" -gt $((t0 - t0 / 20)) ]; then
-        echo "GUEST-SAW-DEFLATE MemTotal=$t"
-        phase=finished
-    fi
+    balloon_phase "$t"
     [ $phase = finished ] && left=$((left - 1))
     i=$((i + 1))
     sleep 1
