@@ -53,6 +53,8 @@ mod sync;
 pub use access::{DeviceMemory, MemoryGuard};
 pub use backing::{BackingFile, BackingKind};
 pub use error::{Error, Result};
+#[cfg(feature = "test-switches")]
+pub use fault::TestHook;
 pub use fault::{
     FaultConfig, FaultFailure, FaultMode, PoisonedPage, Readahead, ThreadStartHook, Unservable,
 };

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use guest_mem::{FaultConfig, Readahead};
+use std::os::fd::AsRawFd;
+
+use guest_mem::{FaultConfig, Readahead, TestHook};
 use integration_tests::external_guest::{ExternalGuest, GUEST_BASE, LOAD};
 use integration_tests::kvm_available;
 use integration_tests::payload::file_check_payload;
@@ -296,17 +298,29 @@ fn an_install_held_back_by_a_pending_remove_reads_it_and_installs_zero() {
     // One handler thread: the remove event can only be read by the thread
     // whose install the kernel holds back (EAGAIN) while it is pending.
     let dir = Dir::new("eagain");
+    let mut fc = FirecrackerLike::new(&[MIB], PAGE, FeatureFlags::empty()).unwrap();
+    // The first install waits until the remove is queued on the
+    // userfaultfd: the toucher's fault has been read by then, so the
+    // descriptor turns readable only for the remove event. No timing.
+    let (uffd, armed) = (fc.uffd.as_raw_fd(), AtomicBool::new(true));
     let fault = FaultConfig {
         threads: 1,
         readahead: Readahead::NONE,
-        // Long enough for the remove to be issued while the fetch is on,
-        // even with this binary's other tests taking both cores (at 200 ms
-        // the remove came after the install once in four runs).
-        fetch_delay: Duration::from_secs(1),
+        after_fetch: Some(TestHook::new(move || {
+            if armed.swap(false, Ordering::SeqCst) {
+                let mut p = libc::pollfd {
+                    fd: uffd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, read and written by poll only.
+                let n = unsafe { libc::poll(&mut p, 1, 10_000) };
+                assert_eq!(n, 1, "the remove was never queued");
+            }
+        })),
         ..FaultConfig::default()
     };
     let (sock, rx) = server(&dir, MIB, fault);
-    let mut fc = FirecrackerLike::new(&[MIB], PAGE, FeatureFlags::empty()).unwrap();
     fc.connect(&sock).unwrap();
     let peer = accepted(&rx).map_err(|(_, e)| e).unwrap();
     let fc = Arc::new(fc);

@@ -96,6 +96,11 @@ pub struct FaultConfig {
     /// widening the window in which an invalidation can land.
     #[cfg(feature = "test-switches")]
     pub fetch_delay: std::time::Duration,
+    /// Test-only: called after every fetch (after `fetch_delay`), on the
+    /// handler thread, before the install: a test holds the install back
+    /// there until what it races with has happened.
+    #[cfg(feature = "test-switches")]
+    pub after_fetch: Option<TestHook>,
 }
 
 impl Default for FaultConfig {
@@ -115,6 +120,8 @@ impl Default for FaultConfig {
             skip_recheck: false,
             #[cfg(feature = "test-switches")]
             fetch_delay: std::time::Duration::ZERO,
+            #[cfg(feature = "test-switches")]
+            after_fetch: None,
         }
     }
 }
@@ -131,10 +138,15 @@ impl FaultConfig {
         }
     }
 
-    pub(crate) fn inject_fetch_delay(&self) {
+    pub(crate) fn after_fetch(&self) {
         #[cfg(feature = "test-switches")]
-        if !self.fetch_delay.is_zero() {
-            std::thread::sleep(self.fetch_delay);
+        {
+            if !self.fetch_delay.is_zero() {
+                std::thread::sleep(self.fetch_delay);
+            }
+            if let Some(hook) = &self.after_fetch {
+                (hook.0)();
+            }
         }
     }
 
@@ -177,6 +189,26 @@ impl ThreadStartHook {
 impl std::fmt::Debug for ThreadStartHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ThreadStartHook")
+    }
+}
+
+/// Test-only: a function the handler calls at a chosen point.
+#[cfg(feature = "test-switches")]
+#[derive(Clone)]
+pub struct TestHook(Arc<dyn Fn() + Send + Sync>);
+
+#[cfg(feature = "test-switches")]
+impl TestHook {
+    /// Wraps `f`.
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        TestHook(Arc::new(f))
+    }
+}
+
+#[cfg(feature = "test-switches")]
+impl std::fmt::Debug for TestHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TestHook")
     }
 }
 

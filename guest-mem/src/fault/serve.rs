@@ -163,7 +163,7 @@ pub(crate) fn serve_fault<T: RegionTable>(
                 break;
             }
         };
-        ctx.config.inject_fetch_delay();
+        ctx.config.after_fetch();
         // Install attempts with what was fetched: the first, and one after
         // each `EAGAIN` (an event the kernel holds installs back for until
         // it is read: read it, then check again against the same sample,
