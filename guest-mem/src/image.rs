@@ -63,6 +63,8 @@ pub struct ImageFile<'m> {
     pipe: Option<(OwnedFd, OwnedFd, usize)>,
     spliced: u64,
     read: u64,
+    /// Huge pages filled ahead of the splice ([`crate::huge_fill`]).
+    prefilled: u64,
     /// Cleared when the backing refuses splice, so it is not tried again.
     splice_ok: bool,
 }
@@ -77,6 +79,7 @@ impl<'m> ImageFile<'m> {
             pipe: None,
             spliced: 0,
             read: 0,
+            prefilled: 0,
             splice_ok: true,
         }
     }
@@ -196,8 +199,10 @@ fn splice_unsupported(e: &io::Error) -> bool {
 impl Drop for ImageFile<'_> {
     fn drop(&mut self) {
         log::debug!(
-            "image placed: {} bytes through the backing file, {} read",
+            "image placed: {} bytes through the backing file ({} huge pages filled first), \
+             {} read",
             self.spliced,
+            self.prefilled,
             self.read
         );
     }
@@ -229,6 +234,10 @@ impl ReadVolatile for ImageFile<'_> {
             .then(|| self.destination(ptr, len as u64))
             .flatten();
         if let Some((region, offset)) = dst {
+            {
+                let install = region.backing().generation().lock_install();
+                self.prefilled += region.prefill_huge(&install, offset, len as u64);
+            }
             let fd = region.backing().file().as_raw_fd();
             let off = region.file_offset() + offset;
             // Fill the whole slice, as one read(2) of a regular file would:

@@ -41,6 +41,7 @@ mod error;
 pub mod external;
 pub mod fault;
 pub mod generation;
+mod huge_fill;
 pub mod image;
 mod memory;
 pub mod memory_file;

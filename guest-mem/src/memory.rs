@@ -453,7 +453,10 @@ impl GuestMem {
             return Ok(0);
         }
         let backing = region.backing();
-        let _install = backing.generation().lock_install();
+        let install = backing.generation().lock_install();
+        // Huge pages where fresh memory is served so (an allocation through
+        // the file gets them only under some host settings), then the rest.
+        region.prefill_huge(&install, off, n);
         backing.allocate(region.file_range(off, n))?;
         region.discarded().clear_range(off / page, (off + n) / page);
         Ok(n)

@@ -14,7 +14,7 @@ use vm_memory::{
 };
 
 use crate::backing::{BackingFile, BackingKind};
-use crate::generation::FileRange;
+use crate::generation::{FileRange, InstallGuard};
 use crate::pagemap::PageBits;
 use crate::source::PageSource;
 use crate::{Error, Result};
@@ -107,6 +107,9 @@ pub struct Region {
     pub(crate) inaccessible: std::sync::Mutex<Vec<(u64, u64)>>,
     pub(crate) source: Option<RegionSource>,
     pub(crate) readahead: ReadaheadState,
+    /// Where fresh memory is served a huge page at a time (set when a fault
+    /// handler starts, if the host allows it).
+    pub(crate) huge_fill: std::sync::OnceLock<crate::huge_fill::FillMapping>,
 }
 
 impl fmt::Debug for Region {
@@ -192,6 +195,7 @@ impl Region {
             inaccessible: std::sync::Mutex::new(Vec::new()),
             source,
             readahead: ReadaheadState::default(),
+            huge_fill: std::sync::OnceLock::new(),
         };
         // Pages past the backed size have no source contents.
         region
@@ -412,6 +416,109 @@ impl Region {
             return start.max(offset).min(backed);
         }
         backed
+    }
+
+    /// Lets faults on fresh memory be served a huge page at a time, where
+    /// the host gives this region's file huge pages (see
+    /// [`crate::huge_fill`]). Returns whether it does.
+    pub(crate) fn enable_huge_fill(&self) -> bool {
+        use crate::huge_fill::{memfd_huge_pages, tmpfs_huge_pages, FillMapping, HUGE};
+        use std::os::fd::AsFd;
+        if self.huge_fill.get().is_some() {
+            return true;
+        }
+        let fd = self.backing.file().as_fd();
+        let allowed = match self.backing.kind() {
+            BackingKind::Memfd => memfd_huge_pages(),
+            BackingKind::Tmpfs => tmpfs_huge_pages(fd),
+            BackingKind::Hugetlbfs | BackingKind::Regular => false,
+        };
+        // The guest's mapping maps a huge folio with one PMD only where its
+        // address and the file offset agree modulo the huge page size.
+        let aligned = self.host_addr() % HUGE == 0 && self.file_offset % HUGE == 0;
+        if !allowed
+            || self.private
+            || self.source.is_some()
+            || !crate::fault::target::is_base_page(self.page_size())
+            || self.max_size < HUGE
+        {
+            return false;
+        }
+        if !aligned {
+            log::info!(
+                "region {}: mapped at {:#x} (file offset {:#x}), not 2 MiB aligned: fresh \
+                 memory is served 4 KiB at a time",
+                self.index,
+                self.host_addr(),
+                self.file_offset
+            );
+            return false;
+        }
+        match FillMapping::new(fd, self.file_offset, self.max_size) {
+            Ok(m) => {
+                let _ = self.huge_fill.set(m);
+                true
+            }
+            Err(e) => {
+                log::info!("region {}: no huge page fills ({e})", self.index);
+                false
+            }
+        }
+    }
+
+    /// Fills the huge page around `offset` with zeros if the whole of it is
+    /// fresh: inside the backed size, reachable, nothing given back or
+    /// poisoned, no page there yet. Returns the filled window's offset.
+    /// Runs under the install lock (it is an install).
+    pub(crate) fn fill_huge(&self, _guard: &InstallGuard<'_>, offset: u64) -> Option<u64> {
+        use crate::huge_fill::HUGE;
+        let fill = self.huge_fill.get()?;
+        let start = offset & !(HUGE - 1);
+        let end = start + HUGE;
+        let page = self.page_size();
+        if end > self.backed_size()
+            || self.reachable_end(start) < end
+            || self
+                .discarded()
+                .first_set(start / page, end / page)
+                .is_some()
+            || self.is_poisoned(start, HUGE)
+            || !matches!(
+                self.backing.has_data(self.file_range(start, HUGE)),
+                Ok(false)
+            )
+        {
+            return None;
+        }
+        match fill.fill(start) {
+            Ok(()) => Some(start),
+            Err(e) => {
+                log::debug!(
+                    "region {}: filling {start:#x}+2M failed ({e}); 4 KiB pages instead",
+                    self.index
+                );
+                None
+            }
+        }
+    }
+
+    /// Fills the fresh huge pages `[offset, offset + len)` overlaps, before
+    /// contents are written into the file there: a write through the file
+    /// gets small pages where the host gives huge ones only to mappings
+    /// that ask (`advise`). Returns how many were filled.
+    pub(crate) fn prefill_huge(&self, guard: &InstallGuard<'_>, offset: u64, len: u64) -> u64 {
+        use crate::huge_fill::HUGE;
+        if self.huge_fill.get().is_none() {
+            return 0;
+        }
+        let end = offset.saturating_add(len).min(self.max_size);
+        let mut at = offset & !(HUGE - 1);
+        let mut filled = 0;
+        while at < end {
+            filled += u64::from(self.fill_huge(guard, at).is_some());
+            at += HUGE;
+        }
+        filled
     }
 
     /// The parts of `[offset, offset + len)` kept out of reach.

@@ -191,6 +191,9 @@ counters! {
     pages_installed,
     /// Pages installed ahead of the faulting one.
     readahead_pages,
+    /// Huge pages of fresh shmem memory filled whole instead of installed
+    /// page by page (their pages count as installed).
+    huge_fills,
     /// Installs that found the faulting page already there (`EEXIST`).
     already_present,
     /// Fetched contents dropped because an invalidation overlapped them.

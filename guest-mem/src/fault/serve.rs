@@ -212,6 +212,16 @@ pub(crate) fn serve_fault<T: RegionTable>(
                 break 'fetch;
             }
             len = len.min(reach - offset);
+            if let Contents::Zero = contents {
+                if let Some(start) = region.fill_huge(&guard, offset) {
+                    let pages = crate::huge_fill::HUGE / page;
+                    stats.huge_fills.fetch_add(1, Relaxed);
+                    stats.pages_installed.fetch_add(pages, Relaxed);
+                    stats.readahead_pages.fetch_add(pages - 1, Relaxed);
+                    wake(ctx, region.host_addr() + start, crate::huge_fill::HUGE);
+                    break 'fetch;
+                }
+            }
             match install(ctx, region, &guard, offset, len, contents, scratch) {
                 Installed::Done => break 'fetch,
                 Installed::Retry => {

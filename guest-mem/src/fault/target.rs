@@ -48,6 +48,13 @@ pub(crate) trait FaultRegion: Send + Sync {
     /// peer's regions keep no poisoned set: they are never poisoned).
     fn record_poisoned(&self, _guard: &InstallGuard<'_>, _page: u64) {}
 
+    /// Serves fresh memory around `offset` a huge page at a time where it
+    /// can ([`crate::huge_fill`]), under the install lock: the filled
+    /// window's offset, or `None` to install pages as usual.
+    fn fill_huge(&self, _guard: &InstallGuard<'_>, _offset: u64) -> Option<u64> {
+        None
+    }
+
     fn contains_host(&self, addr: u64) -> bool {
         addr >= self.host_addr() && addr - self.host_addr() < self.max_size()
     }
@@ -107,6 +114,9 @@ impl FaultRegion for Region {
     }
     fn zero_by_copy(&self) -> bool {
         self.backing().kind() == BackingKind::Hugetlbfs
+    }
+    fn fill_huge(&self, guard: &InstallGuard<'_>, offset: u64) -> Option<u64> {
+        Region::fill_huge(self, guard, offset)
     }
     fn record_poisoned(&self, guard: &InstallGuard<'_>, page: u64) {
         let file_page = self.file_offset() / Region::page_size(self) + page;

@@ -1,0 +1,236 @@
+//! Fresh shmem memory served a huge page at a time.
+//!
+//! A first touch of fresh memory (never touched, never given back) is
+//! served with zeros. `UFFDIO_ZEROPAGE` puts one 4 KiB page in the file, so
+//! the guest's mapping, and KVM's mapping after it, take the memory 4 KiB
+//! at a time: a Linux guest's boot then costs thousands of nested page
+//! faults where the host is itself a guest. Where the host lets shmem use
+//! huge pages (`shmem_enabled` for a memfd, the mount's `huge=` for a tmpfs
+//! file; `advise` is enough), the handler instead populates the aligned
+//! 2 MiB window around the fault through a second mapping of the file,
+//! marked `MADV_HUGEPAGE` and not registered with the userfaultfd. The file
+//! gets one huge folio; the woken thread finds it in the page cache and the
+//! kernel maps it with one PMD, so KVM maps it 2 MiB at a time too.
+//!
+//! A fill is an install: it runs under the install lock, after the
+//! generation re-check, and only over a window that lies in the backed
+//! size, is reachable, has no page given back or poisoned, and holds no
+//! page yet (else 4 KiB installs go on: a fill there would allocate what
+//! the guest gave back, or a folio of small pages).
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// A huge page: what one fill populates.
+pub(crate) const HUGE: u64 = 2 << 20;
+
+/// The `[name]` a THP setting file shows selected.
+fn selected(setting: &str) -> Option<&str> {
+    let start = setting.find('[')? + 1;
+    let len = setting[start..].find(']')?;
+    Some(&setting[start..start + len])
+}
+
+/// Whether shmem on the kernel's internal mount (memfds) may get huge
+/// pages through a mapping marked `MADV_HUGEPAGE`, from the global
+/// `shmem_enabled` and, where the kernel has per-size settings, the 2 MiB
+/// one (`inherit` defers to the global one).
+fn memfd_allows(global: &str, pmd_size: Option<&str>) -> bool {
+    let allows = |s: &str| matches!(s, "always" | "within_size" | "advise" | "force");
+    match pmd_size.and_then(selected) {
+        Some("inherit") | None => selected(global).is_some_and(allows),
+        Some(s) => allows(s) || selected(global) == Some("force"),
+    }
+}
+
+/// Whether a tmpfs mount with these options gives huge pages to a mapping
+/// marked `MADV_HUGEPAGE`.
+fn tmpfs_allows(mount_options: &str, global: &str) -> bool {
+    selected(global) == Some("force")
+        || mount_options
+            .split(',')
+            .any(|o| matches!(o, "huge=always" | "huge=within_size" | "huge=advise"))
+}
+
+const THP: &str = "/sys/kernel/mm/transparent_hugepage";
+
+/// Whether this host gives a memfd huge pages when asked.
+pub(crate) fn memfd_huge_pages() -> bool {
+    let Ok(global) = std::fs::read_to_string(format!("{THP}/shmem_enabled")) else {
+        return false;
+    };
+    let pmd = std::fs::read_to_string(format!("{THP}/hugepages-2048kB/shmem_enabled")).ok();
+    pmd_is_2m() && memfd_allows(&global, pmd.as_deref())
+}
+
+/// Whether the tmpfs file `fd` lies on gives it huge pages when asked.
+pub(crate) fn tmpfs_huge_pages(fd: BorrowedFd<'_>) -> bool {
+    let Ok(global) = std::fs::read_to_string(format!("{THP}/shmem_enabled")) else {
+        return false;
+    };
+    // SAFETY: stat is plain data; zeroed is a valid value for it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a stat we own.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    let dev = format!("{}:{}", libc::major(st.st_dev), libc::minor(st.st_dev));
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    pmd_is_2m() && mount_options(&mounts, &dev).is_some_and(|o| tmpfs_allows(o, &global))
+}
+
+/// The super block options of the mount of device `dev` ("major:minor")
+/// in a `mountinfo` listing.
+fn mount_options<'a>(mountinfo: &'a str, dev: &str) -> Option<&'a str> {
+    mountinfo.lines().find_map(|l| {
+        let mut fields = l.split(' ');
+        if fields.nth(2)? != dev {
+            return None;
+        }
+        // After the optional fields' " - ": type, source, super options.
+        let (_, tail) = l.split_once(" - ")?;
+        tail.split(' ').nth(2)
+    })
+}
+
+fn pmd_is_2m() -> bool {
+    std::fs::read_to_string(format!("{THP}/hpage_pmd_size"))
+        .is_ok_and(|s| s.trim().parse::<u64>() == Ok(HUGE))
+}
+
+/// A second shared mapping of a region's window of its file, marked
+/// `MADV_HUGEPAGE`, through which fills populate huge folios.
+#[derive(Debug)]
+pub(crate) struct FillMapping {
+    addr: u64,
+    len: u64,
+}
+
+// SAFETY: the mapping is only an address range; every access goes through
+// madvise, which the kernel checks.
+unsafe impl Send for FillMapping {}
+// SAFETY: as above.
+unsafe impl Sync for FillMapping {}
+
+impl FillMapping {
+    /// Maps `len` bytes of `fd` from `file_offset`.
+    pub(crate) fn new(fd: BorrowedFd<'_>, file_offset: u64, len: u64) -> io::Result<Self> {
+        // SAFETY: a new shared mapping at an address of the kernel's choice;
+        // nothing else is affected.
+        let addr = unsafe {
+            libc::mmap64(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                file_offset as i64,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let m = FillMapping {
+            addr: addr as u64,
+            len,
+        };
+        m.advise(0, len, libc::MADV_HUGEPAGE)?;
+        Ok(m)
+    }
+
+    /// Populates `[offset, offset + HUGE)` of the window (writing, so the
+    /// file allocates), then drops this mapping's own page table entries:
+    /// the pages stay in the file for the guest's mapping to find.
+    ///
+    /// The caller holds the install lock and has checked that the range
+    /// lies inside the file (a populate past the end fails with `EFAULT`,
+    /// it raises no signal).
+    pub(crate) fn fill(&self, offset: u64) -> io::Result<()> {
+        self.advise(offset, HUGE, libc::MADV_POPULATE_WRITE)?;
+        self.advise(offset, HUGE, libc::MADV_DONTNEED)
+    }
+
+    fn advise(&self, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: the range lies inside our own mapping (checked above),
+        // which nothing reads through: populating and dropping its page
+        // table entries changes no memory anyone holds a reference to.
+        let rc = unsafe {
+            libc::madvise(
+                (self.addr + offset) as *mut libc::c_void,
+                len as usize,
+                advice,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FillMapping {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_that_give_a_memfd_huge_pages() {
+        let g =
+            |s: &str| "always within_size advise never deny force".replace(s, &format!("[{s}]"));
+        assert!(memfd_allows(&g("advise"), None));
+        assert!(memfd_allows(&g("within_size"), None));
+        assert!(!memfd_allows(&g("never"), None));
+        assert!(!memfd_allows(&g("deny"), None));
+        let inherit = "always [inherit] within_size advise never";
+        assert!(memfd_allows(&g("advise"), Some(inherit)));
+        assert!(!memfd_allows(&g("never"), Some(inherit)));
+        // A 2 MiB setting of its own overrides the global one.
+        assert!(!memfd_allows(
+            &g("advise"),
+            Some("always inherit within_size advise [never]")
+        ));
+        assert!(memfd_allows(
+            &g("never"),
+            Some("always inherit within_size [advise] never")
+        ));
+        assert!(memfd_allows(
+            &g("force"),
+            Some("always inherit within_size advise [never]")
+        ));
+        assert!(!memfd_allows("garbage", None));
+    }
+
+    #[test]
+    fn tmpfs_mount_options_are_found_and_read() {
+        let info = "22 1 0:21 / /dev/shm rw,nosuid,nodev shared:2 - tmpfs tmpfs rw,size=65536k\n\
+                    40 22 0:37 / /mnt/vm rw,relatime - tmpfs vm rw,size=1048576k,huge=advise,inode64\n";
+        assert_eq!(mount_options(info, "0:21"), Some("rw,size=65536k"));
+        let vm = mount_options(info, "0:37").unwrap();
+        assert!(tmpfs_allows(
+            vm,
+            "always within_size advise [never] deny force"
+        ));
+        assert!(!tmpfs_allows(
+            "rw,size=65536k",
+            "always within_size advise [never] deny force"
+        ));
+        assert!(tmpfs_allows(
+            "rw",
+            "always within_size advise never deny [force]"
+        ));
+        assert!(!tmpfs_allows("rw,huge=never", "[never]"));
+        assert_eq!(mount_options(info, "0:99"), None);
+        assert_eq!(mount_options("short line", "0:21"), None);
+    }
+}
