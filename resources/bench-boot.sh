@@ -21,7 +21,14 @@
 # Prints a table and writes target/bench/boot.json (medians, every run;
 # kvm_exits has the profiled boot's exits).
 #
-# Usage: resources/bench-boot.sh [--runs N] [--memory MiB] [--vcpus N]
+# --shmem-thp MODE sets the L1's shmem huge page policy
+# (/sys/kernel/mm/transparent_hugepage/shmem_enabled: never, advise,
+# within_size, always) for both VMMs' memfd guest RAM; the default leaves
+# the L1 kernel's own (Debian: never). With advise or more, this VMM serves
+# fresh memory 2 MiB at a time and QEMU, which marks its RAM MADV_HUGEPAGE,
+# gets huge pages where its mapping is aligned.
+#
+# Usage: resources/bench-boot.sh [--runs N] [--memory MiB] [--vcpus N] [--shmem-thp MODE]
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=bench-lib.sh
 . "$(dirname "$0")/bench-lib.sh"
@@ -29,15 +36,21 @@ set -euo pipefail
 runs=5
 memory=256
 vcpus=1
+shmem_thp=
 while (($#)); do
     case "$1" in
         --runs) runs="$2"; shift 2 ;;
         --memory) memory="$2"; shift 2 ;;
         --vcpus) vcpus="$2"; shift 2 ;;
+        --shmem-thp) shmem_thp="$2"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
+case "$shmem_thp" in
+    "" | never | advise | within_size | always) ;;
+    *) die "--shmem-thp takes never, advise, within_size or always" ;;
+esac
 for v in "$runs" "$memory" "$vcpus"; do
     [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "--runs, --memory and --vcpus take positive integers"
 done
@@ -87,6 +100,9 @@ measure() {
     echo "BENCH \$name run=\$run boot_s=\$boot rss_mib=\$rss guest_uptime_s=\$up exit=\$code"
 }
 echo $((memory / 2 + 8)) >/proc/sys/vm/nr_hugepages
+thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+[ -z "$shmem_thp" ] || echo $shmem_thp >\$thp
+echo "SHMEM-THP \$(sed 's/.*\[\(.*\)\].*/\1/' \$thp 2>/dev/null || echo none)"
 echo "HUGE-PAGES reserved=\$(cat /proc/sys/vm/nr_hugepages) wanted=$((memory / 2 + 8))"
 boot_all() {
     measure vmm /bin/vmm --kernel /guest/vmlinux --initrd /guest/bench.cpio.gz \\
@@ -122,6 +138,8 @@ python3 - "$GUEST_CACHE/bench/boot.log" "$(cat "$GUEST_KERNEL_DIR/VERSION")" "$m
     "$REPO_ROOT/target/bench/boot.json" "$(cat "$L1_KERNEL_DIR/VERSION")" <<'PY'
 import json, re, statistics, sys
 log, version, memory, vcpus, out_path, l1_version = sys.argv[1:7]
+thp = re.search(r"SHMEM-THP (\w+)", open(log, errors="replace").read())
+shmem_thp = thp.group(1) if thp else None
 runs = {"vmm": [], "vmm-no-pre-fault": [], "vmm-kernel-faults": [], "qemu": [], "vmm-hugetlbfs": [], "qemu-hugetlbfs": []}
 for line in open(log, errors="replace"):
     m = re.search(r"BENCH ([\w-]+) run=\d+ boot_s=([\d.]+) rss_mib=([\d.]+)"
@@ -154,6 +172,7 @@ out = {
     "vmm_hugetlbfs_boot_s": med.get("vmm-hugetlbfs", {}).get("boot_s"),
     "qemu_hugetlbfs_boot_s": med.get("qemu-hugetlbfs", {}).get("boot_s"),
     "kernel": version, "l1_kernel": l1_version, "memory_mib": int(memory), "vcpus": int(vcpus),
+    "shmem_thp": shmem_thp,
     "runs": runs,
     "kvm_exits_runs": exits,
     "kvm_exits": {k: {f: statistics.median(e[f] for e in v) for f in ("total", "npf", "io", "msr")}
@@ -175,5 +194,6 @@ for k, e in out["kvm_exits"].items():
           f" I/O {e['io']:>5.0f}, MSR {e['msr']:>5.0f}")
 if "hugetlbfs_boot_ratio" in out:
     print(f"boot time vmm/qemu on huge pages: {out['hugetlbfs_boot_ratio']:.2f}x")
-print(f"boot time vmm/qemu: {out['boot_ratio']:.2f}x   -> {out_path}")
+print(f"boot time vmm/qemu: {out['boot_ratio']:.2f}x (L1 {l1_version}, shmem huge pages:"
+      f" {shmem_thp})   -> {out_path}")
 PY
