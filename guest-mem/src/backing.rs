@@ -87,7 +87,12 @@ pub struct BackingFile {
     poisoned: OnceLock<PageBits>,
     /// How many bits of `poisoned` are set (the accesses' fast path).
     poisoned_count: AtomicU64,
+    /// Huge fills may have put huge pages in the file (shmem).
+    huge_pages: std::sync::atomic::AtomicBool,
 }
+
+/// Punches after the first where a huge page could not be split.
+const PUNCH_ATTEMPTS: u32 = 3;
 
 fn page_size() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
@@ -311,6 +316,7 @@ impl BackingFile {
             discard_map: OnceLock::new(),
             poisoned: OnceLock::new(),
             poisoned_count: AtomicU64::new(0),
+            huge_pages: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -459,14 +465,48 @@ impl BackingFile {
             self.unpoison(range);
             let end = range.end.min(self.size());
             if end > range.start {
-                self.punch_hole(FileRange {
+                let range = FileRange {
                     start: range.start,
                     end,
-                })
+                };
+                self.punch_hole(range)?;
+                self.punch_again_if_kept(range)
             } else {
                 Ok(())
             }
         })
+    }
+
+    /// Tells discards that the file may hold huge pages (shmem huge fills).
+    pub(crate) fn may_hold_huge_pages(&self) {
+        self.huge_pages.store(true, Ordering::Release);
+    }
+
+    /// A punch inside a shmem huge page splits it; a split that meets a
+    /// page briefly referenced elsewhere (a vCPU faulting on a neighbour
+    /// in the same huge page) fails, and the kernel then only zeroes the
+    /// range, keeping its memory. Punch again a few times while the range
+    /// still holds pages (nothing installs meanwhile: this runs inside the
+    /// invalidation).
+    fn punch_again_if_kept(&self, range: FileRange) -> Result<()> {
+        if !self.huge_pages.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        for _ in 0..PUNCH_ATTEMPTS {
+            if !matches!(self.has_data(range), Ok(true)) {
+                return Ok(());
+            }
+            std::thread::yield_now();
+            self.punch_hole(range)?;
+        }
+        if matches!(self.has_data(range), Ok(true)) {
+            log::debug!(
+                "{:#x}..{:#x}: its huge page could not be split; zeroed, memory kept",
+                range.start,
+                range.end
+            );
+        }
+        Ok(())
     }
 
     /// Truncates the file to `new_size` as one invalidation of the removed

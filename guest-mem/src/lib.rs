@@ -50,6 +50,8 @@ pub mod region;
 pub mod source;
 pub mod stats;
 mod sync;
+#[cfg(feature = "test-switches")]
+pub mod testing;
 
 pub use access::{DeviceMemory, MemoryGuard};
 pub use backing::{BackingFile, BackingKind};

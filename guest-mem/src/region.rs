@@ -456,6 +456,7 @@ impl Region {
         }
         match FillMapping::new(fd, self.file_offset, self.max_size) {
             Ok(m) => {
+                self.backing.may_hold_huge_pages();
                 let _ = self.huge_fill.set(m);
                 true
             }

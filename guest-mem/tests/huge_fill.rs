@@ -4,62 +4,16 @@
 //!
 //! Needs a tmpfs mounted with `huge=advise` (root); skipped without one.
 
-use std::path::PathBuf;
-
+use guest_mem::testing::HugeTmpfs;
 use guest_mem::vm_memory::GuestAddress;
 use guest_mem::{Backing, FaultConfig, GuestMem, RegionConfig};
 
 const PAGE: u64 = 4096;
 const HUGE: u64 = 2 << 20;
 
-/// A tmpfs mounted with `huge=advise`, unmounted on drop.
-struct HugeTmpfs(PathBuf);
-
-impl HugeTmpfs {
-    fn mount(name: &str) -> Option<HugeTmpfs> {
-        let dir = std::env::temp_dir().join(format!("gm-huge-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok()?;
-        let c = |s: &str| std::ffi::CString::new(s).unwrap();
-        let (src, target, fs, opts) = (
-            c("tmpfs"),
-            c(dir.to_str()?),
-            c("tmpfs"),
-            c("size=64m,huge=advise"),
-        );
-        // SAFETY: NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fs.as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            eprintln!(
-                "skipped: mounting a tmpfs with huge=advise: {}",
-                std::io::Error::last_os_error()
-            );
-            let _ = std::fs::remove_dir(&dir);
-            return None;
-        }
-        Some(HugeTmpfs(dir))
-    }
-}
-
-impl Drop for HugeTmpfs {
-    fn drop(&mut self) {
-        let target = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
-        // SAFETY: a NUL-terminated path we mounted.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 fn build(fs: &HugeTmpfs, name: &str, huge_fill: bool) -> Option<GuestMem> {
     let mut region = RegionConfig::new(0, 16 << 20);
-    region.backing = Backing::File(fs.0.join(name));
+    region.backing = Backing::File(fs.path().join(name));
     let mem = GuestMem::builder()
         .region(region)
         .fault_config(FaultConfig {
@@ -106,7 +60,7 @@ fn pmd_mapped_kib(addr: u64) -> u64 {
 
 #[test]
 fn a_first_touch_of_fresh_memory_takes_one_huge_page() {
-    let Some(fs) = HugeTmpfs::mount("fresh") else {
+    let Some(fs) = HugeTmpfs::mount("fresh", 64 << 20) else {
         return;
     };
     let Some(mem) = build(&fs, "ram", true) else {
@@ -139,7 +93,7 @@ fn a_first_touch_of_fresh_memory_takes_one_huge_page() {
 
 #[test]
 fn memory_given_back_or_holding_contents_is_never_filled() {
-    let Some(fs) = HugeTmpfs::mount("kept") else {
+    let Some(fs) = HugeTmpfs::mount("kept", 64 << 20) else {
         return;
     };
     let Some(mem) = build(&fs, "ram", true) else {
@@ -174,7 +128,7 @@ fn memory_given_back_or_holding_contents_is_never_filled() {
 
 #[test]
 fn turned_off_it_installs_pages() {
-    let Some(fs) = HugeTmpfs::mount("off") else {
+    let Some(fs) = HugeTmpfs::mount("off", 64 << 20) else {
         return;
     };
     let Some(mem) = build(&fs, "ram", false) else {
@@ -192,14 +146,14 @@ fn an_image_placed_through_the_file_lands_in_huge_pages() {
     use guest_mem::vm_memory::{Bytes, GuestAddressSpace};
     use std::io::{Seek, Write};
 
-    let Some(fs) = HugeTmpfs::mount("image") else {
+    let Some(fs) = HugeTmpfs::mount("image", 64 << 20) else {
         return;
     };
     let Some(mem) = build(&fs, "ram", true) else {
         return;
     };
     let image: Vec<u8> = (0..HUGE + 5 * PAGE).map(|i| (i % 251) as u8 | 1).collect();
-    let path = fs.0.join("kernel");
+    let path = fs.path().join("kernel");
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -235,7 +189,7 @@ fn an_image_placed_through_the_file_lands_in_huge_pages() {
 
 #[test]
 fn populated_memory_is_populated_in_huge_pages() {
-    let Some(fs) = HugeTmpfs::mount("populate") else {
+    let Some(fs) = HugeTmpfs::mount("populate", 64 << 20) else {
         return;
     };
     let Some(mem) = build(&fs, "ram", true) else {
