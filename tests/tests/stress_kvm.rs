@@ -92,3 +92,30 @@ fn a_snapshot_mid_run_restores_lazily_and_the_churn_carries_on() {
     assert!(v.verified_writes > 0 && v.inflated_pages > 0 && v.deflated_pages > 0);
     assert!(v.shrinks > 0 && v.grows > 0);
 }
+
+/// The same churn on memory that reads zero when fresh, backed by a tmpfs
+/// that gives huge pages: the fault handler fills fresh memory a 2 MiB
+/// huge page at a time while the balloon, free page reporting and the
+/// shrinks give pages back. Nothing written is lost (a fill never covers a
+/// page holding contents) and nothing given back is backed again (never
+/// one over a page given back, even racing its discard).
+#[test]
+fn fresh_memory_filled_a_huge_page_at_a_time_loses_nothing() {
+    if !kvm_available() {
+        eprintln!("skipped: /dev/kvm is not available");
+        return;
+    }
+    let Some(fs) = guest_mem::testing::HugeTmpfs::mount("stress", 128 << 20) else {
+        return;
+    };
+    let cfg = StressConfig {
+        zero_fresh_in: Some(fs.path().to_path_buf()),
+        ..config(false)
+    };
+    let v = run(&cfg);
+    assert!(v.passed(), "{}", v.table());
+    assert!(v.huge_fills > 0, "no huge page was filled: {}", v.table());
+    assert!(v.verified_writes > 0 && v.inflated_pages > 0 && v.deflated_pages > 0);
+    assert!(v.shrinks > 0 && v.grows > 0);
+    assert_eq!(v.returned_pct, 100.0);
+}

@@ -49,6 +49,11 @@ struct Args {
     /// in a VM restored lazily from the snapshot.
     #[arg(long)]
     snapshot_at: Option<f64>,
+    /// Back guest memory with files in DIR (say a tmpfs mounted
+    /// `huge=advise`) and let fresh memory read zero, so that the fault
+    /// handler fills it a huge page at a time where the mount allows.
+    #[arg(long, value_name = "DIR", conflicts_with = "snapshot_at")]
+    zero_fresh_in: Option<PathBuf>,
     /// Where to write the JSON verdict.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
         progress: true,
         seccomp: !a.no_seccomp,
         snapshot_at: a.snapshot_at.map(Duration::from_secs_f64),
+        zero_fresh_in: a.zero_fresh_in.clone(),
     };
     let result = if a.compare_recheck {
         compare(

@@ -52,6 +52,11 @@ pub struct StressConfig {
     /// Pause and snapshot the VM this far into the run, end it, restore the
     /// snapshot (lazily) into a fresh VM and drive that one to the end.
     pub snapshot_at: Option<Duration>,
+    /// Back guest memory with files in this directory (a tmpfs that may
+    /// give huge pages) and let fresh memory read zero instead of coming
+    /// from a page source: then the fault handler fills fresh memory a
+    /// huge page at a time where the mount allows it.
+    pub zero_fresh_in: Option<std::path::PathBuf>,
 }
 
 impl Default for StressConfig {
@@ -68,6 +73,7 @@ impl Default for StressConfig {
             progress: false,
             seccomp: true,
             snapshot_at: None,
+            zero_fresh_in: None,
         }
     }
 }
@@ -104,15 +110,23 @@ impl PageSource for FreshSource {
     }
 }
 
-fn region(guest_addr: u64, size: u64, resizable: bool) -> RegionConfig {
+fn region(cfg: &StressConfig, guest_addr: u64, size: u64, resizable: bool) -> RegionConfig {
     let mut rc = RegionConfig::new(guest_addr, size);
     if resizable {
         rc.max_size = Some(size);
     }
-    rc.source = Some(RegionSource {
-        source: Arc::new(FreshSource { len: size }),
-        offset: 0,
-    });
+    match &cfg.zero_fresh_in {
+        Some(dir) => {
+            let name = if resizable { "window" } else { "ram" };
+            rc.backing = guest_mem::Backing::File(dir.join(name));
+        }
+        None => {
+            rc.source = Some(RegionSource {
+                source: Arc::new(FreshSource { len: size }),
+                offset: 0,
+            });
+        }
+    }
     rc
 }
 
@@ -129,10 +143,10 @@ fn fault_config(cfg: &StressConfig) -> FaultConfig {
 
 fn build_memory(cfg: &StressConfig, window_base: u64) -> Result<GuestMem, String> {
     let mut builder = GuestMem::builder()
-        .region(region(0, cfg.memory, false))
+        .region(region(cfg, 0, cfg.memory, false))
         .fault_config(fault_config(cfg));
     if cfg.window > 0 {
-        builder = builder.region(region(window_base, cfg.window, true));
+        builder = builder.region(region(cfg, window_base, cfg.window, true));
     }
     builder
         .build()
