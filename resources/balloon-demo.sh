@@ -7,7 +7,8 @@
 # busybox runs it; l1-lib.sh must be beside it.
 #
 # Environment: INITRD (path), MEMORY_MIB (512), TARGET_MIB (half), VCPUS (1),
-# and l1-lib.sh's (VMM, VMMCTL, KERNEL, VMM_CPU).
+# VMM_ARGS (more VMM options, split on spaces), and l1-lib.sh's (VMM,
+# VMMCTL, KERNEL, VMM_CPU).
 INITRD=${INITRD:-/guest/balloon.cpio.gz}
 MEMORY_MIB=${MEMORY_MIB:-512}
 TARGET_MIB=${TARGET_MIB:-$((MEMORY_MIB / 2))}
@@ -20,7 +21,8 @@ guest_line() { grep "$1" "$serial" | tail -1; }
 # The VMM's resident memory (guest RAM included: it is mapped once).
 rss_mib() { awk '/^VmRSS/ { print int($2 / 1024) }' "/proc/$vmm/status"; }
 
-start_vmm --vcpus "$VCPUS" --mem-backend memfd --fault-handler uffd --balloon
+# shellcheck disable=SC2086 # VMM_ARGS is a list of options
+start_vmm --vcpus "$VCPUS" --mem-backend memfd --fault-handler uffd --balloon ${VMM_ARGS:-}
 wait_guest GUEST-READY || exit 1
 
 wait_actual() {
@@ -44,6 +46,6 @@ echo "== deflating the balloon to 0 MiB"
 wait_actual 0 || exit 1
 echo "HOST-DEFLATED allocated_mib=$(field /vm host_allocated_mib) rss_mib=$(rss_mib)"
 sleep 3
-echo "FAULTS-SETTLED pages_installed=$(field /metrics pages_installed)"
+echo "FAULTS-SETTLED pages_installed=$(field /metrics pages_installed) huge_fills=$(field /metrics huge_fills)"
 echo "== deflated: guest $(guest_line GUEST-MEM | cut -d' ' -f2), host memfd allocated $(field /vm host_allocated_mib) MiB (pages come back as the guest touches them)"
 finish_vmm
