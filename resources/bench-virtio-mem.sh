@@ -43,6 +43,9 @@
 #                   --memory (QEMU's window memfd is told apart by its size;
 #                   default 1024)
 #   --plug MiB      memory to plug and unplug, a multiple of 2 (default 256)
+#   --shmem-thp M   the L1's shmem huge page policy for both VMMs' guest
+#                   memory (never, advise, within_size, always; default: the
+#                   L1 kernel's own, Debian's never)
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=bench-lib.sh
 . "$(dirname "$0")/bench-lib.sh"
@@ -51,16 +54,22 @@ runs=3
 memory=512
 window=1024
 plug=256
+shmem_thp=
 while (($#)); do
     case "$1" in
         --runs) runs="$2"; shift 2 ;;
         --memory) memory="$2"; shift 2 ;;
         --window) window="$2"; shift 2 ;;
         --plug) plug="$2"; shift 2 ;;
+        --shmem-thp) shmem_thp="$2"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
+case "$shmem_thp" in
+    "" | never | advise | within_size | always) ;;
+    *) die "--shmem-thp takes never, advise, within_size or always" ;;
+esac
 for v in "$runs" "$memory" "$window" "$plug"; do
     [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "--runs, --memory, --window and --plug take positive integers"
 done
@@ -283,6 +292,7 @@ bench_qemu() {
     return 0
 }
 
+[ -z "$shmem_thp" ] || echo $shmem_thp >/sys/kernel/mm/transparent_hugepage/shmem_enabled
 echo "BENCH-L1 cpus=\$(grep -c ^processor /proc/cpuinfo) shmem_thp=\$(sed 's/.*\[\(.*\)\].*/\1/' /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null) qemu=\$(qemu-system-x86_64 --version | head -1 | tr ' ' _)"
 run=1
 while [ \$run -le $runs ]; do
@@ -312,6 +322,7 @@ runs = {"vmm": [], "qemu": []}
 problems = []
 counters = []
 qemu_version = None
+shmem_thp = None
 for line in open(log, errors="replace"):
     m = pat.search(line)
     if m and m.group(1) in runs:
@@ -333,6 +344,8 @@ for line in open(log, errors="replace"):
         problems.append(line.strip())
     elif "BENCH-L1" in line:
         qemu_version = line.split("qemu=")[-1].strip().replace("_", " ")
+        thp = re.search(r"shmem_thp=(\w+)", line)
+        shmem_thp = thp.group(1) if thp else None
 if not runs["vmm"] or not runs["qemu"]:
     sys.exit(f"bench-virtio-mem: a VMM did not complete a run; see {log}")
 
@@ -385,6 +398,7 @@ out = {
     "run_count": min(len(runs["vmm"]), len(runs["qemu"])),
     "medians": m,
     "memory_mib": memory, "window_mib": window, "plug_mib": plug, "block_size_mib": 2,
+    "shmem_thp": shmem_thp,
     "qemu": (qemu_version or "qemu-system-x86_64") +
             ": -M q35, virtio-mem-pci, memory-backend-memfd share=on (boot RAM and window)",
     "returned_pct_method": "drop of the window memfd's allocated bytes (st_blocks) after unplug, "
