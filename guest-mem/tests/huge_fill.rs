@@ -4,16 +4,21 @@
 //!
 //! Needs a tmpfs mounted with `huge=advise` (root); skipped without one.
 
+mod common;
+
+use common::PAGE;
 use guest_mem::testing::HugeTmpfs;
 use guest_mem::vm_memory::GuestAddress;
 use guest_mem::{Backing, FaultConfig, GuestMem, RegionConfig};
 
-const PAGE: u64 = 4096;
 const HUGE: u64 = 2 << 20;
 
-fn build(fs: &HugeTmpfs, name: &str, huge_fill: bool) -> Option<GuestMem> {
+/// A huge=advise tmpfs and 16 MiB of guest memory on a file there; `None`
+/// (skipped) where either is not available.
+fn setup(name: &str, huge_fill: bool) -> Option<(HugeTmpfs, GuestMem)> {
+    let fs = HugeTmpfs::mount(name, 64 << 20)?;
     let mut region = RegionConfig::new(0, 16 << 20);
-    region.backing = Backing::File(fs.path().join(name));
+    region.backing = Backing::File(fs.path().join("ram"));
     let mem = GuestMem::builder()
         .region(region)
         .fault_config(FaultConfig {
@@ -26,7 +31,7 @@ fn build(fs: &HugeTmpfs, name: &str, huge_fill: bool) -> Option<GuestMem> {
         eprintln!("skipped: userfaultfd is not available");
         return None;
     }
-    Some(mem)
+    Some((fs, mem))
 }
 
 /// A first touch through the guest's mapping, as a vCPU's.
@@ -60,10 +65,7 @@ fn pmd_mapped_kib(addr: u64) -> u64 {
 
 #[test]
 fn a_first_touch_of_fresh_memory_takes_one_huge_page() {
-    let Some(fs) = HugeTmpfs::mount("fresh", 64 << 20) else {
-        return;
-    };
-    let Some(mem) = build(&fs, "ram", true) else {
+    let Some((_fs, mem)) = setup("fresh", true) else {
         return;
     };
     let backing = mem.regions()[0].backing().clone();
@@ -93,10 +95,7 @@ fn a_first_touch_of_fresh_memory_takes_one_huge_page() {
 
 #[test]
 fn memory_given_back_or_holding_contents_is_never_filled() {
-    let Some(fs) = HugeTmpfs::mount("kept", 64 << 20) else {
-        return;
-    };
-    let Some(mem) = build(&fs, "ram", true) else {
+    let Some((_fs, mem)) = setup("kept", true) else {
         return;
     };
     let backing = mem.regions()[0].backing().clone();
@@ -128,10 +127,7 @@ fn memory_given_back_or_holding_contents_is_never_filled() {
 
 #[test]
 fn turned_off_it_installs_pages() {
-    let Some(fs) = HugeTmpfs::mount("off", 64 << 20) else {
-        return;
-    };
-    let Some(mem) = build(&fs, "ram", false) else {
+    let Some((_fs, mem)) = setup("off", false) else {
         return;
     };
     assert_eq!(touch(&mem, HUGE), 0);
@@ -144,24 +140,13 @@ fn turned_off_it_installs_pages() {
 fn an_image_placed_through_the_file_lands_in_huge_pages() {
     use guest_mem::image::ImageFile;
     use guest_mem::vm_memory::{Bytes, GuestAddressSpace};
-    use std::io::{Seek, Write};
+    use std::io::Seek;
 
-    let Some(fs) = HugeTmpfs::mount("image", 64 << 20) else {
+    let Some((fs, mem)) = setup("image", true) else {
         return;
     };
-    let Some(mem) = build(&fs, "ram", true) else {
-        return;
-    };
-    let image: Vec<u8> = (0..HUGE + 5 * PAGE).map(|i| (i % 251) as u8 | 1).collect();
-    let path = fs.path().join("kernel");
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    f.write_all(&image).unwrap();
+    let dir = fs.path().to_str().unwrap();
+    let (mut f, image) = common::image_in(dir, "kernel", (HUGE + 5 * PAGE) as usize);
     f.rewind().unwrap();
     let at = GuestAddress(HUGE);
     let mut file = ImageFile::new(&mem, f);
@@ -189,10 +174,7 @@ fn an_image_placed_through_the_file_lands_in_huge_pages() {
 
 #[test]
 fn populated_memory_is_populated_in_huge_pages() {
-    let Some(fs) = HugeTmpfs::mount("populate", 64 << 20) else {
-        return;
-    };
-    let Some(mem) = build(&fs, "ram", true) else {
+    let Some((_fs, mem)) = setup("populate", true) else {
         return;
     };
     // Half a huge page in the middle of window 3: the whole window is

@@ -5,29 +5,12 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::io::{Seek, SeekFrom};
 
-use common::PAGE;
+use common::{image_in, PAGE};
 use guest_mem::image::ImageFile;
 use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use guest_mem::{GuestMem, RegionConfig};
-
-/// A file of `len` bytes with a position-dependent pattern, in `dir`.
-fn image_in(dir: &str, tag: &str, len: usize) -> (File, Vec<u8>) {
-    let path = PathBuf::from(dir).join(format!("guest-mem-image-{tag}-{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
-    let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8 | 1).collect();
-    f.write_all(&bytes).unwrap();
-    (f, bytes)
-}
 
 /// Loads `len` bytes of `file` from `file_off` at `gpa`, as linux-loader
 /// does for a segment; returns (spliced, read) byte counts.

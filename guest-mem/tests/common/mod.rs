@@ -173,3 +173,22 @@ pub fn ram_and_window(max_size: u64) -> Arc<GuestMem> {
             .unwrap(),
     )
 }
+
+/// A file of `len` bytes with a position-dependent pattern, in `dir`
+/// (already unlinked; positioned at its end).
+pub fn image_in(dir: &str, tag: &str, len: usize) -> (std::fs::File, Vec<u8>) {
+    use std::io::Write;
+    let path =
+        std::path::PathBuf::from(dir).join(format!("guest-mem-image-{tag}-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8 | 1).collect();
+    f.write_all(&bytes).unwrap();
+    (f, bytes)
+}
