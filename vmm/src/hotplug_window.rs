@@ -174,7 +174,7 @@ impl HotplugWindow {
             )
         };
         if rc != 0 {
-            return Err(guest_mem::Error::Config(format!(
+            return Err(guest_mem::Error::Mmap(format!(
                 "mprotect of the window at {offset:#x}+{len:#x}: {}",
                 std::io::Error::last_os_error()
             )));
