@@ -6,7 +6,9 @@
 //! (a memfd by default, or a file on tmpfs, hugetlbfs or disk) mapped into
 //! the VMM. First touches are served by handler threads reading a
 //! userfaultfd: they fetch contents from a [`PageSource`] (zero, or a memory
-//! image restored lazily) and install them, with adaptive readahead.
+//! image restored lazily) and install them, with adaptive readahead. Where
+//! the host lets shmem use huge pages, fresh memory is filled a 2 MiB huge
+//! page at a time instead ([`FaultConfig::huge_fill`]).
 //!
 //! Anything that takes memory away — [`GuestMem::discard`] (balloon inflate,
 //! free-page report) or [`GuestMem::resize`] down (unplug) — runs as one
