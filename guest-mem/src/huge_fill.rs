@@ -20,6 +20,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A huge page: what one fill populates.
 pub(crate) const HUGE: u64 = 2 << 20;
@@ -106,6 +107,8 @@ fn pmd_is_2m() -> bool {
 pub(crate) struct FillMapping {
     addr: u64,
     len: u64,
+    /// The kernel refused `MADV_POPULATE_WRITE`: no more fills.
+    unsupported: AtomicBool,
 }
 
 // SAFETY: the mapping is only an address range; every access goes through
@@ -135,6 +138,7 @@ impl FillMapping {
         let m = FillMapping {
             addr: addr as u64,
             len,
+            unsupported: AtomicBool::new(false),
         };
         m.advise(0, len, libc::MADV_HUGEPAGE)?;
         Ok(m)
@@ -148,13 +152,24 @@ impl FillMapping {
     /// lies inside the file (a populate past the end fails with `EFAULT`,
     /// it raises no signal).
     pub(crate) fn fill(&self, offset: u64) -> io::Result<()> {
-        self.advise(offset, HUGE, libc::MADV_POPULATE_WRITE)?;
+        if self.unsupported.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        if let Err(e) = self.advise(offset, HUGE, libc::MADV_POPULATE_WRITE) {
+            // Before Linux 5.14 there is no MADV_POPULATE_WRITE: stop
+            // trying, rather than fail one call per fault.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                self.unsupported.store(true, Ordering::Relaxed);
+                log::info!("no MADV_POPULATE_WRITE here: fresh memory is served 4 KiB at a time");
+            }
+            return Err(e);
+        }
         self.advise(offset, HUGE, libc::MADV_DONTNEED)
     }
 
     fn advise(&self, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.len) {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            return Err(io::Error::from_raw_os_error(libc::ERANGE));
         }
         // SAFETY: the range lies inside our own mapping (checked above),
         // which nothing reads through: populating and dropping its page
