@@ -637,6 +637,21 @@ impl BackingFile {
         Ok(st.st_blocks as u64 * 512)
     }
 
+    /// Whether every byte of `range` holds data (no hole in it), by
+    /// `SEEK_HOLE`.
+    pub(crate) fn is_all_data(&self, range: FileRange) -> io::Result<bool> {
+        if range.is_empty() || range.end > self.size() {
+            return Ok(false);
+        }
+        // SAFETY: lseek on an open descriptor has no memory effects.
+        let hole =
+            unsafe { libc::lseek64(self.file.as_raw_fd(), range.start as i64, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(hole as u64 >= range.end)
+    }
+
     /// Whether any byte of `range` holds data (is not a hole), by `SEEK_DATA`.
     pub fn has_data(&self, range: FileRange) -> io::Result<bool> {
         if range.is_empty() || range.start >= self.size() {

@@ -6,11 +6,12 @@
 //! at a time: a Linux guest's boot then costs thousands of nested page
 //! faults where the host is itself a guest. Where the host lets shmem use
 //! huge pages (`shmem_enabled` for a memfd, the mount's `huge=` for a tmpfs
-//! file; `advise` is enough), the handler instead populates the aligned
-//! 2 MiB window around the fault through a second mapping of the file,
-//! marked `MADV_HUGEPAGE` and not registered with the userfaultfd. The file
-//! gets one huge folio; the woken thread finds it in the page cache and the
-//! kernel maps it with one PMD, so KVM maps it 2 MiB at a time too.
+//! file; `advise` is enough), the handler instead populates the faulting
+//! page through a second mapping of the file, marked `MADV_HUGEPAGE` and
+//! not registered with the userfaultfd. The file gets the huge folio
+//! around it; the woken thread finds it in the page cache and the kernel
+//! maps it with one PMD, so KVM maps it 2 MiB at a time too. Where no huge
+//! page can be had, only the faulting page goes in.
 //!
 //! A fill is an install: it runs under the install lock, after the
 //! generation re-check, and only over a window that lies in the backed
@@ -144,18 +145,22 @@ impl FillMapping {
         Ok(m)
     }
 
-    /// Populates `[offset, offset + HUGE)` of the window (writing, so the
-    /// file allocates), then drops this mapping's own page table entries:
-    /// the pages stay in the file for the guest's mapping to find.
+    /// Populates the page at `offset` (writing, so the file allocates),
+    /// then drops this mapping's own page table entry: the page stays in
+    /// the file for the guest's mapping to find. Where the kernel can
+    /// allocate one, the file gets the whole huge folio around it; where it
+    /// cannot (memory too fragmented), just that page, so a first touch
+    /// never costs 2 MiB of small pages. The caller tells which by looking
+    /// for a hole.
     ///
-    /// The caller holds the install lock and has checked that the range
+    /// The caller holds the install lock and has checked that the page
     /// lies inside the file (a populate past the end fails with `EFAULT`,
     /// it raises no signal).
-    pub(crate) fn fill(&self, offset: u64) -> io::Result<()> {
+    pub(crate) fn fill(&self, offset: u64, page: u64) -> io::Result<()> {
         if self.unsupported.load(Ordering::Relaxed) {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
-        if let Err(e) = self.advise(offset, HUGE, libc::MADV_POPULATE_WRITE) {
+        if let Err(e) = self.advise(offset, page, libc::MADV_POPULATE_WRITE) {
             // Before Linux 5.14 there is no MADV_POPULATE_WRITE: stop
             // trying, rather than fail one call per fault.
             if e.raw_os_error() == Some(libc::EINVAL) {
@@ -164,7 +169,8 @@ impl FillMapping {
             }
             return Err(e);
         }
-        self.advise(offset, HUGE, libc::MADV_DONTNEED)
+        let window = offset & !(HUGE - 1);
+        self.advise(window, HUGE.min(self.len - window), libc::MADV_DONTNEED)
     }
 
     fn advise(&self, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
@@ -224,6 +230,40 @@ mod tests {
             Some("always inherit within_size advise [never]")
         ));
         assert!(!memfd_allows("garbage", None));
+    }
+
+    /// Bytes the file system holds for `fd`.
+    fn allocated(fd: &std::fs::File) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fd.metadata().unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn a_fill_allocates_a_huge_page_or_just_the_page() {
+        use std::os::fd::{AsFd, FromRawFd};
+        // SAFETY: a NUL-terminated name; the new descriptor is owned below.
+        let fd = unsafe { libc::memfd_create(c"fill-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a new descriptor nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(2 * HUGE).unwrap();
+        let m = FillMapping::new(file.as_fd(), 0, 2 * HUGE).unwrap();
+        m.fill(HUGE + 3 * 4096, 4096).unwrap();
+        // A whole huge page where this host's shmem policy gives one (or,
+        // memory too fragmented, only the page asked for); else only the
+        // page: never a window of small pages.
+        let got = allocated(&file);
+        if memfd_huge_pages() {
+            assert!(got == 4096 || got == HUGE, "{got:#x} bytes allocated");
+        } else {
+            assert_eq!(got, 4096, "no huge pages here: one page, not a window");
+        }
+        let mut byte = [1u8];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, HUGE + 3 * 4096).unwrap();
+        assert_eq!(byte, [0]);
+        // A fill past the mapping is refused before reaching the kernel.
+        let e = m.fill(2 * HUGE, 4096).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ERANGE));
     }
 
     #[test]

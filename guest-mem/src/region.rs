@@ -19,6 +19,15 @@ use crate::pagemap::PageBits;
 use crate::source::PageSource;
 use crate::{Error, Result};
 
+/// What a huge fill did ([`Region::fill_huge`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HugeFill {
+    /// The whole huge page at this region offset is in the file.
+    Window(u64),
+    /// No huge page could be had: only the page at this offset is.
+    Page(u64),
+}
+
 /// Where a region's contents come from on first touch.
 ///
 /// A memory image restored lazily: each page is read from the image the
@@ -469,9 +478,9 @@ impl Region {
 
     /// Fills the huge page around `offset` with zeros if the whole of it is
     /// fresh: inside the backed size, reachable, nothing given back or
-    /// poisoned, no page there yet. Returns the filled window's offset.
-    /// Runs under the install lock (it is an install).
-    pub(crate) fn fill_huge(&self, _guard: &InstallGuard<'_>, offset: u64) -> Option<u64> {
+    /// poisoned, no page there yet. Runs under the install lock (it is an
+    /// install). `None`: nothing done, install pages as usual.
+    pub(crate) fn fill_huge(&self, _guard: &InstallGuard<'_>, offset: u64) -> Option<HugeFill> {
         use crate::huge_fill::HUGE;
         let fill = self.huge_fill.get()?;
         let start = offset & !(HUGE - 1);
@@ -491,15 +500,17 @@ impl Region {
         {
             return None;
         }
-        match fill.fill(start) {
-            Ok(()) => Some(start),
-            Err(e) => {
-                log::debug!(
-                    "region {}: filling {start:#x}+2M failed ({e}); 4 KiB pages instead",
-                    self.index
-                );
-                None
-            }
+        let at = offset & !(page - 1);
+        if let Err(e) = fill.fill(at, page) {
+            log::debug!(
+                "region {}: filling {start:#x}+2M failed ({e}); 4 KiB pages instead",
+                self.index
+            );
+            return None;
+        }
+        match self.backing.is_all_data(self.file_range(start, HUGE)) {
+            Ok(true) => Some(HugeFill::Window(start)),
+            _ => Some(HugeFill::Page(at)),
         }
     }
 
@@ -516,7 +527,10 @@ impl Region {
         let mut at = offset & !(HUGE - 1);
         let mut filled = 0;
         while at < end {
-            filled += u64::from(self.fill_huge(guard, at).is_some());
+            filled += u64::from(matches!(
+                self.fill_huge(guard, at),
+                Some(HugeFill::Window(_))
+            ));
             at += HUGE;
         }
         filled

@@ -11,6 +11,7 @@ use super::run::{read_events, PendingFault};
 use super::target::{FaultRegion, RegionTable};
 use super::Context;
 use crate::generation::{InstallGuard, Verdict};
+use crate::region::HugeFill;
 
 /// Per-thread buffers: fetched contents, zeros for hugetlbfs (which has
 /// no `UFFDIO_ZEROPAGE`), and what was read from the userfaultfd.
@@ -213,13 +214,21 @@ pub(crate) fn serve_fault<T: RegionTable>(
             }
             len = len.min(reach - offset);
             if let Contents::Zero = contents {
-                if let Some(start) = region.fill_huge(&guard, offset) {
-                    let pages = crate::huge_fill::HUGE / page;
-                    stats.huge_fills.fetch_add(1, Relaxed);
-                    stats.pages_installed.fetch_add(pages, Relaxed);
-                    stats.readahead_pages.fetch_add(pages - 1, Relaxed);
-                    wake(ctx, region.host_addr() + start, crate::huge_fill::HUGE);
-                    break 'fetch;
+                match region.fill_huge(&guard, offset) {
+                    Some(HugeFill::Window(start)) => {
+                        let pages = crate::huge_fill::HUGE / page;
+                        stats.huge_fills.fetch_add(1, Relaxed);
+                        stats.pages_installed.fetch_add(pages, Relaxed);
+                        stats.readahead_pages.fetch_add(pages - 1, Relaxed);
+                        wake(ctx, region.host_addr() + start, crate::huge_fill::HUGE);
+                        break 'fetch;
+                    }
+                    Some(HugeFill::Page(at)) => {
+                        stats.pages_installed.fetch_add(1, Relaxed);
+                        wake(ctx, region.host_addr() + at, page);
+                        break 'fetch;
+                    }
+                    None => {}
                 }
             }
             match install(ctx, region, &guard, offset, len, contents, scratch) {

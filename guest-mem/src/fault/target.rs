@@ -9,7 +9,7 @@ use userfaultfd::Event;
 
 use crate::backing::{host_page_size, BackingKind};
 use crate::generation::{FileRange, InstallGuard, TruncateGen};
-use crate::region::{DiscardView, ReadaheadState, Region, RegionSource};
+use crate::region::{DiscardView, HugeFill, ReadaheadState, Region, RegionSource};
 use crate::stats::Stats;
 
 /// One region as the fault path sees it.
@@ -49,9 +49,9 @@ pub(crate) trait FaultRegion: Send + Sync {
     fn record_poisoned(&self, _guard: &InstallGuard<'_>, _page: u64) {}
 
     /// Serves fresh memory around `offset` a huge page at a time where it
-    /// can ([`crate::huge_fill`]), under the install lock: the filled
-    /// window's offset, or `None` to install pages as usual.
-    fn fill_huge(&self, _guard: &InstallGuard<'_>, _offset: u64) -> Option<u64> {
+    /// can ([`crate::huge_fill`]), under the install lock; `None` to
+    /// install pages as usual.
+    fn fill_huge(&self, _guard: &InstallGuard<'_>, _offset: u64) -> Option<HugeFill> {
         None
     }
 
@@ -115,7 +115,7 @@ impl FaultRegion for Region {
     fn zero_by_copy(&self) -> bool {
         self.backing().kind() == BackingKind::Hugetlbfs
     }
-    fn fill_huge(&self, guard: &InstallGuard<'_>, offset: u64) -> Option<u64> {
+    fn fill_huge(&self, guard: &InstallGuard<'_>, offset: u64) -> Option<HugeFill> {
         Region::fill_huge(self, guard, offset)
     }
     fn record_poisoned(&self, guard: &InstallGuard<'_>, page: u64) {
