@@ -14,19 +14,10 @@ use vm_memory::{
 };
 
 use crate::backing::{BackingFile, BackingKind};
-use crate::generation::{FileRange, InstallGuard};
+use crate::generation::FileRange;
 use crate::pagemap::PageBits;
 use crate::source::PageSource;
 use crate::{Error, Result};
-
-/// What a huge fill did ([`Region::fill_huge`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum HugeFill {
-    /// The whole huge page at this region offset is in the file.
-    Window(u64),
-    /// No huge page could be had: only the page at this offset is.
-    Page(u64),
-}
 
 /// Where a region's contents come from on first touch.
 ///
@@ -425,115 +416,6 @@ impl Region {
             return start.max(offset).min(backed);
         }
         backed
-    }
-
-    /// Lets faults on fresh memory be served a huge page at a time, where
-    /// the host gives this region's file huge pages (see
-    /// [`crate::huge_fill`]). Returns whether it does.
-    pub(crate) fn enable_huge_fill(&self) -> bool {
-        use crate::huge_fill::{memfd_huge_pages, tmpfs_huge_pages, FillMapping, HUGE};
-        use std::os::fd::AsFd;
-        if self.huge_fill.get().is_some() {
-            return true;
-        }
-        let fd = self.backing.file().as_fd();
-        let allowed = match self.backing.kind() {
-            BackingKind::Memfd => memfd_huge_pages(),
-            BackingKind::Tmpfs => tmpfs_huge_pages(fd),
-            BackingKind::Hugetlbfs | BackingKind::Regular => false,
-        };
-        // The guest's mapping maps a huge folio with one PMD only where its
-        // address and the file offset agree modulo the huge page size.
-        let aligned = self.host_addr() % HUGE == 0 && self.file_offset % HUGE == 0;
-        if !allowed
-            || self.private
-            || self.source.is_some()
-            || !crate::fault::target::is_base_page(self.page_size())
-            || self.max_size < HUGE
-        {
-            return false;
-        }
-        if !aligned {
-            log::info!(
-                "region {}: mapped at {:#x} (file offset {:#x}), not 2 MiB aligned: fresh \
-                 memory is served 4 KiB at a time",
-                self.index,
-                self.host_addr(),
-                self.file_offset
-            );
-            return false;
-        }
-        match FillMapping::new(fd, self.file_offset, self.max_size) {
-            Ok(m) => {
-                self.backing.may_hold_huge_pages();
-                let _ = self.huge_fill.set(m);
-                true
-            }
-            Err(e) => {
-                log::info!("region {}: no huge page fills ({e})", self.index);
-                false
-            }
-        }
-    }
-
-    /// Fills the huge page around `offset` with zeros if the whole of it is
-    /// fresh: inside the backed size, reachable, nothing given back or
-    /// poisoned, no page there yet. Runs under the install lock (it is an
-    /// install). `None`: nothing done, install pages as usual.
-    pub(crate) fn fill_huge(&self, _guard: &InstallGuard<'_>, offset: u64) -> Option<HugeFill> {
-        use crate::huge_fill::HUGE;
-        let fill = self.huge_fill.get()?;
-        let start = offset & !(HUGE - 1);
-        let end = start + HUGE;
-        let page = self.page_size();
-        if end > self.backed_size()
-            || self.reachable_end(start) < end
-            || self
-                .discarded()
-                .first_set(start / page, end / page)
-                .is_some()
-            || self.is_poisoned(start, HUGE)
-            || !matches!(
-                self.backing.has_data(self.file_range(start, HUGE)),
-                Ok(false)
-            )
-        {
-            return None;
-        }
-        let at = offset & !(page - 1);
-        if let Err(e) = fill.fill(at, page) {
-            log::debug!(
-                "region {}: filling {start:#x}+2M failed ({e}); 4 KiB pages instead",
-                self.index
-            );
-            return None;
-        }
-        match self.backing.is_all_data(self.file_range(start, HUGE)) {
-            Ok(true) => Some(HugeFill::Window(start)),
-            _ => Some(HugeFill::Page(at)),
-        }
-    }
-
-    /// Fills the fresh huge pages `[offset, offset + len)` overlaps, before
-    /// contents are written into the file there: a write through the file
-    /// gets small pages where the host gives huge ones only to mappings
-    /// that ask (`advise`). Returns how many were filled.
-    pub(crate) fn prefill_huge(&self, guard: &InstallGuard<'_>, offset: u64, len: u64) -> u64 {
-        use crate::huge_fill::HUGE;
-        if self.huge_fill.get().is_none() {
-            return 0;
-        }
-        let end = offset.saturating_add(len).min(self.max_size);
-        let mut at = offset & !(HUGE - 1);
-        let mut filled = 0;
-        while at < end {
-            filled += u64::from(matches!(
-                self.fill_huge(guard, at),
-                Some(HugeFill::Window(_))
-            ));
-            at += HUGE;
-        }
-        filled
     }
 
     /// The parts of `[offset, offset + len)` kept out of reach.

@@ -11,7 +11,7 @@ use super::run::{read_events, PendingFault};
 use super::target::{FaultRegion, RegionTable};
 use super::Context;
 use crate::generation::{InstallGuard, Verdict};
-use crate::region::HugeFill;
+use crate::huge_fill::HugeFill;
 
 /// Per-thread buffers: fetched contents, zeros for hugetlbfs (which has
 /// no `UFFDIO_ZEROPAGE`), and what was read from the userfaultfd.

@@ -9,7 +9,8 @@ use userfaultfd::Event;
 
 use crate::backing::{host_page_size, BackingKind};
 use crate::generation::{FileRange, InstallGuard, TruncateGen};
-use crate::region::{DiscardView, HugeFill, ReadaheadState, Region, RegionSource};
+use crate::huge_fill::HugeFill;
+use crate::region::{DiscardView, ReadaheadState, Region, RegionSource};
 use crate::stats::Stats;
 
 /// One region as the fault path sees it.
