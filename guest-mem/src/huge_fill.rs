@@ -117,6 +117,13 @@ pub(crate) enum HugeFill {
 }
 
 impl Region {
+    /// Whether fresh memory of this region is served a 2 MiB huge page at
+    /// a time ([`FaultConfig::huge_fill`](crate::FaultConfig), where the
+    /// host allows it).
+    pub fn huge_fills(&self) -> bool {
+        self.huge_fill.get().is_some()
+    }
+
     /// Lets faults on fresh memory be served a huge page at a time, where
     /// the host gives this region's file huge pages (see
     /// [the module](self)). Returns whether it does.

@@ -112,7 +112,9 @@ pub struct Args {
     pub no_seccomp: bool,
     /// Leave the memory a Linux guest's earliest boot touches to be mapped
     /// into KVM page by page as the guest first touches it, instead of in
-    /// one `KVM_PRE_FAULT_MEMORY` before it runs (for comparing the two).
+    /// one `KVM_PRE_FAULT_MEMORY` before it runs (or, where KVM cannot and
+    /// fresh memory comes in huge pages, allocated before it runs), for
+    /// comparing the two.
     #[arg(long)]
     pub no_pre_fault: bool,
     /// Serve first touches of guest RAM 4 KiB at a time even where the

@@ -11,10 +11,14 @@
 //! guest's first second slow; one ioctl maps them all. The pages themselves
 //! stay file-backed and fault-managed: the ioctl faults them in through the
 //! same mapping (placed images are already in the page cache, so no
-//! userfaultfd fault is raised for them). Where KVM lacks the ioctl, nothing
-//! is done: allocating the free RAM among those ranges up front without
-//! mapping it saved the guest nothing in a 6.1 L1 (each first touch stays a
-//! nested fault, and the userfaultfd round trip is a small part of one).
+//! userfaultfd fault is raised for them). Where KVM lacks the ioctl, the
+//! free RAM among those ranges is allocated up front only where fresh
+//! memory comes in huge pages (`guest_mem::Region::huge_fills`): then each
+//! first touch there maps 2 MiB, and the guest's memory map for memory
+//! plugged later lands in RAM already there (a 6.1 L1: boot 1.88 s against
+//! 2.07 s without, virtio-mem plug 19 ms against 25 ms). In 4 KiB pages it
+//! saved the guest nothing (each first touch stays a nested fault, and the
+//! userfaultfd round trip is a small part of one).
 
 use std::time::{Duration, Instant};
 

@@ -160,15 +160,24 @@ impl Vm {
         vcpu::setup_linux_boot(&self.vcpus[0], &*mem, k.entry.0)?;
         if self.pre_fault && pre_fault::supported(&self.fd) {
             self.pre_fault_boot_memory(k.end, initrd);
+        } else if self.pre_fault && self.mem.regions().iter().any(|r| r.huge_fills()) {
+            // No KVM pre-faulting, but fresh memory comes in huge pages:
+            // the boot's ranges are allocated in the file now (what the
+            // guest would fault in at once anyway), and KVM maps them 2 MiB
+            // at a time at the first touch.
+            self.populate_boot_memory(k.end, initrd);
         }
         Ok(())
     }
 
-    /// Maps into KVM what a Linux guest's earliest boot touches
-    /// ([`pre_fault::linux_boot_ranges`]). The ranges that hold no image are
-    /// first allocated in the backing file (one call each), so that mapping
-    /// them serves no userfaultfd faults.
-    fn pre_fault_boot_memory(&self, kernel_end: u64, initrd: Option<(u64, u64)>) {
+    /// Allocates in the backing file the ranges of
+    /// [`pre_fault::linux_boot_ranges`] that hold no image; returns them
+    /// all.
+    fn populate_boot_memory(
+        &self,
+        kernel_end: u64,
+        initrd: Option<(u64, u64)>,
+    ) -> Vec<pre_fault::BootRange> {
         let ram: Vec<_> = ram_ranges(self.ram_size)
             .into_iter()
             .map(|(gpa, len, _)| (gpa, len))
@@ -188,6 +197,15 @@ impl Vm {
             populated >> 10,
             started.elapsed().as_secs_f64() * 1e3
         );
+        ranges
+    }
+
+    /// Maps into KVM what a Linux guest's earliest boot touches
+    /// ([`pre_fault::linux_boot_ranges`]). The ranges that hold no image are
+    /// first allocated in the backing file (one call each), so that mapping
+    /// them serves no userfaultfd faults.
+    fn pre_fault_boot_memory(&self, kernel_end: u64, initrd: Option<(u64, u64)>) {
+        let ranges = self.populate_boot_memory(kernel_end, initrd);
         let spans: Vec<_> = ranges.iter().map(|r| (r.gpa, r.len)).collect();
         let done = pre_fault::pre_fault(&self.vcpus[0], &spans);
         log::info!(
