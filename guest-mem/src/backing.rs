@@ -489,7 +489,11 @@ impl BackingFile {
     /// still holds pages (nothing installs meanwhile: this runs inside the
     /// invalidation).
     fn punch_again_if_kept(&self, range: FileRange) -> Result<()> {
-        if !self.huge_pages.load(Ordering::Acquire) {
+        // A range of whole huge pages splits none (folios are at most one
+        // huge page, naturally aligned): free page reports, unplugs.
+        let huge = crate::huge_fill::HUGE;
+        let whole = range.start % huge == 0 && range.end % huge == 0;
+        if whole || !self.huge_pages.load(Ordering::Acquire) {
             return Ok(());
         }
         for _ in 0..PUNCH_ATTEMPTS {

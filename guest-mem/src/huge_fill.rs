@@ -131,24 +131,26 @@ impl Region {
         if self.huge_fill.get().is_some() {
             return true;
         }
-        let fd = self.backing.file().as_fd();
-        let allowed = match self.backing.kind() {
-            BackingKind::Memfd => memfd_huge_pages(),
-            BackingKind::Tmpfs => tmpfs_huge_pages(fd),
-            BackingKind::Hugetlbfs | BackingKind::Regular => false,
-        };
-        // The guest's mapping maps a huge folio with one PMD only where its
-        // address and the file offset agree modulo the huge page size.
-        let aligned = self.host_addr() % HUGE == 0 && self.file_offset % HUGE == 0;
-        if !allowed
-            || self.private
+        if self.private
             || self.source.is_some()
             || !is_base_page(self.page_size())
             || self.max_size < HUGE
         {
             return false;
         }
-        if !aligned {
+        // Only then the host's settings (sysfs, mountinfo).
+        let fd = self.backing.file().as_fd();
+        let allowed = match self.backing.kind() {
+            BackingKind::Memfd => memfd_huge_pages(),
+            BackingKind::Tmpfs => tmpfs_huge_pages(fd),
+            BackingKind::Hugetlbfs | BackingKind::Regular => false,
+        };
+        if !allowed {
+            return false;
+        }
+        // The guest's mapping maps a huge folio with one PMD only where its
+        // address and the file offset agree modulo the huge page size.
+        if self.host_addr() % HUGE != 0 || self.file_offset % HUGE != 0 {
             log::info!(
                 "region {}: mapped at {:#x} (file offset {:#x}), not 2 MiB aligned: fresh \
                  memory is served 4 KiB at a time",
