@@ -47,10 +47,7 @@ while (($#)); do
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
-case "$shmem_thp" in
-    "" | never | advise | within_size | always) ;;
-    *) die "--shmem-thp takes never, advise, within_size or always" ;;
-esac
+check_shmem_thp "$shmem_thp"
 for v in "$runs" "$memory" "$vcpus"; do
     [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "--runs, --memory and --vcpus take positive integers"
 done

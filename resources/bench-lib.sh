@@ -16,6 +16,15 @@ bench_prepare() {
     (cd "$REPO_ROOT" && cargo build --release -p vmm --bins)
 }
 
+# check_shmem_thp MODE: dies unless MODE is a shmem huge page policy the
+# benchmarks may set in the L1 (empty: leave the L1 kernel's own).
+check_shmem_thp() {
+    case "$1" in
+        "" | never | advise | within_size | always) ;;
+        *) die "--shmem-thp takes never, advise, within_size or always" ;;
+    esac
+}
+
 # bench_run_l1 NAME SCRIPT [--add SRC:DEST ...]: builds an L1 with the VMM,
 # vmmctl, QEMU (binary, firmware) and the guest kernel and initramfs, runs
 # SCRIPT in it and leaves the console in build/bench/NAME.log. An L1 that
