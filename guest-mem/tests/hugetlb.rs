@@ -1,8 +1,16 @@
 //! hugetlbfs-backed guest memory: faults served in 2 MiB pages, discards
-//! and window resizes in whole huge pages. These need free huge pages: the
-//! test reserves them when it may (root), and otherwise says why it skips.
+//! and window resizes in whole huge pages, boot images copied in whole
+//! pages. These need free huge pages: the tests reserve them when they may
+//! (root), and otherwise say why they skip.
 
+mod common;
+
+use std::io::{Seek, SeekFrom};
+use std::time::Duration;
+
+use common::image_in;
 use guest_mem::backing::free_huge_pages;
+use guest_mem::image::ImageFile;
 use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use guest_mem::{Backing, GuestMem, RegionConfig};
 
@@ -10,12 +18,19 @@ const HUGE: u64 = 2 << 20;
 
 const POOL: &str = "/proc/sys/vm/nr_hugepages";
 
+/// One test at a time owns the pool: a test that shrank it back while
+/// another one's memory still needed pages would starve that one.
+static POOL_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Puts the huge page pool back the way the test found it.
-struct PoolGuard(Option<u64>);
+struct PoolGuard {
+    restore: Option<u64>,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
 
 impl Drop for PoolGuard {
     fn drop(&mut self) {
-        if let Some(total) = self.0 {
+        if let Some(total) = self.restore {
             let _ = std::fs::write(POOL, total.to_string());
         }
     }
@@ -24,9 +39,13 @@ impl Drop for PoolGuard {
 /// Makes sure `pages` huge pages are free, reserving more if allowed;
 /// `None` (with the reason printed) when they cannot be had.
 fn have_huge_pages(pages: u64) -> Option<PoolGuard> {
+    let lock = POOL_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let free = free_huge_pages(HUGE).unwrap_or(0);
     if free >= pages {
-        return Some(PoolGuard(None));
+        return Some(PoolGuard {
+            restore: None,
+            _lock: lock,
+        });
     }
     let total: u64 = std::fs::read_to_string(POOL)
         .ok()
@@ -36,7 +55,10 @@ fn have_huge_pages(pages: u64) -> Option<PoolGuard> {
         eprintln!("skipped: {pages} free 2 MiB huge pages needed and {POOL} is not writable");
         return None;
     }
-    let guard = PoolGuard(Some(total));
+    let guard = PoolGuard {
+        restore: Some(total),
+        _lock: lock,
+    };
     if free_huge_pages(HUGE).unwrap_or(0) < pages {
         eprintln!("skipped: the kernel could not reserve {pages} huge pages");
         return None;
@@ -95,4 +117,117 @@ fn huge_pages_are_faulted_in_discarded_and_resized_whole() {
             .is_err(),
         "not a whole huge page"
     );
+}
+
+/// Memory and the pool it draws from, dropped in that order.
+struct HugeRam {
+    mem: GuestMem,
+    _pool: PoolGuard,
+}
+
+/// 16 MiB of hugetlbfs RAM whose faults this crate serves, or `None` (with
+/// the reason printed).
+fn huge_ram() -> Option<HugeRam> {
+    let pool = have_huge_pages(8)?;
+    let mut ram = RegionConfig::new(0, 16 << 20);
+    ram.backing = Backing::MemfdHugetlb;
+    let mem = GuestMem::builder()
+        .region(ram)
+        .build()
+        .expect("hugetlbfs memory builds");
+    if !mem.userfault_enabled() {
+        eprintln!("skipped: no userfaultfd on hugetlbfs here");
+        return None;
+    }
+    Some(HugeRam { mem, _pool: pool })
+}
+
+/// Places `len` bytes of `file` from `file_off` at `gpa` as linux-loader
+/// places a segment; returns the image reader's (copied, read) counts, or
+/// the loader's error.
+fn place(
+    mem: &GuestMem,
+    file: std::fs::File,
+    file_off: u64,
+    gpa: u64,
+    len: usize,
+) -> Result<(u64, u64), String> {
+    let mut image = ImageFile::new(mem, file);
+    image.seek(SeekFrom::Start(file_off)).unwrap();
+    mem.memory()
+        .memory()
+        .read_exact_volatile_from(GuestAddress(gpa), &mut image, len)
+        .map_err(|e| e.to_string())?;
+    Ok((image.copied_bytes(), image.read_bytes()))
+}
+
+fn guest(mem: &GuestMem, gpa: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    mem.memory()
+        .memory()
+        .read_slice(&mut out, GuestAddress(gpa))
+        .unwrap();
+    out
+}
+
+#[test]
+fn whole_huge_pages_of_an_image_are_copied_in_without_a_fault() {
+    let Some(ram) = huge_ram() else {
+        return;
+    };
+    let mem = &ram.mem;
+    // A segment as an ELF kernel has them: file and guest offsets agree
+    // modulo the page, starting and ending inside a huge page.
+    let (file, bytes) = image_in("/tmp", "hugetlb", (4 * HUGE) as usize);
+    let (gpa, len) = (2 * HUGE + 0x1000, 3 * HUGE as usize);
+    let (copied, read) = place(mem, file, 0x1000, gpa, len).unwrap();
+    assert_eq!(copied, 2 * HUGE, "the two whole pages go in by copy");
+    assert_eq!(read, HUGE, "the head and tail are read");
+    // Only the two partial pages faulted (read through the mapping).
+    let s = mem.settled_stats(Duration::from_secs(5));
+    assert_eq!(s.pages_installed, 2, "{s}");
+    assert_eq!(s.faults, 2, "{s}");
+    assert!(guest(mem, gpa, len) == bytes[0x1000..0x1000 + len]);
+    // What lies around the segment in its partial pages reads zero.
+    assert!(guest(mem, 2 * HUGE, 0x1000).iter().all(|&b| b == 0));
+    assert_eq!(mem.allocated_bytes(), 4 * HUGE);
+}
+
+#[test]
+fn a_huge_page_already_present_is_read_over_and_offsets_out_of_step_are_read() {
+    let Some(ram) = huge_ram() else {
+        return;
+    };
+    let mem = &ram.mem;
+    // A page the guest (or an earlier segment) has: UFFDIO_COPY refuses
+    // it, and the image is read over it instead.
+    mem.memory()
+        .memory()
+        .write_obj(0xeeu8, GuestAddress(HUGE + 5))
+        .unwrap();
+    let (file, bytes) = image_in("/tmp", "hugetlb-present", (2 * HUGE) as usize);
+    let (copied, read) = place(mem, file, 0, 0, (2 * HUGE) as usize).unwrap();
+    assert_eq!((copied, read), (HUGE, HUGE));
+    assert!(guest(mem, 0, (2 * HUGE) as usize) == bytes[..]);
+
+    // File offsets not congruent to guest ones (no page-aligned source):
+    // everything is read, and lands as well.
+    let (file, bytes) = image_in("/tmp", "hugetlb-skew", (3 * HUGE) as usize);
+    let (copied, read) = place(mem, file, 0x800, 4 * HUGE, (2 * HUGE) as usize).unwrap();
+    assert_eq!((copied, read), (0, 2 * HUGE));
+    assert!(guest(mem, 4 * HUGE, (2 * HUGE) as usize) == bytes[0x800..0x800 + (2 * HUGE) as usize]);
+}
+
+#[test]
+fn an_image_shorter_than_its_segment_is_an_error_after_the_pages_it_has() {
+    let Some(ram) = huge_ram() else {
+        return;
+    };
+    let mem = &ram.mem;
+    let (file, bytes) = image_in("/tmp", "hugetlb-short", (HUGE + 0x3000) as usize);
+    let err = place(mem, file, 0, 0, (3 * HUGE) as usize).unwrap_err();
+    assert!(!err.is_empty());
+    // The whole page the file had went in; nothing past its end was copied.
+    assert!(guest(mem, 0, HUGE as usize) == bytes[..HUGE as usize]);
+    assert!(guest(mem, 2 * HUGE, 16).iter().all(|&b| b == 0));
 }

@@ -40,9 +40,11 @@ impl Vm {
     fn build(config: VmConfig, mem: GuestMem, saved: Option<&DevicesState>) -> Result<Vm, VmError> {
         let kvm = kvm_vm::open_kvm(config.vcpus)?;
         let fd = Arc::new(kvm_vm::create_vm(&kvm)?);
+        log::debug!("KVM VM created");
         let mem = Arc::new(mem);
         let fixed = mem.regions().len() - usize::from(config.hotplug.is_some());
         kvm_vm::map_regions(&fd, &mem, fixed)?;
+        log::debug!("guest memory mapped into KVM");
 
         let mut devices = DeviceManager::new(&fd, config.serial, saved)?;
         // A restore needs the state of every device the machine has.
@@ -82,7 +84,9 @@ impl Vm {
                 "KVM emulates no machine checks: a guest page that cannot be served stops the VM"
             );
         }
+        log::debug!("devices added");
         let vcpus = kvm_vm::create_vcpus(&fd, &supported_cpuid, config.vcpus, mcg_cap)?;
+        log::debug!("vCPUs created");
         Ok(Vm {
             vcpus,
             mce: mcg_cap.map(|_| crate::mce::Flavour::of(&supported_cpuid)),

@@ -300,6 +300,7 @@ impl Vm {
         let stop = Arc::new(AtomicBool::new(false));
         let gate = Arc::new(VcpuGate::new(vcpus.len()));
         let (tx, rx) = mpsc::channel::<(u8, ExitReason)>();
+        log::debug!("starting the vCPUs");
         let mut handles = Vec::new();
         for (id, mut v) in vcpus.into_iter().enumerate() {
             let ctx = VcpuContext {

@@ -154,6 +154,7 @@ impl Vm {
         // MP table); the MP table stays for those that have it.
         let n = self.vcpus.len() as u8;
         let virtio: Vec<_> = self.devices.virtio.iter().map(VirtioSlot::acpi).collect();
+        log::debug!("kernel and initramfs placed");
         params.acpi_rsdp_addr = acpi::setup_acpi(&*mem, n, &virtio).map_err(BootError::Acpi)?;
         mptable::setup_mptable(&*mem, n).map_err(BootError::Mptable)?;
         linux::write_boot_params(&*mem, &params)?;
