@@ -28,7 +28,12 @@
 # fresh memory 2 MiB at a time and QEMU, which marks its RAM MADV_HUGEPAGE,
 # gets huge pages where its mapping is aligned.
 #
-# Usage: resources/bench-boot.sh [--runs N] [--memory MiB] [--vcpus N] [--shmem-thp MODE]
+# --scrub writes and frees all of the L1's free memory before each boot
+# (untimed), so that no VMM inherits pages whose old guest code the TCG
+# under the L1 must first forget (see scrub_l1_memory in bench-lib.sh):
+# without it, a row's time depends on what the row before it left behind.
+#
+# Usage: resources/bench-boot.sh [--runs N] [--memory MiB] [--vcpus N] [--shmem-thp MODE] [--scrub]
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=bench-lib.sh
 . "$(dirname "$0")/bench-lib.sh"
@@ -37,12 +42,14 @@ runs=5
 memory=256
 vcpus=1
 shmem_thp=
+scrub=
 while (($#)); do
     case "$1" in
         --runs) runs="$2"; shift 2 ;;
         --memory) memory="$2"; shift 2 ;;
         --vcpus) vcpus="$2"; shift 2 ;;
         --shmem-thp) shmem_thp="$2"; shift 2 ;;
+        --scrub) scrub=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
@@ -73,6 +80,7 @@ measure() {
     fifo=/tmp/console.fifo
     rm -f \$fifo
     mkfifo \$fifo
+    scrub_l1_memory
     t0=\$(cut -d' ' -f1 /proc/uptime)
     kvm_hist_start
     taskset -c "\${L1_VMM_CPU:-0}" "\$@" >\$fifo 2>/tmp/\$name.err </dev/null &
@@ -99,6 +107,8 @@ measure() {
 echo $((memory / 2 + 8)) >/proc/sys/vm/nr_hugepages
 thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
 [ -z "$shmem_thp" ] || echo $shmem_thp >\$thp
+BENCH_SCRUB=$scrub
+echo "SCRUB \${BENCH_SCRUB:-off}"
 echo "SHMEM-THP \$(sed 's/.*\[\(.*\)\].*/\1/' \$thp 2>/dev/null || echo none)"
 echo "HUGE-PAGES reserved=\$(cat /proc/sys/vm/nr_hugepages) wanted=$((memory / 2 + 8))"
 boot_all() {
@@ -137,6 +147,7 @@ import json, re, statistics, sys
 log, version, memory, vcpus, out_path, l1_version = sys.argv[1:7]
 thp = re.search(r"SHMEM-THP (\w+)", open(log, errors="replace").read())
 shmem_thp = thp.group(1) if thp else None
+scrub = re.search(r"^SCRUB 1", open(log, errors="replace").read(), re.M) is not None
 runs = {"vmm": [], "vmm-no-pre-fault": [], "vmm-kernel-faults": [], "qemu": [], "vmm-hugetlbfs": [], "qemu-hugetlbfs": []}
 for line in open(log, errors="replace"):
     m = re.search(r"BENCH ([\w-]+) run=\d+ boot_s=([\d.]+) rss_mib=([\d.]+)"
@@ -170,6 +181,7 @@ out = {
     "qemu_hugetlbfs_boot_s": med.get("qemu-hugetlbfs", {}).get("boot_s"),
     "kernel": version, "l1_kernel": l1_version, "memory_mib": int(memory), "vcpus": int(vcpus),
     "shmem_thp": shmem_thp,
+    "scrub": scrub,
     "runs": runs,
     "kvm_exits_runs": exits,
     "kvm_exits": {k: {f: statistics.median(e[f] for e in v) for f in ("total", "npf", "io", "msr")}
@@ -192,5 +204,5 @@ for k, e in out["kvm_exits"].items():
 if "hugetlbfs_boot_ratio" in out:
     print(f"boot time vmm/qemu on huge pages: {out['hugetlbfs_boot_ratio']:.2f}x")
 print(f"boot time vmm/qemu: {out['boot_ratio']:.2f}x (L1 {l1_version}, shmem huge pages:"
-      f" {shmem_thp})   -> {out_path}")
+      f" {shmem_thp}, scrubbed: {'yes' if scrub else 'no'})   -> {out_path}")
 PY
