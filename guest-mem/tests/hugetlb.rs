@@ -12,7 +12,7 @@ use common::image_in;
 use guest_mem::backing::free_huge_pages;
 use guest_mem::image::ImageFile;
 use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use guest_mem::{Backing, GuestMem, RegionConfig};
+use guest_mem::{Backing, FaultConfig, GuestMem, RegionConfig, Unservable};
 
 const HUGE: u64 = 2 << 20;
 
@@ -230,4 +230,85 @@ fn an_image_shorter_than_its_segment_is_an_error_after_the_pages_it_has() {
     // The whole page the file had went in; nothing past its end was copied.
     assert!(guest(mem, 0, HUGE as usize) == bytes[..HUGE as usize]);
     assert!(guest(mem, 2 * HUGE, 16).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn a_page_the_kernel_cannot_map_once_the_pool_shrank_is_reported_not_spun_on() {
+    let Some(pool) = have_huge_pages(4) else {
+        return;
+    };
+    let mut ram = RegionConfig::new(0, 8 << 20);
+    ram.backing = Backing::MemfdHugetlb;
+    let fault = FaultConfig {
+        on_unservable: Unservable::Report,
+        failed_attempts: 2,
+        ..FaultConfig::default()
+    };
+    let mem = std::sync::Arc::new(
+        GuestMem::builder()
+            .region(ram)
+            .fault_config(fault)
+            .build()
+            .expect("hugetlbfs memory builds"),
+    );
+    if !mem.userfault_enabled() {
+        eprintln!("skipped: no userfaultfd on hugetlbfs here");
+        return;
+    }
+    // The host takes pages back from the pool under the running VM: two
+    // are left for the four the guest's memory may use.
+    let total: u64 = std::fs::read_to_string(POOL)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    struct Restore(u64);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write(POOL, self.0.to_string());
+        }
+    }
+    let _restore = Restore(total);
+    let free = free_huge_pages(HUGE).unwrap();
+    std::fs::write(POOL, (total - free + 2).to_string()).unwrap();
+
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let touching = mem.clone();
+    std::thread::spawn(move || {
+        for i in 0..3u64 {
+            touching
+                .memory()
+                .memory()
+                .write_obj(1u8, GuestAddress(i * HUGE))
+                .unwrap();
+        }
+        let _ = done_tx.send(());
+    });
+    // The third page cannot be had: a failure is reported, and the thread
+    // is not woken to fault again as fast as it can.
+    let failure = mem
+        .fault_failure()
+        .expect("userfaultfd memory has a failure channel");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while failure.message().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let message = failure.message();
+    let s = mem.stats();
+    eprintln!("reported: {message:?}");
+    assert!(message.is_some(), "no failure reported: {s}");
+    std::thread::sleep(Duration::from_millis(500));
+    let later = mem.stats();
+    assert!(
+        later.faults - s.faults < 1_000,
+        "the thread kept faulting: {} faults in 0.5 s",
+        later.faults - s.faults
+    );
+    // Pages back in the pool: the thread goes on.
+    std::fs::write(POOL, (total + 8).to_string()).unwrap();
+    done.recv_timeout(Duration::from_secs(10))
+        .expect("the thread finished once the pool had pages again");
+    drop(mem);
+    drop(_restore);
+    drop(pool);
 }

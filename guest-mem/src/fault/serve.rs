@@ -21,6 +21,9 @@ pub(crate) struct Scratch {
     /// The last page this thread gave up on (host address): touched again,
     /// it gets one attempt and a long pause, not the whole series.
     given_up: Option<u64>,
+    /// The range the kernel last answered `EEXIST` for, and how many times
+    /// in a row (see [`PRESENT_CLAIMS_LIMIT`]).
+    present_claims: (u64, u32),
     /// Messages read at once.
     pub events: userfaultfd::EventBuffer,
     /// Faults read and not served yet (in the order read).
@@ -33,6 +36,7 @@ impl Scratch {
             data: Vec::new(),
             zeros: Vec::new(),
             given_up: None,
+            present_claims: (0, 0),
             events: userfaultfd::EventBuffer::new(32),
             pending: VecDeque::new(),
         }
@@ -45,6 +49,21 @@ impl Scratch {
         &mut self.data[..len]
     }
 
+    /// Counts an `EEXIST` for the range at `dst`; true once the kernel has
+    /// claimed it present [`PRESENT_CLAIMS_LIMIT`] times in a row.
+    fn claim_present(&mut self, dst: u64) -> bool {
+        let (at, n) = self.present_claims;
+        let n = if at == dst { n.saturating_add(1) } else { 1 };
+        self.present_claims = (dst, n);
+        n >= PRESENT_CLAIMS_LIMIT
+    }
+
+    /// Whether the last install failed because the kernel keeps claiming a
+    /// page present that its thread faults on again.
+    fn phantom_present(&self) -> bool {
+        self.present_claims.1 >= PRESENT_CLAIMS_LIMIT
+    }
+
     fn zeros(&mut self, len: usize) -> &[u8] {
         if self.zeros.len() < len {
             // A fresh zeroed allocation (calloc: untouched pages that read
@@ -55,6 +74,14 @@ impl Scratch {
         &self.zeros[..len]
     }
 }
+
+/// `EEXIST` answers in a row for one range after which it is a failure, not
+/// a page another thread installed. Each queued fault of a page installed
+/// meanwhile gets one (a few per vCPU at most); a thread that keeps
+/// faulting on a page the kernel calls present (hugetlbfs whose pool was
+/// shrunk under the mapping does this) would otherwise be woken to fault
+/// again forever, tens of thousands of times a second, and never reported.
+const PRESENT_CLAIMS_LIMIT: u32 = 1024;
 
 /// What a fetch produced for the install range.
 #[derive(Clone, Copy)]
@@ -257,6 +284,11 @@ pub(crate) fn serve_fault<T: RegionTable>(
                     drop(guard);
                     drop(events_gate);
                     let e = std::io::Error::from_raw_os_error(errno);
+                    let e = if errno == libc::EEXIST {
+                        format!("the kernel calls the page present ({e}) yet faults on it again")
+                    } else {
+                        e.to_string()
+                    };
                     if !failed(format_args!("installing {len:#x} bytes failed: {e}")) {
                         break 'fetch;
                     }
@@ -377,7 +409,7 @@ fn give_up<T: RegionTable>(
                 wake(ctx, host, page);
                 return false;
             }
-            Some(libc::EEXIST) => {
+            Some(libc::EEXIST) if !scratch.phantom_present() => {
                 // Installed by another thread meanwhile.
                 stats.already_present.fetch_add(1, Relaxed);
                 wake(ctx, host, page);
@@ -514,6 +546,7 @@ fn install<T: RegionTable>(
     };
     let pages_done = out.done / page;
     if pages_done > 0 {
+        scratch.present_claims = (0, 0);
         stats.pages_installed.fetch_add(pages_done, Relaxed);
         stats.readahead_pages.fetch_add(pages_done - 1, Relaxed);
         // Installed pages hold current contents again.
@@ -528,6 +561,10 @@ fn install<T: RegionTable>(
             // Another thread (or an earlier event for the same page) got
             // there first; make sure our faulting thread runs again.
             stats.already_present.fetch_add(1, Relaxed);
+            if scratch.claim_present(dst) {
+                stats.install_errors.fetch_add(1, Relaxed);
+                return Installed::Failed(libc::EEXIST);
+            }
             wake(ctx, dst, page);
             Installed::Done
         }
