@@ -521,31 +521,30 @@ fn install<T: RegionTable>(
     let dst = region.host_addr() + offset;
     let page = region.page_size();
     let minor = matches!(contents, Contents::PageCache);
-    let out: Outcome = match contents {
+    // Counted once the kernel took the range: a window it refuses whole and
+    // the page that goes in alone instead are one install.
+    let (counter, out): (_, Outcome) = match contents {
         Contents::Zero if region.zero_by_copy() => {
-            stats.installs_zero.fetch_add(1, Relaxed);
             let zeros = scratch.zeros(len as usize);
             // SAFETY: zeros is len readable bytes; dst..dst+len lies inside
             // the region's registered mapping (offset + len <= backed size).
-            unsafe { ioctl::copy(fd, dst, zeros.as_ptr(), len) }
+            (&stats.installs_zero, unsafe {
+                ioctl::copy(fd, dst, zeros.as_ptr(), len)
+            })
         }
-        Contents::Zero => {
-            stats.installs_zero.fetch_add(1, Relaxed);
-            ioctl::zeropage(fd, dst, len)
-        }
+        Contents::Zero => (&stats.installs_zero, ioctl::zeropage(fd, dst, len)),
         Contents::Data => {
-            stats.installs_copy.fetch_add(1, Relaxed);
             let data = scratch.data(len as usize);
             // SAFETY: as above; data holds len fetched bytes.
-            unsafe { ioctl::copy(fd, dst, data.as_ptr(), len) }
+            (&stats.installs_copy, unsafe {
+                ioctl::copy(fd, dst, data.as_ptr(), len)
+            })
         }
-        Contents::PageCache => {
-            stats.installs_continue.fetch_add(1, Relaxed);
-            ioctl::r#continue(fd, dst, len)
-        }
+        Contents::PageCache => (&stats.installs_continue, ioctl::r#continue(fd, dst, len)),
     };
     let pages_done = out.done / page;
     if pages_done > 0 {
+        counter.fetch_add(1, Relaxed);
         scratch.present_claims = (0, 0);
         stats.pages_installed.fetch_add(pages_done, Relaxed);
         stats.readahead_pages.fetch_add(pages_done - 1, Relaxed);
