@@ -10,21 +10,40 @@ use crate::config::{MemBackend, VmConfig};
 use crate::control;
 use crate::device_manager::{DeviceManager, DevicesState};
 use crate::error::{io_err, VmError};
-use crate::kvm_vm;
+use crate::kvm_vm::{self, PendingVm};
 use crate::ram::build_memory;
 use crate::snapshot::{self, BalloonSettings, MachineConfig};
 use crate::vcpu_state;
-use crate::vm::Vm;
+use crate::vm::{LinuxBoot, PlacedLinux, Vm};
+
+/// The guest memory `config` asks for, its fault handler threads confined
+/// when the VM is.
+fn config_memory(config: &VmConfig) -> Result<GuestMem, VmError> {
+    let mut fault = config.fault.clone();
+    if config.seccomp && fault.on_thread_start.is_none() {
+        fault.on_thread_start = Some(crate::seccomp::fault_thread_hook());
+    }
+    build_memory(config.memory, &config.backend, fault, config.hotplug)
+}
 
 impl Vm {
     /// Opens KVM, creates the VM, its memory, devices and vCPUs.
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
-        let mut fault = config.fault.clone();
-        if config.seccomp && fault.on_thread_start.is_none() {
-            fault.on_thread_start = Some(crate::seccomp::fault_thread_hook());
-        }
-        let mem = build_memory(config.memory, &config.backend, fault, config.hotplug)?;
-        Vm::with_memory(config, mem)
+        let pending = PendingVm::spawn(config.vcpus);
+        let mem = config_memory(&config)?;
+        Vm::build(config, mem, None, pending)
+    }
+
+    /// [`Vm::new`] and [`Vm::boot_linux`] in one: the kernel and initramfs
+    /// are placed in guest memory while KVM creates the VM ([`PendingVm`]).
+    pub fn new_linux(config: VmConfig, boot: &LinuxBoot<'_>) -> Result<Vm, VmError> {
+        let pending = PendingVm::spawn(config.vcpus);
+        let mem = config_memory(&config)?;
+        let placed = PlacedLinux::place(&mem, config.memory, boot.kernel, boot.initrd)?;
+        let mut vm = Vm::build(config, mem, None, pending)?;
+        vm.set_pre_fault(boot.pre_fault);
+        vm.boot_placed(placed, boot.cmdline)?;
+        Ok(vm)
     }
 
     /// Like [`Vm::new`], over memory the caller built (its own regions,
@@ -33,14 +52,19 @@ impl Vm {
     /// `mem` is the virtio-mem window. `config.backend` and `config.fault`
     /// are not used.
     pub fn with_memory(config: VmConfig, mem: GuestMem) -> Result<Vm, VmError> {
-        Vm::build(config, mem, None)
+        let pending = PendingVm::spawn(config.vcpus);
+        Vm::build(config, mem, None, pending)
     }
 
     /// The one path every VM takes; `saved`: the devices of a restore.
-    fn build(config: VmConfig, mem: GuestMem, saved: Option<&DevicesState>) -> Result<Vm, VmError> {
-        let kvm = kvm_vm::open_kvm(config.vcpus)?;
-        let fd = Arc::new(kvm_vm::create_vm(&kvm)?);
-        log::debug!("KVM VM created");
+    fn build(
+        config: VmConfig,
+        mem: GuestMem,
+        saved: Option<&DevicesState>,
+        pending: PendingVm,
+    ) -> Result<Vm, VmError> {
+        let (kvm, fd) = pending.join()?;
+        let fd = Arc::new(fd);
         let mem = Arc::new(mem);
         let fixed = mem.regions().len() - usize::from(config.hotplug.is_some());
         kvm_vm::map_regions(&fd, &mem, fixed)?;
@@ -157,6 +181,7 @@ impl Vm {
     pub fn restore(restore: RestoreConfig) -> Result<Vm, VmError> {
         let (snap, memory_path) = snapshot::read(&restore.dir)?;
         let m = &snap.machine;
+        let pending = PendingVm::spawn(m.vcpus);
         let backend = if m.huge_pages {
             MemBackend::Hugetlbfs(None)
         } else {
@@ -224,7 +249,7 @@ impl Vm {
             seccomp: restore.seccomp,
         };
         let payload = m.payload;
-        let mut vm = Vm::build(config, mem, Some(&snap.devices))?;
+        let mut vm = Vm::build(config, mem, Some(&snap.devices), pending)?;
         vm.payload = payload;
         vm.machine.payload = payload;
         for (v, s) in vm.vcpus.iter().zip(&snap.vcpus) {

@@ -7,6 +7,7 @@ use vmm::builder::RestoreConfig;
 use vmm::cli::Args;
 use vmm::signals::ShutdownSignals;
 use vmm::vcpu::PayloadArgs;
+use vmm::vm::LinuxBoot;
 use vmm::{Vm, VmConfig};
 
 /// Where a flat payload is loaded and entered.
@@ -53,7 +54,7 @@ fn run(args: Args, signals: Option<ShutdownSignals>) -> Result<ExitCode, String>
         );
         vm
     } else {
-        Vm::new(VmConfig {
+        let config = VmConfig {
             memory: args.memory,
             vcpus: args.vcpus,
             backend: args.mem_backend.clone(),
@@ -66,24 +67,34 @@ fn run(args: Args, signals: Option<ShutdownSignals>) -> Result<ExitCode, String>
             hotplug: args.virtio_mem,
             api_socket: args.api_sock.clone(),
             seccomp: !args.no_seccomp,
-        })
-        .map_err(|e| e.to_string())?
+        };
+        let vm = match &args.kernel {
+            // The kernel is placed while KVM creates the VM.
+            Some(kernel) => Vm::new_linux(
+                config,
+                &LinuxBoot {
+                    kernel,
+                    initrd: args.initrd.as_deref(),
+                    cmdline: &args.cmdline,
+                    pre_fault: !args.no_pre_fault,
+                },
+            ),
+            None => Vm::new(config),
+        }
+        .map_err(|e| e.to_string())?;
+        if args.kernel.is_some() {
+            log::info!(
+                "VM created and kernel and initramfs placed in {:.1} ms",
+                start.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        vm
     };
     vm.set_api_config(args.api_config());
     if let Some(signals) = signals {
         vm.stop_on_signals(signals);
     }
-    let created = start.elapsed();
-    vm.set_pre_fault(!args.no_pre_fault);
-    if let Some(kernel) = &args.kernel {
-        vm.boot_linux(kernel, args.initrd.as_deref(), &args.cmdline)
-            .map_err(|e| e.to_string())?;
-        log::info!(
-            "VM created in {:.1} ms, kernel and initramfs placed in {:.1} ms",
-            created.as_secs_f64() * 1e3,
-            (start.elapsed() - created).as_secs_f64() * 1e3
-        );
-    } else if let Some(payload) = &args.payload {
+    if let Some(payload) = &args.payload {
         let image = std::fs::read(payload)
             .map_err(|e| format!("reading payload {}: {e}", payload.display()))?;
         let memory = args.memory;

@@ -24,6 +24,53 @@ use crate::vcpu::{self, PayloadArgs};
 use crate::virtio::VirtioSlot;
 use devices::bus::Bus;
 
+/// What [`Vm::new_linux`](crate::builder) boots.
+pub struct LinuxBoot<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
+    /// See [`Vm::set_pre_fault`].
+    pub pre_fault: bool,
+}
+
+/// A kernel and initramfs placed in guest memory, not yet booted.
+pub struct PlacedLinux {
+    kernel: linux::LoadedKernel,
+    /// Where the initramfs lies and how long it is.
+    initrd: Option<(u64, u64)>,
+}
+
+impl PlacedLinux {
+    /// Places `kernel` and `initrd` in `mem`, a VM of `ram_size` bytes of
+    /// boot RAM: through the backing file, not the fault-managed mapping
+    /// (see [`guest_mem::image`]).
+    pub fn place(
+        mem: &GuestMem,
+        ram_size: u64,
+        kernel: &Path,
+        initrd: Option<&Path>,
+    ) -> Result<PlacedLinux, VmError> {
+        let guard = mem.memory();
+        let m = guard.memory();
+        let image = |f| ImageFile::new(mem, f);
+        let k = linux::load_kernel(&*m, kernel, image)?;
+        let low_end = ram_size.min(MMIO_GAP_START);
+        let initrd = match initrd {
+            Some(p) => Some(linux::load_initrd(
+                &*m,
+                p,
+                image,
+                low_end,
+                k.end,
+                k.setup_header.map(|h| h.initrd_addr_max),
+            )?),
+            None => None,
+        };
+        log::debug!("kernel and initramfs placed");
+        Ok(PlacedLinux { kernel: k, initrd })
+    }
+}
+
 /// A VM ready to boot.
 pub struct Vm {
     // Field order matters for drop: vCPUs and the VM go before the memory
@@ -130,31 +177,27 @@ impl Vm {
         initrd: Option<&Path>,
         cmdline: &str,
     ) -> Result<(), VmError> {
+        let placed = PlacedLinux::place(&self.mem, self.ram_size, kernel, initrd)?;
+        self.boot_placed(placed, cmdline)
+    }
+
+    /// The rest of [`boot_linux`](Self::boot_linux) once the images are in
+    /// memory: command line, boot parameters, ACPI and MP tables, the boot
+    /// vCPU's registers, and the boot memory mapped ahead.
+    pub(crate) fn boot_placed(
+        &mut self,
+        placed: PlacedLinux,
+        cmdline: &str,
+    ) -> Result<(), VmError> {
         let guard = self.mem.memory();
         let mem = guard.memory();
-        // The images go into the backing file's page cache, not through the
-        // fault-managed mapping (see guest_mem::image).
-        let image = |f| ImageFile::new(&self.mem, f);
-        let k = linux::load_kernel(&*mem, kernel, image)?;
-        let low_end = self.ram_size.min(MMIO_GAP_START);
-        let initrd = match initrd {
-            Some(p) => Some(linux::load_initrd(
-                &*mem,
-                p,
-                image,
-                low_end,
-                k.end,
-                k.setup_header.map(|h| h.initrd_addr_max),
-            )?),
-            None => None,
-        };
+        let PlacedLinux { kernel: k, initrd } = placed;
         let len = linux::write_cmdline(&*mem, &linux::with_platform_args(cmdline))?;
         let mut params = linux::boot_params(&k, len, initrd, self.ram_size)?;
         // SMP and power-off through ACPI (kernels without MPPARSE ignore the
         // MP table); the MP table stays for those that have it.
         let n = self.vcpus.len() as u8;
         let virtio: Vec<_> = self.devices.virtio.iter().map(VirtioSlot::acpi).collect();
-        log::debug!("kernel and initramfs placed");
         params.acpi_rsdp_addr = acpi::setup_acpi(&*mem, n, &virtio).map_err(BootError::Acpi)?;
         mptable::setup_mptable(&*mem, n).map_err(BootError::Mptable)?;
         linux::write_boot_params(&*mem, &params)?;
