@@ -521,30 +521,36 @@ fn install<T: RegionTable>(
     let dst = region.host_addr() + offset;
     let page = region.page_size();
     let minor = matches!(contents, Contents::PageCache);
-    // Counted once the kernel took the range: a window it refuses whole and
-    // the page that goes in alone instead are one install.
-    let (counter, out): (_, Outcome) = match contents {
+    // Counted before the ioctl (which wakes the faulting thread, so a
+    // reader of the stats after its access sees the install) and taken
+    // back if the kernel installs nothing: a window it refuses whole and
+    // the page that then goes in alone are one install.
+    let counter = match contents {
+        Contents::Zero => &stats.installs_zero,
+        Contents::Data => &stats.installs_copy,
+        Contents::PageCache => &stats.installs_continue,
+    };
+    counter.fetch_add(1, Relaxed);
+    let out: Outcome = match contents {
         Contents::Zero if region.zero_by_copy() => {
             let zeros = scratch.zeros(len as usize);
             // SAFETY: zeros is len readable bytes; dst..dst+len lies inside
             // the region's registered mapping (offset + len <= backed size).
-            (&stats.installs_zero, unsafe {
-                ioctl::copy(fd, dst, zeros.as_ptr(), len)
-            })
+            unsafe { ioctl::copy(fd, dst, zeros.as_ptr(), len) }
         }
-        Contents::Zero => (&stats.installs_zero, ioctl::zeropage(fd, dst, len)),
+        Contents::Zero => ioctl::zeropage(fd, dst, len),
         Contents::Data => {
             let data = scratch.data(len as usize);
             // SAFETY: as above; data holds len fetched bytes.
-            (&stats.installs_copy, unsafe {
-                ioctl::copy(fd, dst, data.as_ptr(), len)
-            })
+            unsafe { ioctl::copy(fd, dst, data.as_ptr(), len) }
         }
-        Contents::PageCache => (&stats.installs_continue, ioctl::r#continue(fd, dst, len)),
+        Contents::PageCache => ioctl::r#continue(fd, dst, len),
     };
     let pages_done = out.done / page;
+    if pages_done == 0 {
+        counter.fetch_sub(1, Relaxed);
+    }
     if pages_done > 0 {
-        counter.fetch_add(1, Relaxed);
         scratch.present_claims = (0, 0);
         stats.pages_installed.fetch_add(pages_done, Relaxed);
         stats.readahead_pages.fetch_add(pages_done - 1, Relaxed);
