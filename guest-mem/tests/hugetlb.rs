@@ -8,7 +8,7 @@ mod common;
 use std::io::{Seek, SeekFrom};
 use std::time::Duration;
 
-use common::image_in;
+use common::{guest_bytes, image_in};
 use guest_mem::backing::free_huge_pages;
 use guest_mem::image::ImageFile;
 use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -161,15 +161,6 @@ fn place(
     Ok((image.copied_bytes(), image.read_bytes()))
 }
 
-fn guest(mem: &GuestMem, gpa: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    mem.memory()
-        .memory()
-        .read_slice(&mut out, GuestAddress(gpa))
-        .unwrap();
-    out
-}
-
 #[test]
 fn whole_huge_pages_of_an_image_are_copied_in_without_a_fault() {
     let Some(ram) = huge_ram() else {
@@ -187,9 +178,9 @@ fn whole_huge_pages_of_an_image_are_copied_in_without_a_fault() {
     let s = mem.settled_stats(Duration::from_secs(5));
     assert_eq!(s.pages_installed, 2, "{s}");
     assert_eq!(s.faults, 2, "{s}");
-    assert!(guest(mem, gpa, len) == bytes[0x1000..0x1000 + len]);
+    assert!(guest_bytes(mem, gpa, len) == bytes[0x1000..0x1000 + len]);
     // What lies around the segment in its partial pages reads zero.
-    assert!(guest(mem, 2 * HUGE, 0x1000).iter().all(|&b| b == 0));
+    assert!(guest_bytes(mem, 2 * HUGE, 0x1000).iter().all(|&b| b == 0));
     assert_eq!(mem.allocated_bytes(), 4 * HUGE);
 }
 
@@ -208,14 +199,17 @@ fn a_huge_page_already_present_is_read_over_and_offsets_out_of_step_are_read() {
     let (file, bytes) = image_in("/tmp", "hugetlb-present", (2 * HUGE) as usize);
     let (copied, read) = place(mem, file, 0, 0, (2 * HUGE) as usize).unwrap();
     assert_eq!((copied, read), (HUGE, HUGE));
-    assert!(guest(mem, 0, (2 * HUGE) as usize) == bytes[..]);
+    assert!(guest_bytes(mem, 0, (2 * HUGE) as usize) == bytes[..]);
 
     // File offsets not congruent to guest ones (no page-aligned source):
     // everything is read, and lands as well.
     let (file, bytes) = image_in("/tmp", "hugetlb-skew", (3 * HUGE) as usize);
     let (copied, read) = place(mem, file, 0x800, 4 * HUGE, (2 * HUGE) as usize).unwrap();
     assert_eq!((copied, read), (0, 2 * HUGE));
-    assert!(guest(mem, 4 * HUGE, (2 * HUGE) as usize) == bytes[0x800..0x800 + (2 * HUGE) as usize]);
+    assert!(
+        guest_bytes(mem, 4 * HUGE, (2 * HUGE) as usize)
+            == bytes[0x800..0x800 + (2 * HUGE) as usize]
+    );
 }
 
 #[test]
@@ -228,8 +222,8 @@ fn an_image_shorter_than_its_segment_is_an_error_after_the_pages_it_has() {
     let err = place(mem, file, 0, 0, (3 * HUGE) as usize).unwrap_err();
     assert!(!err.is_empty());
     // The whole page the file had went in; nothing past its end was copied.
-    assert!(guest(mem, 0, HUGE as usize) == bytes[..HUGE as usize]);
-    assert!(guest(mem, 2 * HUGE, 16).iter().all(|&b| b == 0));
+    assert!(guest_bytes(mem, 0, HUGE as usize) == bytes[..HUGE as usize]);
+    assert!(guest_bytes(mem, 2 * HUGE, 16).iter().all(|&b| b == 0));
 }
 
 #[test]

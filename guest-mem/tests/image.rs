@@ -7,7 +7,7 @@ mod common;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 
-use common::{image_in, PAGE};
+use common::{guest_bytes, image_in, PAGE};
 use guest_mem::image::ImageFile;
 use guest_mem::vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use guest_mem::{GuestMem, RegionConfig};
@@ -22,15 +22,6 @@ fn load(mem: &GuestMem, file: File, file_off: u64, gpa: u64, len: usize) -> (u64
         .read_exact_volatile_from(GuestAddress(gpa), &mut image, len)
         .unwrap();
     (image.spliced_bytes(), image.read_bytes())
-}
-
-fn guest_bytes(mem: &GuestMem, gpa: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    mem.memory()
-        .memory()
-        .read_slice(&mut out, GuestAddress(gpa))
-        .unwrap();
-    out
 }
 
 #[test]

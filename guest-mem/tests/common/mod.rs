@@ -192,3 +192,13 @@ pub fn image_in(dir: &str, tag: &str, len: usize) -> (std::fs::File, Vec<u8>) {
     f.write_all(&bytes).unwrap();
     (f, bytes)
 }
+
+/// `len` bytes of guest memory at `gpa`, read through the memory map.
+pub fn guest_bytes(mem: &GuestMem, gpa: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    mem.memory()
+        .memory()
+        .read_slice(&mut out, GuestAddress(gpa))
+        .unwrap();
+    out
+}
