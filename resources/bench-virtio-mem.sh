@@ -35,7 +35,7 @@
 # target/bench/virtio-mem.json (medians and every run).
 #
 # Usage: resources/bench-virtio-mem.sh [--runs N] [--memory MiB]
-#            [--window MiB] [--plug MiB]
+#            [--window MiB] [--plug MiB] [--shmem-thp MODE] [--scrub]
 #
 #   --runs N        runs per VMM, alternating (default 3)
 #   --memory MiB    boot RAM (default 512)
@@ -46,6 +46,10 @@
 #   --shmem-thp M   the L1's shmem huge page policy for both VMMs' guest
 #                   memory (never, advise, within_size, always; default: the
 #                   L1 kernel's own, Debian's never)
+#   --scrub         write and free the L1's free memory before each VMM's
+#                   run (untimed), so neither inherits pages whose old guest
+#                   code the TCG under the L1 must first forget
+#                   (scrub_l1_memory in bench-lib.sh)
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=bench-lib.sh
 . "$(dirname "$0")/bench-lib.sh"
@@ -55,6 +59,7 @@ memory=512
 window=1024
 plug=256
 shmem_thp=
+scrub=
 while (($#)); do
     case "$1" in
         --runs) runs="$2"; shift 2 ;;
@@ -62,6 +67,7 @@ while (($#)); do
         --window) window="$2"; shift 2 ;;
         --plug) plug="$2"; shift 2 ;;
         --shmem-thp) shmem_thp="$2"; shift 2 ;;
+        --scrub) scrub=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
@@ -290,10 +296,13 @@ bench_qemu() {
 }
 
 [ -z "$shmem_thp" ] || echo $shmem_thp >/sys/kernel/mm/transparent_hugepage/shmem_enabled
-echo "BENCH-L1 cpus=\$(grep -c ^processor /proc/cpuinfo) shmem_thp=\$(sed 's/.*\[\(.*\)\].*/\1/' /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null) qemu=\$(qemu-system-x86_64 --version | head -1 | tr ' ' _)"
+BENCH_SCRUB=$scrub
+echo "BENCH-L1 scrub=\${BENCH_SCRUB:-0} cpus=\$(grep -c ^processor /proc/cpuinfo) shmem_thp=\$(sed 's/.*\[\(.*\)\].*/\1/' /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null) qemu=\$(qemu-system-x86_64 --version | head -1 | tr ' ' _)"
 run=1
 while [ \$run -le $runs ]; do
+    scrub_l1_memory
     bench_vmm || { tail -5 /tmp/vmm.err; exit 1; }
+    scrub_l1_memory
     bench_qemu || { tail -5 /tmp/qemu.err; exit 1; }
     run=\$((run + 1))
 done
@@ -320,6 +329,7 @@ problems = []
 counters = []
 qemu_version = None
 shmem_thp = None
+scrub = False
 for line in open(log, errors="replace"):
     m = pat.search(line)
     if m and m.group(1) in runs:
@@ -343,6 +353,7 @@ for line in open(log, errors="replace"):
         qemu_version = line.split("qemu=")[-1].strip().replace("_", " ")
         thp = re.search(r"shmem_thp=(\w+)", line)
         shmem_thp = thp.group(1) if thp else None
+        scrub = "scrub=1" in line
 if not runs["vmm"] or not runs["qemu"]:
     sys.exit(f"bench-virtio-mem: a VMM did not complete a run; see {log}")
 
@@ -396,6 +407,7 @@ out = {
     "medians": m,
     "memory_mib": memory, "window_mib": window, "plug_mib": plug, "block_size_mib": 2,
     "shmem_thp": shmem_thp,
+    "scrub": scrub,
     "qemu": (qemu_version or "qemu-system-x86_64") +
             ": -M q35, virtio-mem-pci, memory-backend-memfd share=on (boot RAM and window)",
     "returned_pct_method": "drop of the window memfd's allocated bytes (st_blocks) after unplug, "
