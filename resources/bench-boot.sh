@@ -145,9 +145,10 @@ python3 - "$GUEST_CACHE/bench/boot.log" "$(cat "$GUEST_KERNEL_DIR/VERSION")" "$m
     "$REPO_ROOT/target/bench/boot.json" "$(cat "$L1_KERNEL_DIR/VERSION")" <<'PY'
 import json, re, statistics, sys
 log, version, memory, vcpus, out_path, l1_version = sys.argv[1:7]
-thp = re.search(r"SHMEM-THP (\w+)", open(log, errors="replace").read())
+text = open(log, errors="replace").read()
+thp = re.search(r"SHMEM-THP (\w+)", text)
 shmem_thp = thp.group(1) if thp else None
-scrub = re.search(r"^SCRUB 1", open(log, errors="replace").read(), re.M) is not None
+scrub = re.search(r"^SCRUB 1", text, re.M) is not None
 runs = {"vmm": [], "vmm-no-pre-fault": [], "vmm-kernel-faults": [], "qemu": [], "vmm-hugetlbfs": [], "qemu-hugetlbfs": []}
 for line in open(log, errors="replace"):
     m = re.search(r"BENCH ([\w-]+) run=\d+ boot_s=([\d.]+) rss_mib=([\d.]+)"

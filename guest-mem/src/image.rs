@@ -111,14 +111,19 @@ impl<'m> ImageFile<'m> {
     /// `UFFDIO_COPY`: fresh shared hugetlbfs memory (no page source behind
     /// it) whose faults this crate serves.
     fn copy_destination(&self, ptr: u64, len: u64) -> Option<(&'m Region, u64)> {
+        self.mem.userfault_fd()?;
+        let (region, offset) = self.region_at(ptr, len)?;
+        let fresh = !region.is_private() && region.source.is_none();
+        (fresh && region.backing().kind() == BackingKind::Hugetlbfs).then_some((region, offset))
+    }
+
+    /// The region and region offset of `len` bytes of guest memory at host
+    /// address `ptr`, if they lie inside one region's backed size.
+    fn region_at(&self, ptr: u64, len: u64) -> Option<(&'m Region, u64)> {
         let mem: &'m GuestMem = self.mem;
-        mem.userfault_fd()?;
         let region = mem.regions().iter().find(|r| r.contains_host(ptr))?;
         let offset = ptr - region.host_addr();
-        let fits = offset.checked_add(len)? <= region.backed_size();
-        let fresh = !region.is_private() && region.source.is_none();
-        (fits && fresh && region.backing().kind() == BackingKind::Hugetlbfs)
-            .then_some((region, offset))
+        (offset.checked_add(len)? <= region.backed_size()).then_some((region, offset))
     }
 
     /// Fills `buf` (at `offset` in `region`) from the file's position:
@@ -209,12 +214,9 @@ impl<'m> ImageFile<'m> {
     /// The region and region offset of `len` bytes of guest memory at host
     /// address `ptr`, when they can be written through the backing file.
     fn destination(&self, ptr: u64, len: u64) -> Option<(&'m Region, u64)> {
-        let mem: &'m GuestMem = self.mem;
-        let region = mem.regions().iter().find(|r| r.contains_host(ptr))?;
-        let offset = ptr - region.host_addr();
-        let kind = region.backing().kind();
-        let writable = !region.is_private() && kind != BackingKind::Hugetlbfs;
-        (writable && offset.checked_add(len)? <= region.backed_size()).then_some((region, offset))
+        let (region, offset) = self.region_at(ptr, len)?;
+        let writable = !region.is_private() && region.backing().kind() != BackingKind::Hugetlbfs;
+        writable.then_some((region, offset))
     }
 
     fn pipe(&mut self) -> io::Result<(RawFd, RawFd, usize)> {

@@ -22,7 +22,13 @@ const POOL: &str = "/proc/sys/vm/nr_hugepages";
 /// another one's memory still needed pages would starve that one.
 static POOL_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Puts the huge page pool back the way the test found it.
+/// Huge pages in the pool, free or not.
+fn pool_total() -> Option<u64> {
+    std::fs::read_to_string(POOL).ok()?.trim().parse().ok()
+}
+
+/// Puts the huge page pool back the way the test found it, whatever the
+/// test did to it meanwhile.
 struct PoolGuard {
     restore: Option<u64>,
     _lock: std::sync::MutexGuard<'static, ()>,
@@ -31,7 +37,9 @@ struct PoolGuard {
 impl Drop for PoolGuard {
     fn drop(&mut self) {
         if let Some(total) = self.restore {
-            let _ = std::fs::write(POOL, total.to_string());
+            if pool_total() != Some(total) {
+                let _ = std::fs::write(POOL, total.to_string());
+            }
         }
     }
 }
@@ -40,25 +48,19 @@ impl Drop for PoolGuard {
 /// `None` (with the reason printed) when they cannot be had.
 fn have_huge_pages(pages: u64) -> Option<PoolGuard> {
     let lock = POOL_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let guard = PoolGuard {
+        restore: pool_total(),
+        _lock: lock,
+    };
     let free = free_huge_pages(HUGE).unwrap_or(0);
     if free >= pages {
-        return Some(PoolGuard {
-            restore: None,
-            _lock: lock,
-        });
+        return Some(guard);
     }
-    let total: u64 = std::fs::read_to_string(POOL)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
+    let total = guard.restore.unwrap_or(0);
     if std::fs::write(POOL, (total + pages - free).to_string()).is_err() {
         eprintln!("skipped: {pages} free 2 MiB huge pages needed and {POOL} is not writable");
         return None;
     }
-    let guard = PoolGuard {
-        restore: Some(total),
-        _lock: lock,
-    };
     if free_huge_pages(HUGE).unwrap_or(0) < pages {
         eprintln!("skipped: the kernel could not reserve {pages} huge pages");
         return None;
@@ -251,18 +253,7 @@ fn a_page_the_kernel_cannot_map_once_the_pool_shrank_is_reported_not_spun_on() {
     }
     // The host takes pages back from the pool under the running VM: two
     // are left for the four the guest's memory may use.
-    let total: u64 = std::fs::read_to_string(POOL)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    struct Restore(u64);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let _ = std::fs::write(POOL, self.0.to_string());
-        }
-    }
-    let _restore = Restore(total);
+    let total = pool_total().unwrap();
     let free = free_huge_pages(HUGE).unwrap();
     std::fs::write(POOL, (total - free + 2).to_string()).unwrap();
 
@@ -303,6 +294,5 @@ fn a_page_the_kernel_cannot_map_once_the_pool_shrank_is_reported_not_spun_on() {
     done.recv_timeout(Duration::from_secs(10))
         .expect("the thread finished once the pool had pages again");
     drop(mem);
-    drop(_restore);
     drop(pool);
 }

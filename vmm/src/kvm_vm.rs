@@ -37,9 +37,8 @@ pub fn open_kvm(vcpus: u8) -> Result<Kvm, VmError> {
     Ok(kvm)
 }
 
-/// Creates the VM with the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT.
 /// A VM being created on a thread of its own. In a nested L1,
-/// `KVM_CREATE_VM` sleeps in the kernel for most of the 18-24 ms it takes
+/// `KVM_CREATE_VM` waits in the kernel for most of the 18-31 ms it takes
 /// (2-4 ms of CPU): time the VMM spends building guest memory and placing
 /// the boot images instead of waiting.
 pub struct PendingVm(Pending);
@@ -87,6 +86,7 @@ impl PendingVm {
     }
 }
 
+/// Creates the VM with the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT.
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     fd.set_tss_address(KVM_TSS as usize)

@@ -547,9 +547,6 @@ fn install<T: RegionTable>(
         Contents::PageCache => ioctl::r#continue(fd, dst, len),
     };
     let pages_done = out.done / page;
-    if pages_done == 0 {
-        counter.fetch_sub(1, Relaxed);
-    }
     if pages_done > 0 {
         scratch.present_claims = (0, 0);
         stats.pages_installed.fetch_add(pages_done, Relaxed);
@@ -560,6 +557,7 @@ fn install<T: RegionTable>(
             .clear_range(offset / page, offset / page + pages_done);
         return Installed::Done;
     }
+    counter.fetch_sub(1, Relaxed);
     match out.errno {
         None => Installed::Done,
         Some(libc::EEXIST) => {
