@@ -37,8 +37,8 @@ bench_run_l1() {
     need_cmd qemu-system-x86_64 "Debian package qemu-system-x86"
     mkdir -p "$dir"
     "$RESOURCES_DIR/build-l1.sh" --out "$dir/l1-$name.cpio.gz" --script "$script" \
-        --add "$REPO_ROOT/target/release/vmm:/bin/vmm" \
-        --add "$REPO_ROOT/target/release/vmmctl:/bin/vmmctl" \
+        --add "$BIN_DIR/vmm:/bin/vmm" \
+        --add "$BIN_DIR/vmmctl:/bin/vmmctl" \
         --add "$(command -v qemu-system-x86_64):/usr/bin/" \
         --add /usr/share/qemu:/usr/share/qemu \
         --add "$GUEST_KERNEL_DIR/vmlinux:/guest/vmlinux" \

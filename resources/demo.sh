@@ -24,6 +24,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 say() { echo "[demo] $*" >&2; }
+# Where cargo puts the release binaries (.cargo/config.toml names the target).
+BIN_DIR="${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release"
 
 say "installing host packages (first run only)"
 resources/install-host-deps.sh
@@ -36,7 +38,7 @@ cargo build --release -p vmm --bins
 
 if grep -qE '\b(vmx|svm)\b' /proc/cpuinfo; then
     say "hardware virtualization present: running the VMM directly"
-    VMM=target/release/vmm VMMCTL=target/release/vmmctl KERNEL=build/kernel/vmlinux \
+    VMM="$BIN_DIR/vmm" VMMCTL="$BIN_DIR/vmmctl" KERNEL=build/kernel/vmlinux \
         INITRD=build/guest-balloon.cpio.gz MEMORY_MIB="$memory" VCPUS="$vcpus" \
         exec sh resources/balloon-demo.sh
 fi
@@ -49,8 +51,8 @@ cat > "$work/l1-demo.sh" <<SCRIPT
 MEMORY_MIB=$memory VCPUS=$vcpus sh /guest/balloon-demo.sh
 SCRIPT
 resources/build-l1.sh --out "$work/l1-demo.cpio.gz" --script "$work/l1-demo.sh" \
-    --add target/release/vmm:/bin/vmm \
-    --add target/release/vmmctl:/bin/vmmctl \
+    --add "$BIN_DIR/vmm:/bin/vmm" \
+    --add "$BIN_DIR/vmmctl:/bin/vmmctl" \
     --add build/kernel/vmlinux:/guest/vmlinux \
     --add build/guest-balloon.cpio.gz:/guest/balloon.cpio.gz \
     --add resources/balloon-demo.sh:/guest/balloon-demo.sh \

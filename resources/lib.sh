@@ -13,6 +13,8 @@
 RESOURCES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$RESOURCES_DIR/.." && pwd)"
 GUEST_CACHE="${GUEST_CACHE:-$REPO_ROOT/build}"
+# The release binaries (.cargo/config.toml names the target, see there).
+BIN_DIR="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/x86_64-unknown-linux-gnu/release"
 KERNEL_DIR="$GUEST_CACHE/kernel"
 export GUEST_CACHE
 

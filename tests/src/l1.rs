@@ -55,7 +55,7 @@ fn run(cmd: &mut Command) -> Result<String, String> {
 /// `vmm` (`vmmctl` is beside it).
 pub fn vmm_binary() -> Result<PathBuf, String> {
     run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "vmm", "--bins"]))?;
-    Ok(target_dir().join("release/vmm"))
+    Ok(target_dir().join("x86_64-unknown-linux-gnu/release/vmm"))
 }
 
 /// Fetches the guest kernel and builds the default guest initramfs;
