@@ -13,17 +13,20 @@ use vmm::{Vm, VmConfig};
 /// Where a flat payload is loaded and entered.
 const PAYLOAD_LOAD: u64 = 0x10_0000;
 
-/// Whether the host CPU advertises hardware virtualization (`vmx` or
-/// `svm` in /proc/cpuinfo); `None` when that cannot be read.
-fn host_has_hardware_virtualization() -> Option<bool> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let flags = info.lines().find(|l| l.starts_with("flags"))?;
-    Some(flags.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+/// Whether the host CPU advertises hardware virtualization: VMX (CPUID
+/// leaf 1, ECX bit 5) or SVM (leaf 0x8000_0001, ECX bit 2), the bits
+/// /proc/cpuinfo shows as `vmx` and `svm`. Asked of the CPU rather than
+/// read from /proc/cpuinfo, which the kernel formats for every CPU.
+fn host_has_hardware_virtualization() -> bool {
+    use std::arch::x86_64::__cpuid;
+    let vmx = __cpuid(1).ecx & (1 << 5) != 0;
+    let svm = __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 2) != 0;
+    vmx || svm
 }
 
 fn run(args: Args, signals: Option<ShutdownSignals>) -> Result<ExitCode, String> {
     log::debug!("vmm started");
-    if args.kernel.is_some() && host_has_hardware_virtualization() == Some(false) {
+    if args.kernel.is_some() && !host_has_hardware_virtualization() {
         // /dev/kvm without vmx/svm (a software-assisted KVM) runs only
         // CPL3 code at speed and fails on a stock kernel's ring-0 code; say
         // so now rather than sit silent.
