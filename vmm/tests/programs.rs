@@ -1,7 +1,7 @@
 //! The programs: `vmm` stops cleanly on SIGTERM and SIGINT (exit 0, API
 //! socket removed), a socket left behind by a VMM that was killed does not
-//! keep the next one from starting, and `vmmctl` sends several requests
-//! over one connection.
+//! keep the next one from starting, `vmmctl` sends several requests
+//! over one connection, and both are static-pie executables.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -223,4 +223,33 @@ fn a_kernel_on_a_host_without_hardware_virtualization_gets_a_clear_word() {
         !hardware,
         "{err}"
     );
+}
+
+/// (ELF type, whether it names a program interpreter) of the 64-bit
+/// little-endian ELF executable at `path`.
+fn elf_kind(path: &str) -> (u16, bool) {
+    let elf = std::fs::read(path).unwrap();
+    assert_eq!(&elf[..5], b"\x7fELF\x02", "{path}: not a 64-bit ELF file");
+    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap());
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap());
+    let phoff = u64::from_le_bytes(elf[32..40].try_into().unwrap()) as usize;
+    let (phentsize, phnum) = (usize::from(u16_at(54)), usize::from(u16_at(56)));
+    const PT_INTERP: u32 = 3;
+    let interp = (0..phnum).any(|i| u32_at(phoff + i * phentsize) == PT_INTERP);
+    (u16_at(16), interp)
+}
+
+/// `.cargo/config.toml` links the programs statically and position
+/// independent: no loader or shared library at start (no `PT_INTERP`),
+/// and a random load address still (`ET_DYN`).
+#[test]
+fn the_programs_are_static_pie() {
+    const ET_DYN: u16 = 3;
+    for path in [env!("CARGO_BIN_EXE_vmm"), env!("CARGO_BIN_EXE_vmmctl")] {
+        assert_eq!(
+            elf_kind(path),
+            (ET_DYN, false),
+            "{path}: want a static-pie executable"
+        );
+    }
 }
