@@ -106,15 +106,16 @@ impl<'m> ImageFile<'m> {
         self.read
     }
 
-    /// The region and region offset of `len` bytes of guest memory at host
-    /// address `ptr`, when whole pages of them can be installed by
-    /// `UFFDIO_COPY`: fresh shared hugetlbfs memory (no page source behind
-    /// it) whose faults this crate serves.
-    fn copy_destination(&self, ptr: u64, len: u64) -> Option<(&'m Region, u64)> {
-        self.mem.userfault_fd()?;
+    /// The region, region offset and userfaultfd of `len` bytes of guest
+    /// memory at host address `ptr`, when whole pages of them can be
+    /// installed by `UFFDIO_COPY`: fresh shared hugetlbfs memory (no page
+    /// source behind it) whose faults this crate serves.
+    fn copy_destination(&self, ptr: u64, len: u64) -> Option<(&'m Region, u64, RawFd)> {
+        let uffd = self.mem.userfault_fd()?;
         let (region, offset) = self.region_at(ptr, len)?;
         let fresh = !region.is_private() && region.source.is_none();
-        (fresh && region.backing().kind() == BackingKind::Hugetlbfs).then_some((region, offset))
+        (fresh && region.backing().kind() == BackingKind::Hugetlbfs)
+            .then_some((region, offset, uffd))
     }
 
     /// The region and region offset of `len` bytes of guest memory at host
@@ -126,7 +127,8 @@ impl<'m> ImageFile<'m> {
         (offset.checked_add(len)? <= region.backed_size()).then_some((region, offset))
     }
 
-    /// Fills `buf` (at `offset` in `region`) from the file's position:
+    /// Fills `buf` (at `offset` in `region`, whose faults `uffd` serves)
+    /// from the file's position:
     /// each whole page by `UFFDIO_COPY` from a mapping of the file where
     /// the file and guest offsets line up, the rest (and any page already
     /// present) by reading through the mapping. Returns the bytes placed,
@@ -135,6 +137,7 @@ impl<'m> ImageFile<'m> {
         &mut self,
         region: &Region,
         offset: u64,
+        uffd: RawFd,
         buf: &mut VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
         let io = VolatileMemoryError::IOError;
@@ -149,7 +152,7 @@ impl<'m> ImageFile<'m> {
             let whole = off % page == 0 && (len - at) as u64 >= page;
             let src = source.as_ref().and_then(|s| s.page_at(at as u64, page));
             if let (true, Some(src)) = (whole, src) {
-                if self.copy_page(region, off, src, page) {
+                if self.copy_page(uffd, region, off, src, page) {
                     buf.bitmap().mark_dirty(at, page as usize);
                     at += page as usize;
                     continue;
@@ -183,12 +186,17 @@ impl<'m> ImageFile<'m> {
     }
 
     /// Installs the page at `offset` of `region` from `src` (`page`
-    /// readable bytes) under the install lock, as the fault handler would;
-    /// false if the page is present already or the kernel refuses.
-    fn copy_page(&mut self, region: &Region, offset: u64, src: *const u8, page: u64) -> bool {
-        let Some(uffd) = self.mem.userfault_fd() else {
-            return false;
-        };
+    /// readable bytes) through `uffd` under the install lock, as the fault
+    /// handler would; false if the page is present already or the kernel
+    /// refuses.
+    fn copy_page(
+        &mut self,
+        uffd: RawFd,
+        region: &Region,
+        offset: u64,
+        src: *const u8,
+        page: u64,
+    ) -> bool {
         let _install = region.backing().generation().lock_install();
         // SAFETY: src points at `page` bytes of a live read-only mapping of
         // the image inside its file size (SourceMap::page_at); the
@@ -403,8 +411,8 @@ impl ReadVolatile for ImageFile<'_> {
     ) -> Result<usize, VolatileMemoryError> {
         let ptr = buf.ptr_guard_mut().as_ptr() as u64;
         let len = buf.len();
-        if let Some((region, offset)) = self.copy_destination(ptr, len as u64) {
-            return self.place_by_copy(region, offset, buf);
+        if let Some((region, offset, uffd)) = self.copy_destination(ptr, len as u64) {
+            return self.place_by_copy(region, offset, uffd, buf);
         }
         let dst = self
             .splice_ok
