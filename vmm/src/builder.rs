@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use guest_mem::{FileSource, GuestMem, RegionConfig, RegionSource};
+use guest_mem::{FaultConfig, FileSource, GuestMem, RegionConfig, RegionSource};
 
 use crate::config::{MemBackend, VmConfig};
 use crate::control;
@@ -16,13 +16,19 @@ use crate::snapshot::{self, BalloonSettings, MachineConfig};
 use crate::vcpu_state;
 use crate::vm::{LinuxBoot, PlacedLinux, Vm};
 
+/// `fault` with its handler threads confined when the VM is (`seccomp`),
+/// unless the caller set its own thread start hook.
+fn confined(mut fault: FaultConfig, seccomp: bool) -> FaultConfig {
+    if seccomp && fault.on_thread_start.is_none() {
+        fault.on_thread_start = Some(crate::seccomp::fault_thread_hook());
+    }
+    fault
+}
+
 /// The guest memory `config` asks for, its fault handler threads confined
 /// when the VM is.
 fn config_memory(config: &VmConfig) -> Result<GuestMem, VmError> {
-    let mut fault = config.fault.clone();
-    if config.seccomp && fault.on_thread_start.is_none() {
-        fault.on_thread_start = Some(crate::seccomp::fault_thread_hook());
-    }
+    let fault = confined(config.fault.clone(), config.seccomp);
     build_memory(config.memory, &config.backend, fault, config.hotplug)
 }
 
@@ -223,10 +229,7 @@ impl Vm {
                 });
             }
         }
-        let mut fault = restore.fault;
-        if restore.seccomp && fault.on_thread_start.is_none() {
-            fault.on_thread_start = Some(crate::seccomp::fault_thread_hook());
-        }
+        let fault = confined(restore.fault, restore.seccomp);
         let mem = regions
             .into_iter()
             .fold(GuestMem::builder().fault_config(fault), |b, r| b.region(r))
