@@ -398,17 +398,7 @@ impl GuestMem {
     /// # Ok::<(), guest_mem::Error>(())
     /// ```
     pub fn settled_stats(&self, timeout: std::time::Duration) -> StatsSnapshot {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let s = self.stats.snapshot();
-            // Every fault ends by recording its latency, but one at an
-            // address outside every region, which is counted there instead.
-            let settled = s.fault_latency.count + s.unknown_address >= s.faults;
-            if settled || std::time::Instant::now() >= deadline {
-                return s;
-            }
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
+        self.stats.settled(timeout)
     }
 
     /// The region holding a guest-physical address and the offset in it,

@@ -50,17 +50,21 @@ fn bucket_floor(b: usize) -> u64 {
 }
 
 impl Histogram {
-    /// Records one duration.
+    /// Records one duration. The count goes last, with release: a reader
+    /// that sees it (with acquire) sees everything the recording thread
+    /// counted before.
     pub fn record(&self, d: Duration) {
         let ns = d.as_nanos().min(u64::MAX as u128) as u64;
         self.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
         self.max_ns.fetch_max(ns, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Release);
     }
 
-    /// A consistent-enough copy for reporting.
+    /// A consistent-enough copy for reporting. The count is read first:
+    /// every recording it includes is in the other fields too.
     pub fn snapshot(&self) -> HistogramSnapshot {
+        let count = self.count.load(Ordering::Acquire);
         let counts: Vec<u64> = self
             .buckets
             .iter()
@@ -88,7 +92,6 @@ impl Histogram {
             }
             0
         };
-        let count = self.count.load(Ordering::Relaxed);
         HistogramSnapshot {
             count,
             mean_ns: self
@@ -151,11 +154,16 @@ macro_rules! counters {
         }
 
         impl Stats {
-            /// Copies every counter.
+            /// Copies every counter. The latency histogram is read first:
+            /// a fault records its latency after the rest of its
+            /// bookkeeping, so every fault the copy counts as finished has
+            /// its pages and installs in the copy too (read last, the
+            /// histogram could count a fault whose pages the copy missed).
             pub fn snapshot(&self) -> StatsSnapshot {
+                let fault_latency = self.fault_latency.snapshot();
                 StatsSnapshot {
                     $( $name: self.$name.load(Ordering::Relaxed), )*
-                    fault_latency: self.fault_latency.snapshot(),
+                    fault_latency,
                 }
             }
         }
@@ -250,6 +258,25 @@ counters! {
     remap_events,
 }
 
+impl Stats {
+    /// A copy once every fault counted so far has finished its bookkeeping
+    /// (which runs just after the faulting thread is woken), or the copy at
+    /// `timeout`. Every fault ends by recording its latency, but one at an
+    /// address outside every region, which is counted there instead.
+    pub fn settled(&self, timeout: Duration) -> StatsSnapshot {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let s = self.snapshot();
+            if s.fault_latency.count + s.unknown_address >= s.faults
+                || std::time::Instant::now() >= deadline
+            {
+                return s;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,5 +312,41 @@ mod tests {
             s.p99_ns
         );
         assert_eq!(s.max_ns, 5_000_000);
+    }
+
+    #[test]
+    fn a_snapshot_that_counts_a_fault_finished_has_its_pages() {
+        // A handler thread counts a fault, its page, then its latency,
+        // as serve does; the snapshots taken meanwhile must never show
+        // the fault finished and its page missing.
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let stats = Arc::new(Stats::default());
+        let done = Arc::new(AtomicBool::new(false));
+        let handler = {
+            let (stats, done) = (stats.clone(), done.clone());
+            std::thread::spawn(move || {
+                for _ in 0..300_000 {
+                    stats.faults.fetch_add(1, Ordering::Relaxed);
+                    stats.pages_installed.fetch_add(1, Ordering::Relaxed);
+                    stats.fault_latency.record(Duration::from_nanos(1));
+                }
+                done.store(true, Ordering::Release);
+            })
+        };
+        let (mut finished, mut torn) = (0u64, 0u64);
+        while !done.load(Ordering::Acquire) {
+            let s = stats.snapshot();
+            if s.fault_latency.count >= s.faults {
+                finished += 1;
+                torn += u64::from(s.pages_installed < s.faults);
+            }
+        }
+        handler.join().unwrap();
+        assert!(finished > 0, "no snapshot saw every fault finished");
+        assert_eq!(
+            torn, 0,
+            "{torn} of {finished} finished snapshots missed pages"
+        );
     }
 }

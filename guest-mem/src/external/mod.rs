@@ -307,18 +307,7 @@ impl ExternalHandler {
     /// bookkeeping (which runs just after the faulting thread is woken), or
     /// at `timeout`.
     pub fn settled_stats(&self, timeout: std::time::Duration) -> StatsSnapshot {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let s = self.stats();
-            // Every fault ends by recording its latency, but one at an
-            // address outside every region, which is counted there instead.
-            if s.fault_latency.count + s.unknown_address >= s.faults
-                || std::time::Instant::now() >= deadline
-            {
-                return s;
-            }
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
+        self.ctx.stats.settled(timeout)
     }
 
     /// Where failures to serve faults are reported.
