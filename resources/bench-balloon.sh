@@ -3,8 +3,13 @@
 # guest (Debian kernel, 256 MiB, 1 vCPU) in the same L1, alternately. The
 # guest dirties nearly all its free memory and idles; then the balloon is
 # inflated by 128 MiB and deflated again. Measured: the time from the
-# request (PUT /balloon; QMP `balloon`) to the device's `actual` reaching the
-# target, polled every 50 ms, and the host memory returned: the drop of the
+# request to the device's `actual` reaching the target (this VMM is asked
+# with PUT /balloon and "wait_ms", which answers when the guest has reached
+# the target, timed by vmmctl --time from the request's first byte to its
+# answer; QEMU has no such wait, so it is asked with QMP `balloon` over a
+# pipe that is already open and `query-balloon` is polled every 50 ms;
+# "request s" in the log adds the vmmctl process's own start, ~30 ms in the
+# L1), and the host memory returned: the drop of the
 # VMM's RssShmem (guest RAM is a memfd for both). Free page reporting is off
 # for both, so only the balloon gives memory back. Also timed by each VMM
 # itself, free of polling: from the guest's first `actual` update to the one
@@ -60,6 +65,16 @@ vmm_timing() {
     settled=\$(echo "\$b" | grep -o '"settled_ms": [0-9.]*' | grep -o '[0-9.]*\$')
     echo "BENCH-TIMING vmm run=\$run phase=\$1 first_ms=\$first settled_ms=\$settled"
 }
+# vmm_resize MIB: sets the balloon's target and returns once the guest has
+# reached it ("wait_ms": no polling interval in the time, which is left in
+# resize_s).
+vmm_resize() {
+    /bin/vmmctl --sock /tmp/api.sock --time PUT /balloon "{\"target_mib\": \$1, \"wait_ms\": 60000}" >/tmp/put.out 2>/tmp/put.err
+    resize_s=\$(sed -n 's/^vmmctl: PUT \/balloon: \([0-9.]*\) s\$/\1/p' /tmp/put.err)
+    grep -q '"reached": *true' /tmp/put.out && [ -n "\$resize_s" ] && return 0
+    echo "BENCH-ERROR vmm did not reach \$1 MiB: \$(tr -d '\n' </tmp/put.out)"
+    return 1
+}
 # bench_vmm NAME [VMM FLAGS]: NAME vmm (as shipped) or vmm_noseccomp.
 bench_vmm() {
     name=\$1
@@ -72,18 +87,21 @@ bench_vmm() {
     wait_ready /tmp/serial.vmm || return 1
     before=\$(shmem_mib \$pid)
     t=\$(now)
-    /bin/vmmctl --sock /tmp/api.sock PUT /balloon "{\"target_mib\": \$INFLATE}" >/dev/null
+    vmm_resize \$INFLATE || return 1
+    inflate_req_s=\$(since \$t)
+    inflate_s=\$resize_s
     until_equal \$INFLATE vmm_actual || return 1
-    inflate_s=\$(since \$t)
     [ \$name = vmm ] && vmm_timing inflate
     # Every inflated range the host had backed must be a hole once discarded.
     echo "BENCH-CHECK \$name run=\$run stray_ranges=\$(/bin/vmmctl --sock /tmp/api.sock GET /balloon | grep -o '"stray_ranges": [0-9]*' | grep -o '[0-9]*\$')"
     sleep 1
     after=\$(shmem_mib \$pid)
     t=\$(now)
-    /bin/vmmctl --sock /tmp/api.sock PUT /balloon '{"target_mib": 0}' >/dev/null
+    vmm_resize 0 || return 1
+    deflate_req_s=\$(since \$t)
+    deflate_s=\$resize_s
     until_equal 0 vmm_actual || return 1
-    deflate_s=\$(since \$t)
+    echo "BENCH-REQUEST \$name run=\$run inflate_req_s=\$inflate_req_s deflate_req_s=\$deflate_req_s"
     [ \$name = vmm ] && vmm_timing deflate
     echo "BENCH \$name run=\$run inflate_s=\$inflate_s deflate_s=\$deflate_s shmem_before_mib=\$before shmem_after_mib=\$after"
     kill \$pid
@@ -158,6 +176,13 @@ for line in open(log, errors="replace"):
         })
 if not all(runs.values()):
     sys.exit(f"bench-balloon: a VMM did not complete a run; see {log}")
+# This VMM's times with the vmmctl process's start added (for reference).
+req = re.compile(r"BENCH-REQUEST (\w+) run=(\d+) inflate_req_s=([\d.]+) deflate_req_s=([\d.]+)")
+for line in open(log, errors="replace"):
+    m = req.search(line)
+    if m and m.group(1) in runs and int(m.group(2)) <= len(runs[m.group(1)]):
+        r = runs[m.group(1)][int(m.group(2)) - 1]
+        r["inflate_request_s"], r["deflate_request_s"] = float(m.group(3)), float(m.group(4))
 
 # Each VMM's own clock: first `actual` update after the request to the one
 # that reached the target.
@@ -171,7 +196,8 @@ for k in runs:
             r[f"{phase}_guest_s"] = guest.get(k, {}).get((i, phase))
 have_guest = all(r.get(f"{p}_guest_s") is not None
                  for k in ("vmm", "qemu") for r in runs[k] for p in ("inflate", "deflate"))
-med = {k: {f: statistics.median(r[f] for r in v) for f in v[0] if v[0][f] is not None}
+med = {k: {f: statistics.median(r[f] for r in v if r.get(f) is not None)
+           for f in v[0] if v[0][f] is not None}
        for k, v in runs.items()}
 out = {
     "vmm_inflate_mib_s": med["vmm"]["inflate_mib_s"],
@@ -211,6 +237,9 @@ print(f"vmm/qemu: inflate {out['inflate_ratio']:.2f}x, deflate {out['deflate_rat
 print(f"seccomp cost (filtered / unfiltered time): inflate {out['seccomp_cost_inflate_ratio']:.2f}x, "
       f"deflate {out['seccomp_cost_deflate_ratio']:.2f}x")
 print(f"this VMM's inflated ranges still backed after their discard, per run: {stray}")
+if "inflate_request_s" in med["vmm"]:
+    print(f"vmm with vmmctl's own start: inflate {med['vmm']['inflate_request_s']:.2f} s, "
+          f"deflate {med['vmm']['deflate_request_s']:.2f} s")
 if have_guest:
     print("first to last `actual` update, each VMM's own clock:")
     for k in ("vmm", "qemu"):
