@@ -68,13 +68,7 @@ vmm_timing() {
 # vmm_resize MIB: sets the balloon's target and returns once the guest has
 # reached it ("wait_ms": no polling interval in the time, which is left in
 # resize_s).
-vmm_resize() {
-    /bin/vmmctl --sock /tmp/api.sock --time PUT /balloon "{\"target_mib\": \$1, \"wait_ms\": 60000}" >/tmp/put.out 2>/tmp/put.err
-    resize_s=\$(sed -n 's/^vmmctl: PUT \/balloon: \([0-9.]*\) s\$/\1/p' /tmp/put.err)
-    grep -q '"reached": *true' /tmp/put.out && [ -n "\$resize_s" ] && return 0
-    echo "BENCH-ERROR vmm did not reach \$1 MiB: \$(tr -d '\n' </tmp/put.out)"
-    return 1
-}
+vmm_resize() { vmm_put_wait /balloon "{\"target_mib\": \$1, \"wait_ms\": 60000}"; }
 # bench_vmm NAME [VMM FLAGS]: NAME vmm (as shipped) or vmm_noseccomp.
 bench_vmm() {
     name=\$1

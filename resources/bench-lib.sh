@@ -60,7 +60,11 @@ bench_run_l1() {
 # bench_l1_helpers: shell functions for the L1 scripts of the benchmarks.
 # `now` is the L1's uptime (10 ms steps), `since T` the seconds since T,
 # `shmem_mib PID` a process's RssShmem, `until_equal WANT CMD...` polls CMD
-# every 50 ms until it prints WANT, `wait_marker FILE MARKER` waits until
+# every 50 ms until it prints WANT, `vmm_put_wait PATH BODY` sends this
+# VMM's API (/tmp/api.sock) a PUT whose BODY has a "wait_ms" and returns
+# once the answer says the guest reached the target, leaving in resize_s
+# the time vmmctl --time measured from the request's first byte to the
+# answer, `wait_marker FILE MARKER` waits until
 # the guest console FILE shows MARKER (giving up if the VMM, $pid, exits, the
 # guest reports GUEST-TIMEOUT or GUEST-FILL-FAILED, or 5 minutes pass).
 # For QEMU driven over a QMP pipe (fds 3
@@ -97,6 +101,13 @@ until_equal() {
         n=$((n + 1))
         [ $n -lt 6000 ] || { echo "BENCH-ERROR stuck waiting for $want"; return 1; }
     done
+}
+vmm_put_wait() {
+    /bin/vmmctl --sock /tmp/api.sock --time PUT $1 "$2" >/tmp/put.out 2>/tmp/put.err
+    resize_s=$(sed -n "s|^vmmctl: PUT $1: \([0-9.]*\) s\$|\1|p" /tmp/put.err)
+    grep -q '"reached": *true' /tmp/put.out && [ -n "$resize_s" ] && return 0
+    echo "BENCH-ERROR vmm did not reach $2: $(tr -d '\n' </tmp/put.out)"
+    return 1
 }
 wait_marker() {
     n=0

@@ -170,13 +170,7 @@ vmm_timing() {
 # vmm_resize MIB: asks for MIB plugged and returns once the guest has
 # them ("wait_ms": the VMM answers when the plugged size reaches the
 # request, so no polling interval is in the time).
-vmm_resize() {
-    /bin/vmmctl --sock /tmp/api.sock --time PUT /memory "{\"requested_mib\": \$1, \"wait_ms\": 60000}" >/tmp/put.out 2>/tmp/put.err
-    resize_s=\$(sed -n 's/^vmmctl: PUT \/memory: \([0-9.]*\) s\$/\1/p' /tmp/put.err)
-    grep -q '"reached": *true' /tmp/put.out && [ -n "\$resize_s" ] && return 0
-    echo "BENCH-ERROR vmm did not reach \$1 MiB: \$(tr -d '\n' </tmp/put.out)"
-    return 1
-}
+vmm_resize() { vmm_put_wait /memory "{\"requested_mib\": \$1, \"wait_ms\": 60000}"; }
 bench_vmm() {
     rm -f /tmp/api.sock /tmp/serial.vmm
     RUST_LOG="$vmm_log" taskset -c \$CPU /bin/vmm --kernel /guest/vmlinux --initrd /guest/virtio-mem-idle.cpio.gz \\
