@@ -86,7 +86,8 @@ bench_run_l1() {
 # "BENCH-KVM-RIP VMM run=$run phase=PHASE 0xREASON@GUEST_RIP=COUNT ..."
 # (the 30 commonest exits by guest instruction: booted nokaslr, the
 # guest's kallsyms name the code behind them), and each fallocate and
-# madvise made meanwhile, timed ("BENCH-SYSCALL").
+# madvise made meanwhile, and each mprotect over 1 ms, timed
+# ("BENCH-SYSCALL").
 bench_l1_helpers() {
     cat <<'SH'
 now() { cut -d' ' -f1 /proc/uptime; }
@@ -156,13 +157,16 @@ KVM_NPF_HIST='hist:keys=fault_address.buckets=2097152:vals=hitcount:sort=fault_a
 # One histogram of exits by (reason, guest RIP); the counts by reason are
 # its sums (a second histogram on kvm_exit read back empty in the L1).
 KVM_EXIT_HIST='hist:keys=exit_reason,guest_rip.hex:vals=hitcount:sort=hitcount.descending:size=16384'
+# How the VMMs give memory back and fence it off: fallocate, madvise, and
+# mprotect (printed when it takes over 1 ms: every process start makes some).
+SYS_EVENTS='sys_enter_fallocate sys_exit_fallocate sys_enter_madvise sys_exit_madvise sys_enter_mprotect sys_exit_mprotect'
 kvm_hist_start() {
     [ -n "${KVM_HIST_ON:-}" ] && [ -w $KVM_TRACE/kvm_exit/trigger ] || return 0
     echo "$KVM_EXIT_HIST" >$KVM_TRACE/kvm_exit/trigger 2>/dev/null
     echo "$KVM_NPF_HIST" >$KVM_TRACE/kvm_page_fault/trigger 2>/dev/null
-    # Each fallocate and madvise (how the VMMs give memory back), timed.
+    # Each call of $SYS_EVENTS, timed.
     echo >$SYS_TRACE/trace
-    for e in sys_enter_fallocate sys_exit_fallocate sys_enter_madvise sys_exit_madvise; do
+    for e in $SYS_EVENTS; do
         echo 1 >$SYS_TRACE/events/syscalls/$e/enable 2>/dev/null
     done
     return 0
@@ -174,11 +178,12 @@ kvm_hist_stop() {
     # The guest code behind the exits: the 30 commonest (reason, guest
     # RIP) pairs (symbolize with the guest's kallsyms; boot it nokaslr).
     echo "BENCH-KVM-RIP $1 run=$run phase=$2 $(awk '$4 == "guest_rip:" { sub(",", "", $3); printf "0x%x@%s=%s ", $3, $5, $8 }' $KVM_TRACE/kvm_exit/hist | cut -d' ' -f1-30)"
-    for e in sys_enter_fallocate sys_exit_fallocate sys_enter_madvise sys_exit_madvise; do
+    for e in $SYS_EVENTS; do
         echo 0 >$SYS_TRACE/events/syscalls/$e/enable 2>/dev/null
     done
-    awk '/sys_(fallocate|madvise)\(/ { sub(":", "", $4); t[$1] = $4; a[$1] = $6 " " $7 " " $8 " " $9 " " $10 }
-         /sys_(fallocate|madvise) ->/ { sub(":", "", $4); if ($1 in t) printf "%s %s %.1f ms\n", $5, a[$1], ($4 - t[$1]) * 1000; delete t[$1] }' \
+    awk '/sys_(fallocate|madvise|mprotect)\(/ { sub(":", "", $4); t[$1] = $4; a[$1] = $6 " " $7 " " $8 " " $9 " " $10 }
+         /sys_(fallocate|madvise|mprotect) ->/ { sub(":", "", $4); if ($1 in t) { ms = ($4 - t[$1]) * 1000
+             if ($5 !~ /mprotect/ || ms > 1) printf "%s %s %.1f ms\n", $5, a[$1], ms }; delete t[$1] }' \
         $SYS_TRACE/trace | sed "s/^/BENCH-SYSCALL $1 run=$run phase=$2 /" | head -40
     echo "!$KVM_EXIT_HIST" >$KVM_TRACE/kvm_exit/trigger 2>/dev/null
     echo "!$KVM_NPF_HIST" >$KVM_TRACE/kvm_page_fault/trigger 2>/dev/null
