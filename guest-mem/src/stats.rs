@@ -263,6 +263,21 @@ impl Stats {
     /// (which runs just after the faulting thread is woken), or the copy at
     /// `timeout`. Every fault ends by recording its latency, but one at an
     /// address outside every region, which is counted there instead.
+    ///
+    /// ```
+    /// use guest_mem::Stats;
+    /// use std::sync::atomic::Ordering;
+    /// use std::time::Duration;
+    ///
+    /// let stats = Stats::default();
+    /// stats.faults.fetch_add(1, Ordering::Relaxed);
+    /// // The fault is not finished: the copy comes at the timeout.
+    /// assert_eq!(stats.settled(Duration::from_millis(1)).fault_latency.count, 0);
+    /// stats.pages_installed.fetch_add(1, Ordering::Relaxed);
+    /// stats.fault_latency.record(Duration::from_micros(3));
+    /// let s = stats.settled(Duration::from_secs(1));
+    /// assert_eq!((s.faults, s.pages_installed, s.fault_latency.count), (1, 1, 1));
+    /// ```
     pub fn settled(&self, timeout: Duration) -> StatsSnapshot {
         let deadline = std::time::Instant::now() + timeout;
         loop {
