@@ -110,11 +110,7 @@ fi
 t0=$SECONDS
 root="$(mktemp -d "${TMPDIR:-/tmp}/guest-initramfs.XXXXXX")"
 trap 'rm -rf "$root"' EXIT
-mkdir -p "$root"/{proc,sys,dev,tmp,run,etc,root}
-chmod 1777 "$root/tmp"
-
-populate_busybox "$root"
-stage_modules "$root" "${modules[@]}"
+fill_root "$root" "${modules[@]}"
 
 if [[ -n "$init_file" ]]; then
     cp "$init_file" "$root/init"

@@ -151,11 +151,7 @@ fi
 t0=$SECONDS
 root="$(mktemp -d "${TMPDIR:-/tmp}/l1-initramfs.XXXXXX")"
 trap 'rm -rf "$root"' EXIT
-mkdir -p "$root"/{proc,sys,dev,tmp,run,etc,root}
-chmod 1777 "$root/tmp"
-
-populate_busybox "$root"
-stage_modules "$root" "${modules[@]}"
+fill_root "$root" "${modules[@]}"
 grep -qx kvm_amd "$root/lib/modules/load-order" ||
     die "kvm_amd module not available in kernel $KVER; L1 would have no /dev/kvm"
 printf '%s\n' "$KVER" >"$root/etc/l1-kernel-release"

@@ -131,6 +131,18 @@ install_module() {
     esac
 }
 
+# fill_root ROOT MODULE...: the skeleton both initramfs images share: the
+# usual directories (a sticky, world-writable /tmp), busybox with its
+# applets, and MODULE... with their dependencies and load order.
+fill_root() {
+    local root="$1"
+    shift
+    mkdir -p "$root"/{proc,sys,dev,tmp,run,etc,root}
+    chmod 1777 "$root/tmp"
+    populate_busybox "$root"
+    stage_modules "$root" "$@"
+}
+
 # populate_busybox ROOT: puts the static busybox at ROOT/bin/busybox and a
 # symlink for every applet it has (the equivalent of `busybox --install -s`,
 # done at build time so /init can use plain applet names).
