@@ -24,8 +24,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 say() { echo "[demo] $*" >&2; }
-# Where cargo puts the release binaries (.cargo/config.toml names the target).
-BIN_DIR="${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. resources/lib.sh # BIN_DIR: where cargo puts the release binaries
 
 say "installing host packages (first run only)"
 resources/install-host-deps.sh
